@@ -1,0 +1,78 @@
+"""pytest-uffd-guard: catch writes into memory that was meant to be read.
+
+The Python API works without pytest::
+
+    from pytest_uffd_guard import GuardedBuffer, capabilities
+
+    with GuardedBuffer(b"payload", name="frame") as buf:
+        parse(memoryview(buf))
+        assert not buf.writes, buf.changes()
+
+Names are imported lazily, so importing the package (as pytest does for the
+plugin) opens no file descriptor, starts no thread and loads no ctypes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BufferAllocationError",
+    "BufferClosedError",
+    "Capabilities",
+    "Change",
+    "GuardedBuffer",
+    "InvalidBufferError",
+    "TrackingStoppedError",
+    "UffdGuardError",
+    "UffdUnavailableError",
+    "UnsupportedPlatformError",
+    "WriteRecord",
+    "capabilities",
+]
+
+_WHERE = {
+    "GuardedBuffer": "guard",
+    "Capabilities": "probe",
+    "capabilities": "probe",
+    "Change": "records",
+    "WriteRecord": "records",
+    "BufferAllocationError": "errors",
+    "BufferClosedError": "errors",
+    "InvalidBufferError": "errors",
+    "TrackingStoppedError": "errors",
+    "UffdGuardError": "errors",
+    "UffdUnavailableError": "errors",
+    "UnsupportedPlatformError": "errors",
+}
+
+if TYPE_CHECKING:
+    from .errors import (
+        BufferAllocationError,
+        BufferClosedError,
+        InvalidBufferError,
+        TrackingStoppedError,
+        UffdGuardError,
+        UffdUnavailableError,
+        UnsupportedPlatformError,
+    )
+    from .guard import GuardedBuffer
+    from .probe import Capabilities, capabilities
+    from .records import Change, WriteRecord
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pytest_uffd_guard' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -1,0 +1,991 @@
+/*
+ * _uffd.c -- the kernel-facing core of pytest-uffd-guard.
+ *
+ * This module talks to Linux userfaultfd and nothing else: it opens the fd,
+ * performs the UFFDIO_* ioctls, and runs the one fault-handler thread of the
+ * process.  It holds no policy (which features to ask for, what to do with a
+ * write): that lives in the Python layer.
+ *
+ * Why C at all: a thread that writes into a write-protected page is blocked
+ * inside the kernel until someone un-protects the page.  That writer usually
+ * holds the GIL, so the thread that resolves the fault must never need the
+ * GIL.  The handler thread below is a plain pthread that never touches a
+ * Python object.
+ *
+ * Conventions (after the kernel's uffd selftests and CPython's
+ * faulthandler.c):
+ *   - one small function per ioctl, returning 0 or -errno;
+ *   - a Python wrapper (suffix _py) checks arguments and raises; internal
+ *     functions never raise;
+ *   - functions that run on the handler thread say so, and call no Python
+ *     API and no allocator.
+ *
+ * Built against the limited API (abi3), so one binary serves Python 3.9+.
+ */
+#define PY_SSIZE_T_CLEAN
+#define Py_LIMITED_API 0x03090000
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/userfaultfd.h>
+
+/* Newer uapi bits, defined here so the module builds against old headers
+ * (Debian 12 ships 6.1 headers).  Values from include/uapi/linux/userfaultfd.h. */
+#ifndef UFFD_USER_MODE_ONLY
+#define UFFD_USER_MODE_ONLY 1
+#endif
+#ifndef USERFAULTFD_IOC_NEW
+#define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
+#endif
+#ifndef UFFD_FEATURE_EXACT_ADDRESS
+#define UFFD_FEATURE_EXACT_ADDRESS (1 << 11)
+#endif
+#ifndef UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+#define UFFD_FEATURE_WP_HUGETLBFS_SHMEM (1 << 12)
+#endif
+#ifndef UFFD_FEATURE_WP_UNPOPULATED
+#define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)
+#endif
+#ifndef UFFD_FEATURE_WP_ASYNC
+#define UFFD_FEATURE_WP_ASYNC (1 << 15)
+#endif
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
+/* One recorded write fault.  The layout is part of the contract with the
+ * Python layer, which unpacks it as "<QQQII" (32 bytes). */
+struct fault_record {
+    uint64_t address;   /* faulting address (exact with EXACT_ADDRESS) */
+    uint64_t time_ns;   /* CLOCK_MONOTONIC, same clock as time.monotonic() */
+    uint64_t seq;       /* process-wide fault sequence number */
+    uint32_t tid;       /* faulting thread (THREAD_ID), 0 if unknown */
+    uint32_t flags;     /* uffd_msg.pagefault.flags */
+};
+
+/* A guarded range as the handler sees it: where it is, and its bounded log.
+ * The log never grows on the handler thread; what does not fit is counted. */
+struct guard {
+    uint64_t id;
+    uint64_t start;
+    uint64_t end;       /* exclusive */
+    uint64_t unit;      /* size of one protection unit (base or huge page) */
+    struct fault_record *log;
+    size_t capacity;
+    size_t count;
+    uint64_t overflow;
+};
+
+/* The one handler of this process.  `lock` protects `guards` and the
+ * counters; it is only ever held for a table lookup or a copy, never across
+ * a blocking call, so the handler and Python callers cannot deadlock on it. */
+static struct handler {
+    pthread_mutex_t lock;
+    int uffd;           /* owned: closed by stop and in a forked child */
+    int stopfd;         /* eventfd that wakes the poll loop to stop */
+    pid_t pid;          /* process that started the handler */
+    int running;        /* thread started and not yet joined */
+    int failed;         /* thread gave up; every range was unregistered */
+    pthread_t thread;
+    uint64_t page;      /* base page size */
+
+    struct guard *guards;   /* sorted by start, non-overlapping */
+    size_t nguards;
+    size_t guards_cap;
+    uint64_t next_id;
+
+    uint64_t faults;        /* write faults seen */
+    uint64_t unmatched;     /* faults outside every known guard */
+    uint64_t errors;        /* resolution errors survived */
+    uint64_t other_events;  /* messages that were not page faults */
+    int debug_fail_after;   /* >0: the Nth next fault is treated as fatal */
+    int debug_hold;         /* 1: hold faults unresolved (tests of close) */
+    char error[256];        /* why the thread gave up */
+} H = {
+    .lock = PTHREAD_MUTEX_INITIALIZER,
+    .uffd = -1,
+    .stopfd = -1,
+};
+
+/* ---------------------------------------------------------------- ioctls */
+
+static int
+uffd_open_syscall(int flags)
+{
+    long fd = syscall(__NR_userfaultfd, flags);
+    return fd < 0 ? -errno : (int)fd;
+}
+
+static int
+uffd_open_dev(int flags)
+{
+    int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+    if (dev < 0)
+        return -errno;
+    int fd = ioctl(dev, USERFAULTFD_IOC_NEW, flags);
+    int err = errno;
+    close(dev);
+    return fd < 0 ? -err : fd;
+}
+
+/* UFFDIO_API.  On success *features is every feature the kernel supports
+ * (not the requested subset) and *ioctls the fd-level ioctls only: the
+ * kernel never reports _UFFDIO_WRITEPROTECT here, see uffd_register_wp. */
+static int
+uffd_api(int fd, uint64_t *features, uint64_t *ioctls)
+{
+    struct uffdio_api api = {.api = UFFD_API, .features = *features};
+    if (ioctl(fd, UFFDIO_API, &api) < 0)
+        return -errno;
+    *features = api.features;
+    *ioctls = api.ioctls;
+    return 0;
+}
+
+/* UFFDIO_REGISTER in write-protect mode.  *ioctls receives the range
+ * ioctls "guaranteed to succeed on this range": write-protect support shows
+ * as bit _UFFDIO_WRITEPROTECT here, and only here. */
+static int
+uffd_register_wp(int fd, uint64_t start, uint64_t len, uint64_t *ioctls)
+{
+    struct uffdio_register reg = {
+        .range = {.start = start, .len = len},
+        .mode = UFFDIO_REGISTER_MODE_WP,
+    };
+    if (ioctl(fd, UFFDIO_REGISTER, &reg) < 0)
+        return -errno;
+    *ioctls = reg.ioctls;
+    return 0;
+}
+
+static int
+uffd_unregister(int fd, uint64_t start, uint64_t len)
+{
+    struct uffdio_range range = {.start = start, .len = len};
+    return ioctl(fd, UFFDIO_UNREGISTER, &range) < 0 ? -errno : 0;
+}
+
+/* Protect or un-protect [start, start+len).  Un-protecting also wakes the
+ * threads blocked on write faults in the range.  EAGAIN means the mm was
+ * changing under us (mremap, fork in progress): retrying is the documented
+ * answer, so retry a bounded number of times. */
+static int
+uffd_writeprotect(int fd, uint64_t start, uint64_t len, int protect)
+{
+    struct uffdio_writeprotect wp = {
+        .range = {.start = start, .len = len},
+        .mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0,
+    };
+    for (int attempt = 0; attempt < 10000; attempt++) {
+        if (ioctl(fd, UFFDIO_WRITEPROTECT, &wp) == 0)
+            return 0;
+        if (errno != EAGAIN && errno != EINTR)
+            return -errno;
+        sched_yield();
+    }
+    return -EAGAIN;
+}
+
+static int
+uffd_wake(int fd, uint64_t start, uint64_t len)
+{
+    struct uffdio_range range = {.start = start, .len = len};
+    return ioctl(fd, UFFDIO_WAKE, &range) < 0 ? -errno : 0;
+}
+
+/* Make every page of [start, start+len) present and writable, so that a
+ * later UFFDIO_WRITEPROTECT finds a pte to mark.  Kernels without
+ * UFFD_FEATURE_WP_UNPOPULATED (before 6.4) silently skip none ptes in
+ * anonymous memory, and the first write there would go unreported.
+ * MADV_POPULATE_WRITE (5.14) does it in one call; before that, touch. */
+static int
+populate_write(uint64_t start, uint64_t len, uint64_t page)
+{
+    if (madvise((void *)(uintptr_t)start, len, MADV_POPULATE_WRITE) == 0)
+        return 0;
+    if (errno != EINVAL)
+        return -errno;
+    for (uint64_t off = 0; off < len; off += page) {
+        volatile char *p = (volatile char *)(uintptr_t)(start + off);
+        *p = *p;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------- handler thread */
+
+static uint64_t
+monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Index of the guard containing addr, or -1.  Caller holds H.lock. */
+static long
+find_guard(uint64_t addr)
+{
+    size_t lo = 0, hi = H.nguards;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (addr < H.guards[mid].start)
+            hi = mid;
+        else if (addr >= H.guards[mid].end)
+            lo = mid + 1;
+        else
+            return (long)mid;
+    }
+    return -1;
+}
+
+/* Give up: unregister every guarded range so that no writer can ever block
+ * again (unregistering wakes the ones blocked now), and remember why.
+ * Runs on the handler thread. Caller holds H.lock. */
+static void
+fail_locked(const char *what, int err)
+{
+    for (size_t i = 0; i < H.nguards; i++) {
+        struct guard *g = &H.guards[i];
+        uffd_unregister(H.uffd, g->start, g->end - g->start);
+    }
+    snprintf(H.error, sizeof H.error, "%s: %s", what, strerror(err));
+    H.failed = 1;
+}
+
+/* Handle one message.  Returns 0 to go on, -1 when the thread must stop.
+ * Runs on the handler thread: no Python API, no allocation. */
+static int
+handle_message(const struct uffd_msg *msg)
+{
+    if (msg->event != UFFD_EVENT_PAGEFAULT) {
+        /* We enable no non-cooperative events; count and go on. */
+        pthread_mutex_lock(&H.lock);
+        H.other_events++;
+        pthread_mutex_unlock(&H.lock);
+        return 0;
+    }
+    uint64_t addr = msg->arg.pagefault.address;
+    uint64_t unit = H.page;
+
+    pthread_mutex_lock(&H.lock);
+    uint64_t seq = ++H.faults;
+    long i = find_guard(addr);
+    if (i >= 0) {
+        struct guard *g = &H.guards[i];
+        unit = g->unit;
+        if (g->count < g->capacity) {
+            struct fault_record *r = &g->log[g->count++];
+            r->address = addr;
+            r->time_ns = monotonic_ns();
+            r->seq = seq;
+            r->tid = msg->arg.pagefault.feat.ptid;
+            r->flags = (uint32_t)msg->arg.pagefault.flags;
+        } else {
+            g->overflow++;
+        }
+    } else {
+        H.unmatched++;
+    }
+    if (H.debug_fail_after > 0 && --H.debug_fail_after == 0) {
+        fail_locked("injected handler error (test)", ECANCELED);
+        pthread_mutex_unlock(&H.lock);
+        return -1;
+    }
+    int hold = H.debug_hold;
+    pthread_mutex_unlock(&H.lock);
+
+    while (hold) {
+        /* Test mode: keep the writer blocked until released or the range
+         * is unregistered (which wakes the writer by itself). */
+        struct timespec ms = {0, 1000000};
+        nanosleep(&ms, NULL);
+        pthread_mutex_lock(&H.lock);
+        hold = H.debug_hold && find_guard(addr) >= 0;
+        pthread_mutex_unlock(&H.lock);
+    }
+
+    /* Round down ourselves: without EXACT_ADDRESS some kernels report the
+     * exact address anyway, and the ioctl wants an aligned range. */
+    uint64_t start = addr & ~(unit - 1);
+    int rc = uffd_writeprotect(H.uffd, start, unit, 0);
+    if (rc == 0)
+        return 0;
+    /* ENOENT: the range was unregistered (buffer closed) between the fault
+     * and now; unregistering already woke the writer, but a wake is cheap
+     * and makes sure. */
+    int wrc = uffd_wake(H.uffd, start, unit);
+    pthread_mutex_lock(&H.lock);
+    if (rc != -ENOENT)
+        H.errors++;
+    if (wrc != 0 && rc != -ENOENT) {
+        /* Neither un-protect nor wake worked: this writer would hang.
+         * Unregistering everything is the last way to free it. */
+        fail_locked("cannot resolve write fault", -rc);
+        pthread_mutex_unlock(&H.lock);
+        return -1;
+    }
+    pthread_mutex_unlock(&H.lock);
+    return 0;
+}
+
+static void *
+handler_main(void *arg)
+{
+    (void)arg;
+    /* No signal handler may ever run on this thread: it would run with
+     * writers blocked on us, and could call into Python. */
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);
+
+    struct uffd_msg msgs[64];
+    for (;;) {
+        struct pollfd fds[2] = {
+            {.fd = H.uffd, .events = POLLIN},
+            {.fd = H.stopfd, .events = POLLIN},
+        };
+        if (poll(fds, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            pthread_mutex_lock(&H.lock);
+            fail_locked("poll", errno);
+            pthread_mutex_unlock(&H.lock);
+            return NULL;
+        }
+        if (fds[1].revents)
+            return NULL;
+        if (fds[0].revents & (POLLERR | POLLHUP | POLLNVAL)) {
+            pthread_mutex_lock(&H.lock);
+            fail_locked("userfaultfd reported an error condition", EIO);
+            pthread_mutex_unlock(&H.lock);
+            return NULL;
+        }
+        ssize_t n = read(H.uffd, msgs, sizeof msgs);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                continue;
+            pthread_mutex_lock(&H.lock);
+            fail_locked("read", errno);
+            pthread_mutex_unlock(&H.lock);
+            return NULL;
+        }
+        if (n % (ssize_t)sizeof msgs[0] != 0) {
+            pthread_mutex_lock(&H.lock);
+            fail_locked("short read from userfaultfd", EIO);
+            pthread_mutex_unlock(&H.lock);
+            return NULL;
+        }
+        for (ssize_t k = 0; k < n / (ssize_t)sizeof msgs[0]; k++)
+            if (handle_message(&msgs[k]) < 0)
+                return NULL;
+    }
+}
+
+/* -------------------------------------------------- fork and lifecycle */
+
+static void
+free_guards(void)
+{
+    for (size_t i = 0; i < H.nguards; i++)
+        free(H.guards[i].log);
+    free(H.guards);
+    H.guards = NULL;
+    H.nguards = H.guards_cap = 0;
+}
+
+/* pthread_atfork: hold the lock across fork() so the child never inherits
+ * it locked, then give the child a clean, stopped handler.  The child must
+ * close its copy of the fd: it refers to the *parent's* memory, and as long
+ * as any process holds it, closing it in the parent would not release the
+ * parent's registrations. */
+static void atfork_prepare(void) { pthread_mutex_lock(&H.lock); }
+static void atfork_parent(void) { pthread_mutex_unlock(&H.lock); }
+static void
+atfork_child(void)
+{
+    pthread_mutex_init(&H.lock, NULL);
+    if (H.uffd >= 0)
+        close(H.uffd);
+    if (H.stopfd >= 0)
+        close(H.stopfd);
+    H.uffd = H.stopfd = -1;
+    H.running = H.failed = 0;
+    H.pid = 0;
+    free_guards();
+    H.error[0] = '\0';
+}
+
+/* Stop the thread and release everything.  Every range is unregistered
+ * first, so that nothing can block between now and the close.
+ * Caller must not hold H.lock. */
+static void
+handler_stop(void)
+{
+    if (H.pid != getpid())
+        return;
+    pthread_mutex_lock(&H.lock);
+    for (size_t i = 0; i < H.nguards; i++)
+        uffd_unregister(H.uffd, H.guards[i].start,
+                        H.guards[i].end - H.guards[i].start);
+    pthread_mutex_unlock(&H.lock);
+    if (H.running) {
+        uint64_t one = 1;
+        if (write(H.stopfd, &one, sizeof one) < 0) {
+            /* an eventfd write can only fail on overflow; the thread
+             * still sees the fd readable. */
+        }
+        pthread_join(H.thread, NULL);
+        H.running = 0;
+    }
+    pthread_mutex_lock(&H.lock);
+    free_guards();
+    if (H.uffd >= 0)
+        close(H.uffd);
+    if (H.stopfd >= 0)
+        close(H.stopfd);
+    H.uffd = H.stopfd = -1;
+    H.pid = 0;
+    H.failed = 0;
+    H.error[0] = '\0';
+    pthread_mutex_unlock(&H.lock);
+}
+
+/* ------------------------------------------------------ Python wrappers */
+
+static PyObject *
+raise_errno(int neg_errno, const char *what)
+{
+    int err = -neg_errno;
+    PyObject *args = Py_BuildValue("(iss)", err, strerror(err), what);
+    if (args) {
+        PyErr_SetObject(PyExc_OSError, args);
+        Py_DECREF(args);
+    }
+    return NULL;
+}
+
+PyDoc_STRVAR(open_doc,
+"open(method, flags) -> fd\n\n"
+"Open a userfaultfd.  method is 'dev' (/dev/userfaultfd + USERFAULTFD_IOC_NEW)\n"
+"or 'syscall' (userfaultfd(2)).  flags are passed through (O_CLOEXEC,\n"
+"O_NONBLOCK, UFFD_USER_MODE_ONLY).  Raises OSError with the kernel's errno.");
+
+static PyObject *
+open_py(PyObject *self, PyObject *args)
+{
+    const char *method;
+    int flags;
+    if (!PyArg_ParseTuple(args, "si:open", &method, &flags))
+        return NULL;
+    int fd;
+    Py_BEGIN_ALLOW_THREADS
+    fd = strcmp(method, "dev") == 0 ? uffd_open_dev(flags)
+       : strcmp(method, "syscall") == 0 ? uffd_open_syscall(flags)
+       : -EINVAL;
+    Py_END_ALLOW_THREADS
+    if (fd < 0)
+        return raise_errno(fd, method);
+    return PyLong_FromLong(fd);
+}
+
+PyDoc_STRVAR(api_doc,
+"api(fd, features) -> (supported_features, ioctls)\n\n"
+"UFFDIO_API handshake.  Succeeds once per fd.");
+
+static PyObject *
+api_py(PyObject *self, PyObject *args)
+{
+    int fd;
+    unsigned long long features, ioctls = 0;
+    if (!PyArg_ParseTuple(args, "iK:api", &fd, &features))
+        return NULL;
+    uint64_t f = features, io = ioctls;
+    int rc = uffd_api(fd, &f, &io);
+    if (rc < 0)
+        return raise_errno(rc, "UFFDIO_API");
+    return Py_BuildValue("(KK)", (unsigned long long)f, (unsigned long long)io);
+}
+
+PyDoc_STRVAR(register_wp_doc,
+"register_wp(fd, start, length) -> range_ioctls\n\n"
+"UFFDIO_REGISTER with UFFDIO_REGISTER_MODE_WP; returns uffdio_register.ioctls.");
+
+static PyObject *
+register_wp_py(PyObject *self, PyObject *args)
+{
+    int fd;
+    unsigned long long start, len;
+    if (!PyArg_ParseTuple(args, "iKK:register_wp", &fd, &start, &len))
+        return NULL;
+    uint64_t io = 0;
+    int rc = uffd_register_wp(fd, start, len, &io);
+    if (rc < 0)
+        return raise_errno(rc, "UFFDIO_REGISTER");
+    return PyLong_FromUnsignedLongLong(io);
+}
+
+PyDoc_STRVAR(unregister_doc, "unregister(fd, start, length)\n\nUFFDIO_UNREGISTER.");
+
+static PyObject *
+unregister_py(PyObject *self, PyObject *args)
+{
+    int fd;
+    unsigned long long start, len;
+    if (!PyArg_ParseTuple(args, "iKK:unregister", &fd, &start, &len))
+        return NULL;
+    int rc = uffd_unregister(fd, start, len);
+    if (rc < 0)
+        return raise_errno(rc, "UFFDIO_UNREGISTER");
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(writeprotect_doc,
+"writeprotect(fd, start, length, protect)\n\n"
+"UFFDIO_WRITEPROTECT; protect=False un-protects and wakes blocked writers.");
+
+static PyObject *
+writeprotect_py(PyObject *self, PyObject *args)
+{
+    int fd, protect;
+    unsigned long long start, len;
+    if (!PyArg_ParseTuple(args, "iKKp:writeprotect", &fd, &start, &len, &protect))
+        return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = uffd_writeprotect(fd, start, len, protect);
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        return raise_errno(rc, "UFFDIO_WRITEPROTECT");
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(populate_doc,
+"populate(start, length, page)\n\n"
+"Fault in every page of the range for writing (MADV_POPULATE_WRITE, or a\n"
+"touch per page on kernels before 5.14).  The range must not be protected.");
+
+static PyObject *
+populate_py(PyObject *self, PyObject *args)
+{
+    unsigned long long start, len, page;
+    if (!PyArg_ParseTuple(args, "KKK:populate", &start, &len, &page))
+        return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = populate_write(start, len, page);
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        return raise_errno(rc, "MADV_POPULATE_WRITE");
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(diff_runs_doc,
+"diff_runs(a, b, length, max_runs) -> (runs, complete)\n\n"
+"Compare length bytes at addresses a and b; return the runs of differing\n"
+"bytes as a list of (offset, length), at most max_runs of them, and whether\n"
+"the comparison reached the end.  Reads only; the caller keeps both\n"
+"memories alive.");
+
+static PyObject *
+diff_runs_py(PyObject *self, PyObject *args)
+{
+    unsigned long long a, b, len, max_runs;
+    if (!PyArg_ParseTuple(args, "KKKK:diff_runs", &a, &b, &len, &max_runs))
+        return NULL;
+    const unsigned char *pa = (const unsigned char *)(uintptr_t)a;
+    const unsigned char *pb = (const unsigned char *)(uintptr_t)b;
+    PyObject *runs = PyList_New(0);
+    if (!runs)
+        return NULL;
+    uint64_t off = 0;
+    const uint64_t chunk = 4096;
+    while (off < len) {
+        /* memcmp a chunk at a time: equal chunks, the common case, cost
+         * one vectorised compare each. */
+        uint64_t n = len - off < chunk ? len - off : chunk;
+        if (memcmp(pa + off, pb + off, n) == 0) {
+            off += n;
+            continue;
+        }
+        uint64_t end = off + n;
+        while (off < end) {
+            if (pa[off] == pb[off]) {
+                off++;
+                continue;
+            }
+            if ((uint64_t)PyList_Size(runs) >= max_runs)
+                return Py_BuildValue("(NO)", runs, Py_False);
+            uint64_t run = off;
+            while (off < len && pa[off] != pb[off])
+                off++;
+            PyObject *item = Py_BuildValue("(KK)", (unsigned long long)run,
+                                           (unsigned long long)(off - run));
+            if (!item || PyList_Append(runs, item) < 0) {
+                Py_XDECREF(item);
+                Py_DECREF(runs);
+                return NULL;
+            }
+            Py_DECREF(item);
+            if (off > end)
+                end = off;
+        }
+    }
+    return Py_BuildValue("(NO)", runs, Py_True);
+}
+
+PyDoc_STRVAR(handler_start_doc,
+"handler_start(fd, page_size)\n\n"
+"Start this process's fault-handler thread on fd, which the handler now\n"
+"owns (it is closed by handler_stop, or in a forked child).");
+
+static PyObject *
+handler_start_py(PyObject *self, PyObject *args)
+{
+    int fd;
+    unsigned long long page;
+    if (!PyArg_ParseTuple(args, "iK:handler_start", &fd, &page))
+        return NULL;
+    if (H.pid == getpid()) {
+        PyErr_SetString(PyExc_RuntimeError, "handler already started in this process");
+        return NULL;
+    }
+    int stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (stopfd < 0)
+        return raise_errno(-errno, "eventfd");
+    pthread_mutex_lock(&H.lock);
+    H.uffd = fd;
+    H.stopfd = stopfd;
+    H.page = page;
+    H.failed = 0;
+    H.error[0] = '\0';
+    pthread_mutex_unlock(&H.lock);
+    int rc = pthread_create(&H.thread, NULL, handler_main, NULL);
+    if (rc != 0) {
+        close(stopfd);
+        H.uffd = H.stopfd = -1;
+        return raise_errno(-rc, "pthread_create");
+    }
+    H.running = 1;
+    H.pid = getpid();
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(handler_stop_doc,
+"handler_stop()\n\n"
+"Unregister every guarded range (freeing any blocked writer), stop the\n"
+"thread and close the fd.  A no-op when no handler runs in this process.");
+
+static PyObject *
+handler_stop_py(PyObject *self, PyObject *noargs)
+{
+    Py_BEGIN_ALLOW_THREADS
+    handler_stop();
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* The handler fd for the calling process, or -1 with an exception set. */
+static int
+owned_fd(void)
+{
+    if (H.pid != getpid() || H.uffd < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "no fault handler runs in this process");
+        return -1;
+    }
+    if (H.failed) {
+        PyErr_Format(PyExc_RuntimeError, "fault handler stopped: %s", H.error);
+        return -1;
+    }
+    return H.uffd;
+}
+
+PyDoc_STRVAR(guard_add_doc,
+"guard_add(start, length, unit, capacity) -> id\n\n"
+"Register [start, start+length) with the handler's fd in write-protect\n"
+"mode and add it to the handler's table, with a log of `capacity` records.\n"
+"Returns (id, range_ioctls).  The range is not protected yet.");
+
+static PyObject *
+guard_add_py(PyObject *self, PyObject *args)
+{
+    unsigned long long start, len, unit, capacity;
+    if (!PyArg_ParseTuple(args, "KKKK:guard_add", &start, &len, &unit, &capacity))
+        return NULL;
+    if (len == 0 || unit == 0 || (unit & (unit - 1)) || start % unit || len % unit) {
+        PyErr_SetString(PyExc_ValueError, "range must be non-empty and unit-aligned");
+        return NULL;
+    }
+    int fd = owned_fd();
+    if (fd < 0)
+        return NULL;
+    struct fault_record *log = calloc(capacity ? capacity : 1, sizeof *log);
+    if (!log)
+        return PyErr_NoMemory();
+
+    uint64_t ioctls = 0;
+    int rc = uffd_register_wp(fd, start, len, &ioctls);
+    if (rc < 0) {
+        free(log);
+        return raise_errno(rc, "UFFDIO_REGISTER");
+    }
+
+    pthread_mutex_lock(&H.lock);
+    if (H.nguards == H.guards_cap) {
+        size_t cap = H.guards_cap ? H.guards_cap * 2 : 16;
+        struct guard *g = realloc(H.guards, cap * sizeof *g);
+        if (!g) {
+            pthread_mutex_unlock(&H.lock);
+            uffd_unregister(fd, start, len);
+            free(log);
+            return PyErr_NoMemory();
+        }
+        H.guards = g;
+        H.guards_cap = cap;
+    }
+    size_t pos = 0;
+    while (pos < H.nguards && H.guards[pos].start < start)
+        pos++;
+    memmove(&H.guards[pos + 1], &H.guards[pos], (H.nguards - pos) * sizeof *H.guards);
+    uint64_t id = ++H.next_id;
+    H.guards[pos] = (struct guard){
+        .id = id, .start = start, .end = start + len, .unit = unit,
+        .log = log, .capacity = capacity,
+    };
+    H.nguards++;
+    pthread_mutex_unlock(&H.lock);
+    return Py_BuildValue("(KK)", (unsigned long long)id, (unsigned long long)ioctls);
+}
+
+/* Index of the guard with this id, or -1.  Caller holds H.lock. */
+static long
+guard_index(uint64_t id)
+{
+    for (size_t i = 0; i < H.nguards; i++)
+        if (H.guards[i].id == id)
+            return (long)i;
+    return -1;
+}
+
+PyDoc_STRVAR(guard_protect_doc,
+"guard_protect(id, protect, start=0, length=0)\n\n"
+"Write-protect (or un-protect and wake) the guard's range, or a part of\n"
+"it given as offset and length from the guard's start.");
+
+static PyObject *
+guard_protect_py(PyObject *self, PyObject *args)
+{
+    unsigned long long id, off = 0, len = 0;
+    int protect;
+    if (!PyArg_ParseTuple(args, "Kp|KK:guard_protect", &id, &protect, &off, &len))
+        return NULL;
+    int fd = owned_fd();
+    if (fd < 0)
+        return NULL;
+    pthread_mutex_lock(&H.lock);
+    long i = guard_index(id);
+    uint64_t start = i >= 0 ? H.guards[i].start : 0;
+    uint64_t end = i >= 0 ? H.guards[i].end : 0;
+    pthread_mutex_unlock(&H.lock);
+    if (i < 0) {
+        PyErr_SetString(PyExc_KeyError, "unknown guard");
+        return NULL;
+    }
+    if (len == 0)
+        len = end - start - off;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = uffd_writeprotect(fd, start + off, len, protect);
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        return raise_errno(rc, "UFFDIO_WRITEPROTECT");
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(guard_drain_doc,
+"guard_drain(id) -> (records, overflow)\n\n"
+"Take the guard's recorded faults as packed bytes (32 bytes each, see\n"
+"struct fault_record) and the number that did not fit; both are reset.");
+
+static PyObject *
+guard_drain_py(PyObject *self, PyObject *args)
+{
+    unsigned long long id;
+    if (!PyArg_ParseTuple(args, "K:guard_drain", &id))
+        return NULL;
+    pthread_mutex_lock(&H.lock);
+    long i = H.pid == getpid() ? guard_index(id) : -1;
+    if (i < 0) {
+        pthread_mutex_unlock(&H.lock);
+        return Py_BuildValue("(yK)", "", 0ULL);
+    }
+    struct guard *g = &H.guards[i];
+    PyObject *blob = PyBytes_FromStringAndSize((const char *)g->log,
+                                               (Py_ssize_t)(g->count * sizeof *g->log));
+    unsigned long long overflow = g->overflow;
+    if (blob) {
+        g->count = 0;
+        g->overflow = 0;
+    }
+    pthread_mutex_unlock(&H.lock);
+    if (!blob)
+        return NULL;
+    return Py_BuildValue("(NK)", blob, overflow);
+}
+
+PyDoc_STRVAR(guard_remove_doc,
+"guard_remove(id) -> (records, overflow)\n\n"
+"Unregister the guard's range (waking any writer blocked in it), drop it\n"
+"from the table and return what its log still held.  Safe to call after a\n"
+"fork or after the handler failed: then it only forgets the guard.");
+
+static PyObject *
+guard_remove_py(PyObject *self, PyObject *args)
+{
+    unsigned long long id;
+    if (!PyArg_ParseTuple(args, "K:guard_remove", &id))
+        return NULL;
+    int rc = 0;
+    struct guard g = {0};
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&H.lock);
+    long i = H.pid == getpid() ? guard_index(id) : -1;
+    if (i >= 0) {
+        g = H.guards[i];
+        memmove(&H.guards[i], &H.guards[i + 1], (H.nguards - i - 1) * sizeof *H.guards);
+        H.nguards--;
+        /* Unregistering wakes every writer blocked in the range; after
+         * this no new record can arrive for it. */
+        if (!H.failed)
+            rc = uffd_unregister(H.uffd, g.start, g.end - g.start);
+    }
+    pthread_mutex_unlock(&H.lock);
+    Py_END_ALLOW_THREADS
+    PyObject *blob = PyBytes_FromStringAndSize(g.log ? (const char *)g.log : "",
+                                               (Py_ssize_t)(g.count * sizeof *g.log));
+    free(g.log);
+    if (!blob)
+        return NULL;
+    /* ENOMEM/ENOENT/EINVAL here mean the mapping is already gone: nothing
+     * is registered any more, which is what we wanted. */
+    if (rc < 0 && rc != -ENOENT && rc != -ENOMEM && rc != -EINVAL) {
+        Py_DECREF(blob);
+        return raise_errno(rc, "UFFDIO_UNREGISTER");
+    }
+    return Py_BuildValue("(NK)", blob, (unsigned long long)g.overflow);
+}
+
+PyDoc_STRVAR(handler_state_doc,
+"handler_state() -> dict\n\n"
+"running, failed, error, faults, unmatched, errors, other_events, guards.");
+
+static PyObject *
+handler_state_py(PyObject *self, PyObject *noargs)
+{
+    pthread_mutex_lock(&H.lock);
+    int mine = H.pid == getpid();
+    PyObject *d = Py_BuildValue(
+        "{s:O,s:O,s:s,s:K,s:K,s:K,s:K,s:n}",
+        "running", mine && H.running && !H.failed ? Py_True : Py_False,
+        "failed", mine && H.failed ? Py_True : Py_False,
+        "error", mine ? H.error : "",
+        "faults", (unsigned long long)(mine ? H.faults : 0),
+        "unmatched", (unsigned long long)(mine ? H.unmatched : 0),
+        "errors", (unsigned long long)(mine ? H.errors : 0),
+        "other_events", (unsigned long long)(mine ? H.other_events : 0),
+        "guards", (Py_ssize_t)(mine ? H.nguards : 0));
+    pthread_mutex_unlock(&H.lock);
+    return d;
+}
+
+PyDoc_STRVAR(debug_doc,
+"_debug(fail_after=0, hold=0)\n\n"
+"Test hooks.  fail_after=N makes the handler treat its Nth next fault as a\n"
+"fatal error (exercising the give-up path); hold=1 keeps faults unresolved\n"
+"until hold=0 or the range is unregistered.");
+
+static PyObject *
+debug_py(PyObject *self, PyObject *args)
+{
+    int fail_after = 0, hold = 0;
+    if (!PyArg_ParseTuple(args, "|ii:_debug", &fail_after, &hold))
+        return NULL;
+    pthread_mutex_lock(&H.lock);
+    H.debug_fail_after = fail_after;
+    H.debug_hold = hold;
+    pthread_mutex_unlock(&H.lock);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"open", open_py, METH_VARARGS, open_doc},
+    {"api", api_py, METH_VARARGS, api_doc},
+    {"register_wp", register_wp_py, METH_VARARGS, register_wp_doc},
+    {"unregister", unregister_py, METH_VARARGS, unregister_doc},
+    {"writeprotect", writeprotect_py, METH_VARARGS, writeprotect_doc},
+    {"populate", populate_py, METH_VARARGS, populate_doc},
+    {"diff_runs", diff_runs_py, METH_VARARGS, diff_runs_doc},
+    {"handler_start", handler_start_py, METH_VARARGS, handler_start_doc},
+    {"handler_stop", handler_stop_py, METH_NOARGS, handler_stop_doc},
+    {"handler_state", handler_state_py, METH_NOARGS, handler_state_doc},
+    {"guard_add", guard_add_py, METH_VARARGS, guard_add_doc},
+    {"guard_protect", guard_protect_py, METH_VARARGS, guard_protect_doc},
+    {"guard_drain", guard_drain_py, METH_VARARGS, guard_drain_doc},
+    {"guard_remove", guard_remove_py, METH_VARARGS, guard_remove_doc},
+    {"_debug", debug_py, METH_VARARGS, debug_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_uffd",
+    "Kernel-facing core of pytest-uffd-guard (userfaultfd write-protect).",
+    -1, methods, NULL, NULL, NULL, NULL,
+};
+
+#define ADD_INT(m, name, value) \
+    if (PyModule_AddObject(m, name, PyLong_FromUnsignedLongLong(value)) < 0) goto error
+
+PyMODINIT_FUNC
+PyInit__uffd(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (!m)
+        return NULL;
+    ADD_INT(m, "O_CLOEXEC", O_CLOEXEC);
+    ADD_INT(m, "O_NONBLOCK", O_NONBLOCK);
+    ADD_INT(m, "USER_MODE_ONLY", UFFD_USER_MODE_ONLY);
+    ADD_INT(m, "FEATURE_PAGEFAULT_FLAG_WP", UFFD_FEATURE_PAGEFAULT_FLAG_WP);
+    ADD_INT(m, "FEATURE_EVENT_FORK", UFFD_FEATURE_EVENT_FORK);
+    ADD_INT(m, "FEATURE_SIGBUS", UFFD_FEATURE_SIGBUS);
+    ADD_INT(m, "FEATURE_THREAD_ID", UFFD_FEATURE_THREAD_ID);
+    ADD_INT(m, "FEATURE_EXACT_ADDRESS", UFFD_FEATURE_EXACT_ADDRESS);
+    ADD_INT(m, "FEATURE_WP_HUGETLBFS_SHMEM", UFFD_FEATURE_WP_HUGETLBFS_SHMEM);
+    ADD_INT(m, "FEATURE_WP_UNPOPULATED", UFFD_FEATURE_WP_UNPOPULATED);
+    ADD_INT(m, "FEATURE_WP_ASYNC", UFFD_FEATURE_WP_ASYNC);
+    ADD_INT(m, "IOCTL_WRITEPROTECT_BIT", _UFFDIO_WRITEPROTECT);
+    ADD_INT(m, "PAGEFAULT_FLAG_WRITE", UFFD_PAGEFAULT_FLAG_WRITE);
+    ADD_INT(m, "PAGEFAULT_FLAG_WP", UFFD_PAGEFAULT_FLAG_WP);
+    ADD_INT(m, "RECORD_SIZE", sizeof(struct fault_record));
+    if (pthread_atfork(atfork_prepare, atfork_parent, atfork_child) != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "pthread_atfork failed");
+        goto error;
+    }
+    return m;
+error:
+    Py_DECREF(m);
+    return NULL;
+}

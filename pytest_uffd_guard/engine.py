@@ -1,0 +1,124 @@
+"""The process's userfaultfd and its fault-handler thread.
+
+One engine per process: one userfaultfd, one native handler thread, any
+number of guarded ranges.  It starts on the first guarded buffer (importing
+the package opens nothing), restarts in a forked child that creates buffers
+of its own, and stops at interpreter exit after unregistering every range so
+that no writer can be left blocked.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import weakref
+from typing import TYPE_CHECKING, Protocol
+
+from .errors import UffdUnavailableError
+from .memory import PAGE_SIZE
+from .probe import Capabilities, capabilities, open_uffd
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+
+class Tracked(Protocol):
+    """What the engine needs from a buffer it tracks."""
+
+    def _detach(self, reason: str) -> None: ...
+
+
+class Engine:
+    """Owns this process's handler; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._pid = 0
+        self._capabilities: Capabilities | None = None
+        self._tracked: weakref.WeakSet[Tracked] = weakref.WeakSet()
+        self._atexit_registered = False
+
+    @property
+    def core(self) -> ModuleType:
+        from . import _uffd
+
+        core: ModuleType = _uffd
+        return core
+
+    def start(self) -> Capabilities:
+        """Make sure the handler runs in this process; return what it offers.
+
+        Raises UffdUnavailableError when the machine cannot guard memory.
+        """
+        with self._lock:
+            pid = os.getpid()
+            if self._pid == pid:
+                state = self.core.handler_state()
+                if state["running"]:
+                    assert self._capabilities is not None
+                    return self._capabilities
+                # The handler gave up (it unregistered every range on the
+                # way out).  Tell the buffers, then start afresh.
+                self._detach_all(f"the fault handler stopped: {state['error']}")
+                self.core.handler_stop()
+            elif self._pid:
+                # A forked child: the C core already dropped the parent's fd
+                # and table; the buffers inherited here are plain copies.
+                self._tracked = weakref.WeakSet()
+            caps = capabilities()
+            if not caps.available:
+                raise UffdUnavailableError(caps.reason or "userfaultfd is unavailable", caps.remedy)
+            assert caps.open_method is not None
+            try:
+                fd = open_uffd(caps.open_method)
+            except OSError as exc:
+                raise UffdUnavailableError(
+                    f"opening the userfaultfd ({caps.open_method}) failed: {exc.strerror}",
+                    caps.remedy,
+                ) from exc
+            try:
+                self.core.api(fd, caps.enabled_features)
+                self.core.handler_start(fd, PAGE_SIZE)
+            except (OSError, RuntimeError) as exc:
+                os.close(fd)
+                raise UffdUnavailableError(f"starting the fault handler failed: {exc}") from exc
+            self._pid = pid
+            self._capabilities = caps
+            if not self._atexit_registered:
+                atexit.register(self.stop)
+                self._atexit_registered = True
+            return caps
+
+    def track(self, buffer: Tracked) -> None:
+        with self._lock:
+            self._tracked.add(buffer)
+
+    def untrack(self, buffer: Tracked) -> None:
+        with self._lock:
+            self._tracked.discard(buffer)
+
+    def state(self) -> dict[str, object]:
+        """The C handler's counters (faults, errors, ...) for this process."""
+        try:
+            return dict(self.core.handler_state())
+        except ImportError:
+            return {"running": False}
+
+    def stop(self) -> None:
+        """Stop tracking everything, free any blocked writer, stop the thread."""
+        with self._lock:
+            if self._pid != os.getpid():
+                return
+            self._detach_all("the engine was stopped")
+            self.core.handler_stop()
+            self._pid = 0
+
+    def _detach_all(self, reason: str) -> None:
+        for buffer in list(self._tracked):
+            buffer._detach(reason)
+        self._tracked = weakref.WeakSet()
+
+
+#: The engine of this process.
+ENGINE = Engine()

@@ -1,0 +1,419 @@
+"""What this machine offers: a probe of userfaultfd write-protection.
+
+``capabilities()`` answers, as plain data, whether guarded buffers work here,
+how the userfaultfd was opened, which kernel features exist, what is missing
+and what to change.  It never raises: an unusable machine is a result, not
+an error.  The probe runs once per process and costs a few system calls.
+
+Two environment variables let tests (and curious users) simulate a lesser
+machine on a better one; both are read at probe time:
+
+``PYTEST_UFFD_GUARD_OPEN``
+    comma-separated open methods to try, in order, from ``dev``,
+    ``syscall`` and ``syscall-user-mode-only`` (default: all three).
+``PYTEST_UFFD_GUARD_HIDE_FEATURES``
+    comma-separated feature names (see ``FEATURES``) to treat as absent,
+    e.g. ``wp_unpopulated`` to behave as on Linux < 6.4.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+OPEN_METHODS = ("dev", "syscall", "syscall-user-mode-only")
+
+#: Every userfaultfd feature bit that matters here, by name.
+FEATURES: dict[str, int] = {
+    "pagefault_flag_wp": 1 << 0,
+    "event_fork": 1 << 1,
+    "event_remap": 1 << 2,
+    "event_remove": 1 << 3,
+    "missing_hugetlbfs": 1 << 4,
+    "missing_shmem": 1 << 5,
+    "event_unmap": 1 << 6,
+    "sigbus": 1 << 7,
+    "thread_id": 1 << 8,
+    "minor_hugetlbfs": 1 << 9,
+    "minor_shmem": 1 << 10,
+    "exact_address": 1 << 11,
+    "wp_hugetlbfs_shmem": 1 << 12,
+    "wp_unpopulated": 1 << 13,
+    "poison": 1 << 14,
+    "wp_async": 1 << 15,
+    "move": 1 << 16,
+}
+
+#: Features the engine turns on when the kernel has them.
+WANTED = ("pagefault_flag_wp", "thread_id", "exact_address", "wp_unpopulated")
+
+#: What each wanted feature buys, the kernel that brought it, and what
+#: happens without it.  Shown by the doctor and the plugin's header.
+FEATURE_NOTES: dict[str, tuple[str, str]] = {
+    "pagefault_flag_wp": (
+        "5.7",
+        "no write-protection at all: guarded buffers cannot be armed",
+    ),
+    "thread_id": ("4.14", "the writing thread is not known"),
+    "exact_address": (
+        "5.18",
+        "writes are reported at page granularity (offset of the page, exact=False); "
+        "changes() still gives exact byte ranges",
+    ),
+    "wp_unpopulated": (
+        "6.4",
+        "write-protecting a never-touched page does nothing, so every page is "
+        "pre-faulted before it is protected (costs time and memory on big buffers)",
+    ),
+    "wp_hugetlbfs_shmem": ("5.19", "shmem and hugetlb buffers cannot be guarded"),
+    "wp_async": ("6.7", "no asynchronous tracking (PAGEMAP_SCAN)"),
+}
+
+KERNEL_WRITES_REMEDY = (
+    "to see writes made by the kernel inside system calls, give the process a "
+    "userfaultfd that handles kernel faults: run as root (or with CAP_SYS_PTRACE), "
+    "set `sysctl vm.unprivileged_userfaultfd=1`, or grant read-write access to "
+    "/dev/userfaultfd (Linux 6.1+), e.g. `setfacl -m u:$USER:rw /dev/userfaultfd`"
+)
+
+SECCOMP_REMEDY = (
+    "allow the userfaultfd system call in the container's seccomp profile "
+    "(Docker: `--security-opt seccomp=<profile allowing userfaultfd>`, or "
+    "`--security-opt seccomp=unconfined` to test; Kubernetes: a Localhost "
+    "seccompProfile), or give the container /dev/userfaultfd (Linux 6.1+)"
+)
+
+
+@dataclass(frozen=True)
+class OpenAttempt:
+    """One way of opening a userfaultfd, and how it went."""
+
+    method: str
+    ok: bool
+    errno: int | None = None
+    error: str | None = None
+    explanation: str | None = None
+
+
+@dataclass(frozen=True)
+class Missing:
+    """A feature this machine lacks: what, since when, and what it costs."""
+
+    feature: str
+    since: str
+    consequence: str
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What guarded buffers can do in this process.  Plain data."""
+
+    platform: str
+    kernel: str
+    kernel_version: tuple[int, ...]
+    available: bool
+    reason: str | None = None
+    remedy: str | None = None
+    open_method: str | None = None
+    user_mode_only: bool = False
+    open_attempts: tuple[OpenAttempt, ...] = ()
+    supported_features: int = 0
+    hidden_features: tuple[str, ...] = ()
+    register_ioctls: int | None = None
+    seccomp: int | None = None
+    unprivileged_userfaultfd: int | None = None
+    missing: tuple[Missing, ...] = field(default=())
+
+    def has(self, feature: str) -> bool:
+        """True if the kernel supports ``feature`` (and it is not hidden)."""
+        return bool(self.supported_features & FEATURES[feature]) and (
+            feature not in self.hidden_features
+        )
+
+    @property
+    def features(self) -> dict[str, bool]:
+        return {name: self.has(name) for name in FEATURES}
+
+    @property
+    def enabled_features(self) -> int:
+        """The feature bits the engine asks for at UFFDIO_API."""
+        bits = 0
+        for name in WANTED:
+            if self.has(name):
+                bits |= FEATURES[name]
+        return bits
+
+    @property
+    def kernel_writes_seen(self) -> bool:
+        """Whether writes made by the kernel (readinto, recv_into) are caught.
+
+        With ``UFFD_USER_MODE_ONLY`` the kernel does not deliver them: the
+        system call fails with EFAULT instead.
+        """
+        return self.available and not self.user_mode_only
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["features"] = self.features
+        data["kernel_writes_seen"] = self.kernel_writes_seen
+        return data
+
+
+def kernel_version(release: str) -> tuple[int, ...]:
+    """``"6.1.0-18-amd64"`` -> ``(6, 1, 0)``."""
+    numbers: list[int] = []
+    for part in release.split("-")[0].split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        if not digits:
+            break
+        numbers.append(int(digits))
+    return tuple(numbers)
+
+
+def _read_int(path: str, prefix: str | None = None) -> int | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                if prefix is None:
+                    return int(line.strip())
+                if line.startswith(prefix):
+                    return int(line[len(prefix) :].strip())
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def seccomp_mode() -> int | None:
+    """0 none, 1 strict, 2 filter (from /proc/self/status), None if unknown."""
+    return _read_int("/proc/self/status", "Seccomp:")
+
+
+def unprivileged_userfaultfd() -> int | None:
+    return _read_int("/proc/sys/vm/unprivileged_userfaultfd")
+
+
+def _env_list(name: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
+
+
+def _explain_open_failure(method: str, err: int, seccomp: int | None) -> str:
+    if method == "dev":
+        if err == errno.ENOENT:
+            return (
+                "/dev/userfaultfd does not exist (Linux < 6.1, or not passed into this container)"
+            )
+        if err in (errno.EACCES, errno.EPERM):
+            return "no read-write permission on /dev/userfaultfd (usually root-only, mode 0600)"
+        if err == errno.EINVAL:
+            return "USERFAULTFD_IOC_NEW rejected the flags"
+        return f"/dev/userfaultfd failed: {os.strerror(err)}"
+    if err == errno.ENOSYS:
+        if seccomp == 2:
+            return "userfaultfd(2) answered ENOSYS under a seccomp filter (blocked by the filter)"
+        return "the kernel has no userfaultfd(2) (built without CONFIG_USERFAULTFD)"
+    if err == errno.EPERM:
+        if method == "syscall":
+            return (
+                "not privileged: vm.unprivileged_userfaultfd=0 lets unprivileged processes "
+                "handle user-mode faults only"
+            )
+        if seccomp == 2:
+            return "denied by a seccomp filter (Seccomp: 2 in /proc/self/status)"
+        return "denied (a security module or a seccomp filter)"
+    if err == errno.EINVAL and method == "syscall-user-mode-only":
+        return "UFFD_USER_MODE_ONLY is unknown to this kernel (Linux < 5.11)"
+    return os.strerror(err)
+
+
+def open_flags(method: str) -> int:
+    from . import _uffd
+
+    flags = int(_uffd.O_CLOEXEC | _uffd.O_NONBLOCK)
+    if method == "syscall-user-mode-only":
+        flags |= int(_uffd.USER_MODE_ONLY)
+    return flags
+
+
+def open_uffd(method: str) -> int:
+    """Open a userfaultfd by ``method`` (one of ``OPEN_METHODS``)."""
+    from . import _uffd
+
+    return int(_uffd.open("dev" if method == "dev" else "syscall", open_flags(method)))
+
+
+def _unavailable(base: dict[str, Any], reason: str, remedy: str | None) -> Capabilities:
+    return Capabilities(available=False, reason=reason, remedy=remedy, **base)
+
+
+def probe() -> Capabilities:
+    """Probe this process's userfaultfd support (uncached)."""
+    release = os.uname().release if hasattr(os, "uname") else ""
+    base: dict[str, Any] = {
+        "platform": sys.platform,
+        "kernel": release,
+        "kernel_version": kernel_version(release),
+    }
+    if not sys.platform.startswith("linux"):
+        return _unavailable(
+            base,
+            f"userfaultfd exists only on Linux, not on {sys.platform}",
+            "run the tests on Linux; elsewhere guarded buffers are skipped",
+        )
+    try:
+        from . import _uffd
+    except ImportError as exc:
+        return _unavailable(
+            base,
+            f"the C extension pytest_uffd_guard._uffd is missing ({exc})",
+            "reinstall from source with a C compiler: `pip install --force-reinstall "
+            "--no-binary pytest-uffd-guard pytest-uffd-guard`",
+        )
+
+    seccomp = seccomp_mode()
+    base["seccomp"] = seccomp
+    base["unprivileged_userfaultfd"] = unprivileged_userfaultfd()
+    hidden = tuple(_env_list("PYTEST_UFFD_GUARD_HIDE_FEATURES"))
+    unknown = [name for name in hidden if name not in FEATURES]
+    if unknown:
+        return _unavailable(
+            base,
+            f"PYTEST_UFFD_GUARD_HIDE_FEATURES names unknown features: {', '.join(unknown)}",
+            f"use names from: {', '.join(FEATURES)}",
+        )
+    base["hidden_features"] = hidden
+    methods = _env_list("PYTEST_UFFD_GUARD_OPEN") or list(OPEN_METHODS)
+    bad = [m for m in methods if m not in OPEN_METHODS]
+    if bad:
+        return _unavailable(
+            base,
+            f"PYTEST_UFFD_GUARD_OPEN names unknown methods: {', '.join(bad)}",
+            f"use methods from: {', '.join(OPEN_METHODS)}",
+        )
+
+    attempts: list[OpenAttempt] = []
+    fd = -1
+    method = None
+    for candidate in methods:
+        try:
+            fd = open_uffd(candidate)
+        except OSError as exc:
+            err = exc.errno or 0
+            attempts.append(
+                OpenAttempt(
+                    candidate,
+                    False,
+                    err,
+                    os.strerror(err),
+                    _explain_open_failure(candidate, err, seccomp),
+                )
+            )
+            continue
+        attempts.append(OpenAttempt(candidate, True))
+        method = candidate
+        break
+    base["open_attempts"] = tuple(attempts)
+    if method is None:
+        return _unavailable(base, *_why_no_fd(attempts, seccomp))
+    base["open_method"] = method
+    base["user_mode_only"] = method == "syscall-user-mode-only"
+
+    # UFFDIO_API succeeds once per fd, so features are read on a throw-away
+    # fd and the real one is opened later with exactly the bits we want.
+    try:
+        supported, _ = _uffd.api(fd, 0)
+    except OSError as exc:
+        return _unavailable(
+            base,
+            f"UFFDIO_API failed: {exc.strerror}",
+            "this kernel's userfaultfd is unusable; try a newer kernel",
+        )
+    finally:
+        os.close(fd)
+    base["supported_features"] = int(supported)
+    probe_caps = Capabilities(available=False, **base)
+    base["missing"] = tuple(
+        Missing(name, since, consequence)
+        for name, (since, consequence) in FEATURE_NOTES.items()
+        if not probe_caps.has(name)
+    )
+    if not probe_caps.has("pagefault_flag_wp"):
+        return _unavailable(
+            base,
+            "this kernel has no userfaultfd write-protection "
+            "(UFFD_FEATURE_PAGEFAULT_FLAG_WP: Linux 5.7+, and an architecture with uffd-wp)",
+            "run on Linux 5.7 or newer on x86_64, arm64, riscv64 or another architecture "
+            "with uffd-wp; Linux 6.4+ is best",
+        )
+
+    # Write-protect support is reported per registered range, by
+    # UFFDIO_REGISTER, never by UFFDIO_API: register one page to find out.
+    ioctls, error = register_probe(method, probe_caps.enabled_features)
+    base["register_ioctls"] = ioctls
+    if error is not None:
+        return _unavailable(base, error, "run on Linux 5.7+ with userfaultfd write-protect")
+    return Capabilities(available=True, **base)
+
+
+def register_probe(method: str, features: int) -> tuple[int | None, str | None]:
+    """Register one anonymous page in WP mode on a fresh fd.
+
+    Returns the range ioctls and an error message (None when write-protect
+    is granted).
+    """
+    from . import _uffd
+
+    page = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    fd = open_uffd(method)
+    try:
+        _uffd.api(fd, features)
+        from .memory import address_of
+
+        start = address_of(page)
+        try:
+            ioctls = int(_uffd.register_wp(fd, start, mmap.PAGESIZE))
+        except OSError as exc:
+            return None, f"UFFDIO_REGISTER in write-protect mode failed: {exc.strerror}"
+        _uffd.unregister(fd, start, mmap.PAGESIZE)
+    except OSError as exc:
+        return None, f"UFFDIO_API with features {features:#x} failed: {exc.strerror}"
+    finally:
+        os.close(fd)
+        page.close()
+    if not ioctls & (1 << int(_uffd.IOCTL_WRITEPROTECT_BIT)):
+        return ioctls, (
+            f"UFFDIO_REGISTER did not grant UFFDIO_WRITEPROTECT (range ioctls {ioctls:#x}): "
+            "this kernel cannot write-protect anonymous memory"
+        )
+    return ioctls, None
+
+
+def _why_no_fd(attempts: list[OpenAttempt], seccomp: int | None) -> tuple[str, str]:
+    detail = "; ".join(f"{a.method}: {a.explanation}" for a in attempts)
+    errnos = {a.errno for a in attempts}
+    if seccomp == 2 and errnos <= {errno.EPERM, errno.ENOSYS, errno.ENOENT, errno.EACCES}:
+        return f"userfaultfd is blocked ({detail})", SECCOMP_REMEDY
+    if errno.ENOSYS in errnos:
+        return (
+            f"userfaultfd is not available ({detail})",
+            "use a kernel built with CONFIG_USERFAULTFD=y (every major distribution's is)",
+        )
+    return (
+        f"userfaultfd could not be opened ({detail})",
+        "set `sysctl vm.unprivileged_userfaultfd=1`, run with CAP_SYS_PTRACE, or grant "
+        "access to /dev/userfaultfd; in a container, also check its seccomp profile",
+    )
+
+
+_cached: tuple[int, Capabilities] | None = None
+
+
+def capabilities(refresh: bool = False) -> Capabilities:
+    """What guarded buffers can do here (probed once per process)."""
+    global _cached
+    if refresh or _cached is None or _cached[0] != os.getpid():
+        _cached = (os.getpid(), probe())
+    return _cached[1]
