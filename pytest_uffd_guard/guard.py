@@ -320,8 +320,8 @@ class GuardedBuffer(mmap.mmap):
             return "this buffer was inherited across fork(); it is not tracked in the child"
         return self._stopped
 
-    @property  # type: ignore[override]
-    def closed(self) -> bool:
+    @property
+    def closed(self) -> bool:  # type: ignore[override]
         return self._closed
 
     # --------------------------------------------------------- lifecycle
