@@ -11,15 +11,12 @@ A snapshot taken when the buffer is armed gives the exact bytes changed.
 from __future__ import annotations
 
 import mmap
-import os
 import sys
 import threading
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any, Union
 
-from .engine import ENGINE
 from .errors import (
     BufferAllocationError,
     BufferClosedError,
@@ -28,31 +25,25 @@ from .errors import (
     UnsupportedPlatformError,
 )
 from .memory import PAGE_SIZE, address_of, anonymous_map, copy, round_up
-from .records import Change, WriteRecord, unpack_faults
+from .records import Change, WriteRecord
+from .tracking import Tracker, make_tracker
 
 Source = Union[int, bytes, bytearray, memoryview, Any]
 
-#: Records kept per buffer beyond one per page (duplicates from threads
-#: that fault on the same page at once, re-protection by unprotected()).
-RECORD_SLACK = 64
-#: Upper bound on the default per-buffer log (32 bytes a record).
-MAX_DEFAULT_RECORDS = 1 << 20
 #: At close, changed runs are kept whole up to this many bytes in all;
 #: beyond it only a preview of each run is kept.
 KEEP_AT_CLOSE = 1 << 20
 PREVIEW_AT_CLOSE = 64
 
 _names = iter(range(1, sys.maxsize))
-_thread_names: dict[int, str] = {}
 
 
-def _thread_name(tid: int) -> str | None:
-    """Name of the Python thread with this native id, if it is or was known."""
-    if tid not in _thread_names:
-        for thread in threading.enumerate():
-            if thread.native_id is not None:
-                _thread_names[thread.native_id] = thread.name
-    return _thread_names.get(tid)
+def _diff_runs(a: int, b: int, length: int) -> list[tuple[int, int]]:
+    """Runs of differing bytes between two raw memories of ``length`` bytes."""
+    from . import _uffd
+
+    runs, _ = _uffd.diff_runs(a, b, length, 1 << 62)
+    return list(runs)
 
 
 def _source_view(source: Source) -> memoryview:
@@ -94,12 +85,6 @@ def _check_size(size: int) -> int:
     return size
 
 
-def _release_guard(gid: int) -> None:
-    """Finalizer: forget a guard whose buffer was garbage-collected."""
-    with suppress(Exception):  # interpreter shutdown may have torn things down
-        ENGINE.core.guard_remove(gid)
-
-
 class GuardedBuffer(mmap.mmap):
     """A zero-filled (or copied-in) buffer whose writes are recorded.
 
@@ -120,6 +105,7 @@ class GuardedBuffer(mmap.mmap):
         *,
         name: str | None = None,
         max_records: int | None = None,
+        engine: str = "auto",
     ) -> GuardedBuffer:
         if not sys.platform.startswith("linux"):
             raise UnsupportedPlatformError(
@@ -156,6 +142,7 @@ class GuardedBuffer(mmap.mmap):
         *,
         name: str | None = None,
         max_records: int | None = None,
+        engine: str = "auto",
     ) -> None:
         self._lock = threading.RLock()
         self._closed = False
@@ -163,9 +150,6 @@ class GuardedBuffer(mmap.mmap):
         self._length = round_up(self._size)
         self.name = name if name is not None else f"buffer-{next(_names)}"
         self.address = address_of(self)
-        self._pid = os.getpid()
-        self._gid: int | None = None
-        self._stopped: str | None = None
         self._records: list[WriteRecord] = []
         self._overflow = 0
         self._pauses = 0
@@ -175,12 +159,6 @@ class GuardedBuffer(mmap.mmap):
             raise InvalidBufferError(
                 f"max_records must be >= 0, got {max_records}", "pass a count of records"
             )
-        pages = self._length // PAGE_SIZE
-        capacity = (
-            max_records
-            if max_records is not None
-            else min(pages + RECORD_SLACK, MAX_DEFAULT_RECORDS)
-        )
 
         # Keep the range on base pages: a transparent huge page would turn
         # a one-byte write into a 2 MiB fault unit.
@@ -191,50 +169,33 @@ class GuardedBuffer(mmap.mmap):
             view = _source_view(source)
             mmap.mmap.__setitem__(self, slice(0, self._size), view)
             copy(self._snapshot_address, self.address, self._size)
-
         try:
-            caps = ENGINE.start()
-            core = ENGINE.core
-            gid, _ = core.guard_add(self.address, self._length, PAGE_SIZE, capacity)
+            self._tracker: Tracker = make_tracker(
+                engine,
+                address=self.address,
+                length=self._length,
+                size=self._size,
+                max_records=max_records,
+            )
         except BaseException:
             self._abandon()
             raise
-        self._gid = gid
-        self._finalizer = weakref.finalize(self, _release_guard, gid)
-        self._wp_unpopulated = caps.has("wp_unpopulated")
-        self._exact = caps.has("exact_address")
-        ENGINE.track(self)
-        try:
-            self._arm()
-        except BaseException:
-            self.close()
-            raise
 
-    # ------------------------------------------------------------ arming
-
-    def _arm(self) -> None:
-        """Populate if the kernel needs it, then protect every page.
-
-        Called with the range registered and not protected.
-        """
-        core = ENGINE.core
-        if not self._wp_unpopulated:
-            # Before Linux 6.4 (no WP_UNPOPULATED) protecting a page that
-            # was never touched silently does nothing: fault them all in.
-            core.populate(self.address, self._length, PAGE_SIZE)
-        core.guard_protect(self._gid, True)
+    @property
+    def engine(self) -> str:
+        """Name of the engine tracking this buffer."""
+        return self._tracker.name
 
     def protect(self) -> None:
         """Re-arm: take a new snapshot, clear the records, protect every page."""
         with self._lock:
             self._check_tracking()
-            core = ENGINE.core
-            core.guard_protect(self._gid, False)
-            core.guard_drain(self._gid)
+            self._tracker.pause()
+            self._tracker.discard()
             self._records = []
             self._overflow = 0
             copy(self._snapshot_address, self.address, self._size)
-            self._arm()
+            self._tracker.arm()
 
     @contextmanager
     def unprotected(self) -> Iterator[GuardedBuffer]:
@@ -245,11 +206,10 @@ class GuardedBuffer(mmap.mmap):
         """
         with self._lock:
             self._check_open()
-            tracking = self._gid is not None and self._stopped is None and self._mine()
-            if tracking and self._pauses == 0:
+            if self._pauses == 0:
                 self._pause_copy = anonymous_map(self._length)
                 copy(address_of(self._pause_copy), self.address, self._size)
-                ENGINE.core.guard_protect(self._gid, False)
+                self._tracker.pause()
             self._pauses += 1
         try:
             yield self
@@ -257,17 +217,17 @@ class GuardedBuffer(mmap.mmap):
             with self._lock:
                 self._pauses -= 1
                 if self._pauses == 0 and self._pause_copy is not None:
-                    before = self._pause_copy
-                    self._pause_copy = None
-                    if self._stopped is None and not self._closed:
-                        ENGINE.core.guard_protect(self._gid, True)
+                    before, self._pause_copy = self._pause_copy, None
+                    if not self._closed:
+                        # Protect first, then absorb: a write racing the
+                        # re-protection is recorded rather than lost.
+                        self._tracker.resume()
                         self._absorb(before)
                     before.close()
 
     def _absorb(self, before: mmap.mmap) -> None:
         """Copy the bytes that changed since ``before`` into the snapshot."""
-        runs, _ = ENGINE.core.diff_runs(self.address, address_of(before), self._size, 1 << 62)
-        for offset, length in runs:
+        for offset, length in _diff_runs(self.address, address_of(before), self._size):
             copy(self._snapshot_address + offset, self.address + offset, length)
 
     # ------------------------------------------------------------ results
@@ -299,9 +259,8 @@ class GuardedBuffer(mmap.mmap):
             return self._diff(preview)
 
     def _diff(self, preview: int | None) -> list[Change]:
-        runs, _ = ENGINE.core.diff_runs(self.address, self._snapshot_address, self._size, 1 << 62)
         result = []
-        for offset, length in runs:
+        for offset, length in _diff_runs(self.address, self._snapshot_address, self._size):
             n = length if preview is None else min(length, preview)
             before = self._snapshot[offset : offset + n]
             after = mmap.mmap.__getitem__(self, slice(offset, offset + n))
@@ -311,14 +270,12 @@ class GuardedBuffer(mmap.mmap):
     @property
     def tracking(self) -> bool:
         """True while writes are being recorded."""
-        return not self._closed and self._gid is not None and self._stopped is None and self._mine()
+        return not self._closed and self._tracker.stopped is None
 
     @property
     def stopped_reason(self) -> str | None:
         """Why tracking stopped early (handler error, fork), or None."""
-        if not self._mine():
-            return "this buffer was inherited across fork(); it is not tracked in the child"
-        return self._stopped
+        return None if self._closed else self._tracker.stopped
 
     @property
     def closed(self) -> bool:  # type: ignore[override]
@@ -338,12 +295,8 @@ class GuardedBuffer(mmap.mmap):
             if self._closed:
                 return
             self._closed = True
-            if self._gid is not None:
-                self._finalizer.detach()
-                if self._mine():
-                    blob, overflow = ENGINE.core.guard_remove(self._gid)
-                    self._add_records(blob, overflow)
-                ENGINE.untrack(self)
+            self._records.extend(self._tracker.close())
+            self._overflow += self._tracker.overflow
             changes = self._diff(None)
             if sum(c.length for c in changes) > KEEP_AT_CLOSE:
                 changes = self._diff(PREVIEW_AT_CLOSE)
@@ -361,14 +314,6 @@ class GuardedBuffer(mmap.mmap):
         with suppress(BufferError):
             mmap.mmap.close(self)
 
-    def _detach(self, reason: str) -> None:
-        """Called by the engine when the handler stops: keep what we have."""
-        with self._lock:
-            if self._gid is None or self._stopped is not None:
-                return
-            self._drain()
-            self._stopped = reason
-
     def __enter__(self) -> GuardedBuffer:
         return self
 
@@ -382,9 +327,6 @@ class GuardedBuffer(mmap.mmap):
 
     # ------------------------------------------------------------ helpers
 
-    def _mine(self) -> bool:
-        return self._pid == os.getpid()
-
     def _check_open(self) -> None:
         if self._closed:
             raise BufferClosedError(
@@ -394,38 +336,18 @@ class GuardedBuffer(mmap.mmap):
 
     def _check_tracking(self) -> None:
         self._check_open()
-        if not self._mine():
+        reason = self._tracker.stopped
+        if reason is not None:
             raise TrackingStoppedError(
-                f"guarded buffer {self.name!r} was created in process {self._pid} and inherited "
-                "across fork(); the child's copy is not tracked",
-                "create new GuardedBuffers in the child",
-            )
-        if self._stopped is not None:
-            raise TrackingStoppedError(
-                f"guarded buffer {self.name!r} is no longer tracked: {self._stopped}",
+                f"guarded buffer {self.name!r} is no longer tracked: {reason}",
                 "create a new GuardedBuffer",
             )
 
     def _drain(self) -> None:
-        if self._gid is None or self._closed or self._stopped is not None or not self._mine():
-            return
-        blob, overflow = ENGINE.core.guard_drain(self._gid)
-        self._add_records(blob, overflow)
-
-    def _add_records(self, blob: bytes, overflow: int) -> None:
-        self._overflow += overflow
-        for raw in unpack_faults(blob):
-            offset = raw.address - self.address
-            self._records.append(
-                WriteRecord(
-                    offset=offset,
-                    exact=self._exact,
-                    thread_id=raw.tid or None,
-                    thread_name=_thread_name(raw.tid) if raw.tid else None,
-                    time=raw.time_ns / 1e9,
-                    seq=raw.seq,
-                )
-            )
+        if not self._closed:
+            self._records.extend(self._tracker.drain())
+            self._overflow += self._tracker.overflow
+            self._tracker.overflow = 0
 
     # ------------------------------------------------- mmap behaviour
 
