@@ -1,0 +1,722 @@
+"""pytest plugin: fail tests that write into buffers meant to be read-only.
+
+Registered through the ``pytest11`` entry point.  It offers the
+``guarded_buffer`` fixture, the ``readonly_buffer`` marker, the
+``--uffd-report`` and ``--uffd-require`` options, a header line and the
+``pytest_uffd_*`` hooks (see ``hookspecs.py``).
+
+This module is glue: buffers come from ``guard.py`` (imported lazily, so
+that loading the plugin opens no file descriptor, starts no thread and
+imports neither ctypes nor numpy), tables and JSON from ``report.py``,
+settings from ``settings.py``.
+
+After each test phase (setup, call, teardown) the plugin harvests every
+buffer the test guards: records and changed bytes become plain-data
+findings attached to that phase's report, and the buffer is re-armed so the
+next phase starts clean.  Only findings of the call phase can fail a test.
+"""
+
+from __future__ import annotations
+
+import inspect
+import mmap
+import sys
+from collections.abc import Generator, Iterator, Sequence
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import pytest
+
+from . import report
+from .report import ALLOWED, FORBIDDEN, REPORTED, ChangeInfo, Finding, Range, WriteInfo
+from .settings import (
+    NO_REQUIRE_HELP,
+    NO_REQUIRE_OPTION,
+    REPORT_HELP,
+    REPORT_INI,
+    REPORT_OPTION,
+    REQUIRE_HELP,
+    REQUIRE_INI,
+    REQUIRE_OPTION,
+    Settings,
+    SettingsError,
+    resolve,
+)
+
+if TYPE_CHECKING:
+    from .guard import GuardedBuffer
+    from .probe import Capabilities
+    from .records import WriteRecord
+
+__all__ = ["GuardedBufferFactory", "guarded_buffer"]
+
+MARKER = "readonly_buffer"
+FIXTURE = "guarded_buffer"
+#: Name of the manager object in pytest's plugin manager.
+MANAGER_NAME = "uffd_guard_manager"
+
+#: Start of the skip reason (and error) when userfaultfd cannot be used.
+UNAVAILABLE_PREFIX = "uffd-guard unavailable"
+#: Added to the message when --uffd-require turned the skip into an error.
+REQUIRED_SUFFIX = f"(error because of {REQUIRE_OPTION} / {REQUIRE_INI})"
+#: Setup error for a marker argument whose type cannot be guarded.
+UNGUARDABLE = (
+    "@pytest.mark.readonly_buffer cannot guard argument {argname!r} of type {type}: "
+    "only numpy.ndarray and memoryview arguments can be swapped for a guarded copy"
+)
+#: Setup error when a memoryview's format or shape cannot be rebuilt.
+UNCASTABLE = (
+    "@pytest.mark.readonly_buffer cannot rebuild memoryview argument {argname!r} "
+    "(format {format!r}, shape {shape}) over a guarded copy: {error}"
+)
+UNGUARDABLE_FIX = (
+    "make the fixture or parameter a memoryview (memoryview(data)) or a numpy array, "
+    "or build the buffer with the guarded_buffer fixture"
+)
+#: Setup error when the marker names an argument the test does not take.
+UNKNOWN_ARGUMENT = (
+    "@pytest.mark.readonly_buffer names {argname!r}, which is not an argument of {test}"
+)
+BAD_MARKER = "invalid @pytest.mark.readonly_buffer on {test}: {problem}"
+
+#: Status letter and word of a test failed by writes.
+STATUS_LETTER = "W"
+STATUS_WORD = "WRITTEN"
+
+#: Engine names as shown in the header; another engine adds its label here.
+ENGINE_LABELS = {"sync": "sync (userfaultfd)"}
+
+PAGE_SIZE = mmap.PAGESIZE
+
+
+def readonly_buffer(*argnames: str, allow: Sequence[Any] = ()) -> None:
+    """Swap the named test arguments (numpy arrays, memoryviews) for guarded
+    copies before the call and fail the test if it writes into them, even
+    under --uffd-report; writes into the byte ranges of allow (slices or
+    (start, stop) pairs) are reported but allowed."""
+
+
+def _marker_help() -> str:
+    """The marker's --markers line, built from readonly_buffer's signature."""
+    parameters = inspect.signature(readonly_buffer).parameters.values()
+    signature = ", ".join(str(p.replace(annotation=inspect.Parameter.empty)) for p in parameters)
+    doc = " ".join((readonly_buffer.__doc__ or "").split())
+    return (
+        f"{MARKER}({signature}): {doc} "
+        "Example: @pytest.mark.readonly_buffer('frame', allow=[slice(0, 4)]). "
+        "See docs/user-guide.md"
+    )
+
+
+# ------------------------------------------------------------ state
+
+
+@dataclass
+class Entry:
+    """A buffer guarded for one test, and the rules that apply to it."""
+
+    buffer: GuardedBuffer
+    readonly: bool
+    origin: str
+    from_marker: bool = False
+    allow: tuple[Range, ...] = ()
+    done: bool = False
+    stopped_seen: str | None = None
+
+
+@dataclass
+class ItemState:
+    """Per-test state, in ``item.stash[item_state_key]``."""
+
+    entries: list[Entry] = field(default_factory=list)
+    #: Marker arguments swapped for guarded copies: argname -> original.
+    swapped: dict[str, Any] = field(default_factory=dict)
+    #: The guarded views handed to the test, dropped before closing.
+    views: dict[str, Any] = field(default_factory=dict)
+    counter: int = 0
+
+
+settings_key = pytest.StashKey[Settings]()
+manager_key = pytest.StashKey["Manager"]()
+item_state_key = pytest.StashKey[ItemState]()
+
+
+def item_state(item: pytest.Item) -> ItemState:
+    state = item.stash.get(item_state_key, None)
+    if state is None:
+        state = item.stash[item_state_key] = ItemState()
+    return state
+
+
+def is_worker(config: pytest.Config) -> bool:
+    """True in a pytest-xdist worker: the controller writes the reports."""
+    return hasattr(config, "workerinput")
+
+
+def engine_name(config: pytest.Config) -> str:
+    """The engine in use, as shown to users."""
+    name = getattr(config.option, "uffd_engine", None) or "sync"
+    return ENGINE_LABELS.get(name, str(name))
+
+
+def unavailable_message(caps: Capabilities) -> str:
+    """One line: why guarded buffers cannot be used and what to change."""
+    text = f"{UNAVAILABLE_PREFIX}: {caps.reason}"
+    if caps.remedy:
+        text += f"; fix: {caps.remedy}"
+    return " ".join(text.split())
+
+
+# ------------------------------------------------------------ options
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("uffd-guard", "Guarded buffers (userfaultfd write-protection)")
+    group.addoption(
+        REPORT_OPTION,
+        dest="uffd_report",
+        nargs="?",
+        const="term",
+        default=None,
+        metavar="TARGETS",
+        help=REPORT_HELP,
+    )
+    group.addoption(
+        REQUIRE_OPTION,
+        dest="uffd_require",
+        action="store_const",
+        const=True,
+        default=None,
+        help=REQUIRE_HELP,
+    )
+    group.addoption(
+        NO_REQUIRE_OPTION,
+        dest="uffd_require",
+        action="store_const",
+        const=False,
+        help=NO_REQUIRE_HELP,
+    )
+    parser.addini(REPORT_INI, REPORT_HELP, type="string", default="")
+    parser.addini(REQUIRE_INI, REQUIRE_HELP, type="bool", default=False)
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from . import hookspecs
+
+    pluginmanager.add_hookspecs(hookspecs)
+
+
+def get_settings(config: pytest.Config) -> Settings:
+    try:
+        return resolve(
+            cli_report=config.getoption("uffd_report"),
+            ini_report=config.getini(REPORT_INI),
+            cli_require=config.getoption("uffd_require"),
+            ini_require=config.getini(REQUIRE_INI),
+            invocation_dir=config.invocation_params.dir,
+            ini_dir=config.inipath.parent if config.inipath else config.rootpath,
+        )
+    except SettingsError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", _marker_help())
+    settings = get_settings(config)
+    config.stash[settings_key] = settings
+    manager = Manager(config, settings)
+    config.stash[manager_key] = manager
+    config.pluginmanager.register(manager, MANAGER_NAME)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if manager_key in config.stash:
+        config.pluginmanager.unregister(config.stash[manager_key], MANAGER_NAME)
+        del config.stash[manager_key]
+    if settings_key in config.stash:
+        del config.stash[settings_key]
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    from .probe import capabilities
+
+    caps = capabilities()
+    settings = config.stash[settings_key]
+    engine = engine_name(config)
+    kernel = caps.kernel or caps.platform
+    if not caps.available:
+        fate = "errors" if settings.require else "skipped"
+        lines = [
+            f"uffd-guard: engine {engine}, kernel {kernel}, UNAVAILABLE "
+            f"(guarded tests are {fate}): {caps.reason}"
+        ]
+        if config.get_verbosity() > 0 and caps.remedy:
+            lines.append(f"uffd-guard: fix: {caps.remedy}")
+        return lines
+    missing = ", ".join(f"{m.feature} (Linux {m.since})" for m in caps.missing) or "nothing"
+    line = f"uffd-guard: engine {engine}, kernel {kernel}, missing: {missing}"
+    if caps.user_mode_only:
+        line += "; user-mode only: kernel writes (readinto) fail with EFAULT"
+    lines = [line]
+    if config.get_verbosity() > 0:
+        lines.append(
+            f"uffd-guard: opened by {caps.open_method}, kernel writes "
+            f"{'seen' if caps.kernel_writes_seen else 'not seen'}, features: "
+            + ", ".join(name for name, on in caps.features.items() if on)
+        )
+        for m in caps.missing:
+            lines.append(f"uffd-guard: without {m.feature}: {m.consequence}")
+        mode = "report only" if settings.report_only else "fail on writes"
+        lines.append(f"uffd-guard: mode: {mode}, require: {settings.require}")
+    return lines
+
+
+# ------------------------------------------------------------ fixture
+
+
+class GuardedBufferFactory(Protocol):
+    """Type of the ``guarded_buffer`` fixture's value."""
+
+    def __call__(
+        self, source: Any, *, name: str | None = None, readonly: bool = True
+    ) -> GuardedBuffer: ...
+
+
+def _new_buffer(item: pytest.Item, source: Any, name: str) -> GuardedBuffer:
+    """A GuardedBuffer, or the test skipped (or failed) if uffd is missing."""
+    from .errors import UffdUnavailableError
+    from .guard import GuardedBuffer
+
+    try:
+        return GuardedBuffer(source, name=name)
+    except UffdUnavailableError as exc:
+        text = " ".join(f"{UNAVAILABLE_PREFIX}: {exc.cause}; fix: {exc.remedy}".split())
+        if item.config.stash[settings_key].require:
+            pytest.fail(f"{text} {REQUIRED_SUFFIX}", pytrace=False)
+        pytest.skip(text)
+
+
+@pytest.fixture
+def guarded_buffer(request: pytest.FixtureRequest) -> Iterator[GuardedBufferFactory]:
+    """Factory of guarded buffers: ``guarded_buffer(4096)``,
+    ``guarded_buffer(b"data", name="frame", readonly=False)``.
+
+    A read-only buffer (the default) fails the test when the test's call
+    writes into it; a ``readonly=False`` buffer only reports writes.  The
+    buffers are closed at teardown.
+    """
+    item = request.node
+    assert isinstance(item, pytest.Item)
+    state = item_state(item)
+
+    def factory(source: Any, *, name: str | None = None, readonly: bool = True) -> GuardedBuffer:
+        state.counter += 1
+        buffer = _new_buffer(item, source, name if name is not None else f"buffer-{state.counter}")
+        state.entries.append(Entry(buffer=buffer, readonly=bool(readonly), origin=FIXTURE))
+        return buffer
+
+    yield factory
+    for entry in state.entries:
+        if entry.origin == FIXTURE:
+            entry.buffer.close()
+
+
+# ------------------------------------------------------------ marker
+
+
+@dataclass(frozen=True)
+class MarkedArgument:
+    argname: str
+    allow: tuple[Any, ...]
+
+
+def _allow_items(value: Any) -> tuple[Any, ...]:
+    """``allow=`` as a tuple of range specs: one slice/pair, or many."""
+    if isinstance(value, slice):
+        return (value,)
+    if (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and all(isinstance(v, int) or v is None for v in value)
+    ):
+        return (value,)
+    try:
+        return tuple(value)
+    except TypeError:
+        raise ValueError(f"allow={value!r} is neither a range nor a sequence of ranges") from None
+
+
+def marked_arguments(item: pytest.Item) -> list[MarkedArgument]:
+    """The arguments the item's readonly_buffer markers name, validated.
+
+    A marker on the function must name arguments of the test; one on a
+    class or module applies to the tests that take those arguments.
+    """
+    fixturenames = set(getattr(item, "fixturenames", ()))
+    result: dict[str, list[Any]] = {}
+    for node, mark in item.iter_markers_with_node(MARKER):
+        unknown = set(mark.kwargs) - {"allow"}
+        if unknown:
+            problem = f"unknown keyword {', '.join(sorted(unknown))} (only allow= is accepted)"
+            pytest.fail(BAD_MARKER.format(test=item.nodeid, problem=problem), pytrace=False)
+        if not mark.args:
+            problem = "name at least one argument, e.g. readonly_buffer('data')"
+            pytest.fail(BAD_MARKER.format(test=item.nodeid, problem=problem), pytrace=False)
+        for argname in mark.args:
+            if not isinstance(argname, str):
+                problem = f"argument names must be strings, got {argname!r}"
+                pytest.fail(BAD_MARKER.format(test=item.nodeid, problem=problem), pytrace=False)
+        if len(set(mark.args)) != len(mark.args):
+            problem = f"an argument is named twice in {mark.args!r}"
+            pytest.fail(BAD_MARKER.format(test=item.nodeid, problem=problem), pytrace=False)
+        try:
+            allow = _allow_items(mark.kwargs.get("allow", ()))
+        except ValueError as exc:
+            pytest.fail(BAD_MARKER.format(test=item.nodeid, problem=exc), pytrace=False)
+        for argname in mark.args:
+            if argname not in fixturenames:
+                if node is item:
+                    pytest.fail(
+                        UNKNOWN_ARGUMENT.format(argname=argname, test=item.nodeid), pytrace=False
+                    )
+                continue
+            result.setdefault(argname, []).extend(allow)
+    return [MarkedArgument(name, tuple(allow)) for name, allow in result.items()]
+
+
+class Unguardable(Exception):
+    """A marker argument of a type that has no guarded twin."""
+
+
+def guarded_copy(value: Any, argname: str, item: pytest.Item) -> tuple[GuardedBuffer, Any]:
+    """A guarded buffer holding a copy of ``value`` and a view of it of the
+    same type (numpy.ndarray: dtype, shape; memoryview: format, shape)."""
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(value, numpy.ndarray):
+        if type(value) is not numpy.ndarray or value.dtype.hasobject or value.nbytes == 0:
+            what = (
+                f"{type(value).__module__}.{type(value).__qualname__} "
+                f"(dtype {value.dtype}, {value.nbytes} bytes)"
+            )
+            raise Unguardable(
+                UNGUARDABLE.format(argname=argname, type=what)
+                + "; pass a plain, non-empty numpy.ndarray without Python objects"
+            )
+        # Keep Fortran order: guard the transposed (C-ordered) array.
+        fortran = bool(value.flags.f_contiguous and not value.flags.c_contiguous)
+        source = numpy.ascontiguousarray(value.T if fortran else value)
+        buffer = _new_buffer(item, source, argname)
+        array = numpy.frombuffer(buffer, dtype=value.dtype).reshape(source.shape)
+        return buffer, (array.T if fortran else array)
+    if isinstance(value, memoryview):
+        if value.nbytes == 0:
+            raise Unguardable(
+                UNGUARDABLE.format(argname=argname, type="memoryview (empty)")
+                + "; there is nothing to guard in an empty buffer"
+            )
+        buffer = _new_buffer(item, value.tobytes(), argname)
+        try:
+            view = memoryview(buffer)
+            if value.format != "B" or value.ndim != 1:
+                view = view.cast(value.format, list(value.shape or ()))  # type: ignore[call-overload]
+        except (TypeError, ValueError) as exc:
+            buffer.close()
+            raise Unguardable(
+                UNCASTABLE.format(
+                    argname=argname, format=value.format, shape=value.shape, error=exc
+                )
+                + "; use a numpy array for this layout"
+            ) from None
+        return buffer, view
+    raise Unguardable(
+        UNGUARDABLE.format(argname=argname, type=type(value).__qualname__) + f"; {UNGUARDABLE_FIX}"
+    )
+
+
+def _release(view: Any) -> None:
+    if isinstance(view, memoryview):
+        with suppress(BufferError):  # the test kept a view of it; close() copes
+            view.release()
+
+
+# ------------------------------------------------------------ manager
+
+
+class Manager:
+    """Holds the run's findings; its methods are the plugin's hooks."""
+
+    def __init__(self, config: pytest.Config, settings: Settings) -> None:
+        self.config = config
+        self.settings = settings
+        self.findings: list[Finding] = []
+
+    # -- setup: availability, marker swap
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> Generator[None, None, None]:
+        marked = marked_arguments(item) if item.get_closest_marker(MARKER) else []
+        if marked or FIXTURE in getattr(item, "fixturenames", ()):
+            self._check_available()
+        result = yield
+        if marked:
+            self._swap(item, marked)
+        return result
+
+    def _check_available(self) -> None:
+        from .probe import capabilities
+
+        caps = capabilities()
+        if caps.available:
+            return
+        message = unavailable_message(caps)
+        if self.settings.require:
+            pytest.fail(f"{message} {REQUIRED_SUFFIX}", pytrace=False)
+        pytest.skip(message)
+
+    def _swap(self, item: pytest.Item, marked: list[MarkedArgument]) -> None:
+        funcargs: dict[str, Any] = getattr(item, "funcargs", {})
+        state = item_state(item)
+        for arg in marked:
+            value = funcargs[arg.argname]
+            problem: str | None = None
+            try:
+                buffer, view = guarded_copy(value, arg.argname, item)
+            except Unguardable as exc:
+                problem = str(exc)
+            if problem is not None:  # outside the except: no chained traceback
+                pytest.fail(problem, pytrace=False)
+            try:
+                allow = tuple(report.normalize_range(a, len(buffer)) for a in arg.allow)
+            except ValueError as exc:
+                buffer.close()
+                pytest.fail(BAD_MARKER.format(test=item.nodeid, problem=exc), pytrace=False)
+            state.entries.append(
+                Entry(
+                    buffer=buffer,
+                    readonly=True,
+                    origin=f"{MARKER}:{arg.argname}",
+                    from_marker=True,
+                    allow=allow,
+                )
+            )
+            state.swapped[arg.argname] = value
+            state.views[arg.argname] = view
+            funcargs[arg.argname] = view
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_teardown(self, item: pytest.Item) -> Generator[None, None, None]:
+        try:
+            return (yield)
+        finally:
+            self._restore(item)
+
+    def _restore(self, item: pytest.Item) -> None:
+        state = item.stash.get(item_state_key, None)
+        if state is None:
+            return
+        funcargs: dict[str, Any] | None = getattr(item, "funcargs", None)
+        for argname, original in state.swapped.items():
+            if funcargs is not None:
+                funcargs[argname] = original
+        state.swapped.clear()
+        for view in state.views.values():
+            _release(view)
+        state.views.clear()
+        for entry in state.entries:
+            entry.buffer.close()
+
+    # -- after each phase: harvest, judge, report
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        findings = self.harvest(item, call.when)
+        item.user_properties.extend(report.property_items(findings))
+        rep = yield
+        if not findings:
+            return rep
+        rep.uffd_guard = [f.to_dict() for f in findings]  # type: ignore[attr-defined]
+        verbose = self.config.get_verbosity() > 0
+        rep.sections.append(
+            (
+                f"{report.SECTION_TITLE} ({call.when})",
+                report.finding_section(findings, None if verbose else report.ROW_LIMIT),
+            )
+        )
+        if call.when == "call" and any(f.failed for f in findings) and rep.passed:
+            rep.outcome = "failed"
+            rep.longrepr = report.failure_sentence(findings)
+            rep.uffd_guard_failed = True  # type: ignore[attr-defined]
+        return rep
+
+    def harvest(self, item: pytest.Item, phase: str) -> list[Finding]:
+        """Collect what each guarded buffer saw since the last harvest, then
+        re-arm it so the next phase starts from a clean baseline."""
+        state = item.stash.get(item_state_key, None)
+        if state is None:
+            return []
+        findings = []
+        for entry in state.entries:
+            if entry.done:
+                continue
+            buffer = entry.buffer
+            closed = buffer.closed
+            records = buffer.writes
+            overflowed = buffer.overflowed
+            changes = buffer.changes(preview=report.PREVIEW_BYTES)
+            stopped = buffer.stopped_reason
+            if closed:
+                entry.done = True
+            new_stop = stopped if stopped != entry.stopped_seen else None
+            entry.stopped_seen = stopped
+            if not records and not changes and not overflowed and new_stop is None:
+                continue
+            findings.append(self.judge(item, entry, phase, records, changes, overflowed, new_stop))
+            if not closed and buffer.tracking:
+                buffer.protect()
+        return findings
+
+    def judge(
+        self,
+        item: pytest.Item,
+        entry: Entry,
+        phase: str,
+        records: list[WriteRecord],
+        changes: Sequence[Any],
+        overflowed: int,
+        stopped: str | None,
+    ) -> Finding:
+        """Give each write and changed range its status; call our hooks."""
+        hook = self.config.hook
+        enforced = (
+            entry.readonly
+            and phase == "call"
+            and (entry.from_marker or not self.settings.report_only)
+        )
+        cut = report.PREVIEW_BYTES
+        spans = [(c.offset, c.offset + c.length) for c in changes]
+        writes: list[WriteInfo] = []
+        for record in records:
+            status = REPORTED
+            if entry.readonly:
+                page = record.offset - record.offset % PAGE_SIZE
+                in_page = report.spans_in_page(spans, page, PAGE_SIZE)
+                allowed = hook.pytest_uffd_write_allowed(
+                    config=self.config,
+                    item=item,
+                    buffer=entry.buffer,
+                    record=record,
+                    changes=in_page,
+                    phase=phase,
+                )
+                if allowed:
+                    status = ALLOWED
+                elif enforced:
+                    status = FORBIDDEN
+            writes.append(
+                WriteInfo(record.offset, record.exact, record.thread_id, record.thread_name, status)
+            )
+        infos = []
+        for change, (start, stop) in zip(changes, spans):
+            status = REPORTED
+            if entry.readonly:
+                mine = [
+                    w
+                    for w in writes
+                    if w.offset - w.offset % PAGE_SIZE < stop
+                    and w.offset - w.offset % PAGE_SIZE + PAGE_SIZE > start
+                ]
+                if report.covered(start, stop, entry.allow) or (
+                    mine and all(w.status == ALLOWED for w in mine)
+                ):
+                    status = ALLOWED
+                elif enforced:
+                    status = FORBIDDEN
+            infos.append(
+                ChangeInfo(
+                    change.offset,
+                    change.length,
+                    change.before[:cut].hex(),
+                    change.after[:cut].hex(),
+                    status,
+                )
+            )
+        for record, info in zip(records, writes):
+            hook.pytest_uffd_write(
+                config=self.config,
+                item=item,
+                buffer=entry.buffer,
+                record=record,
+                phase=phase,
+                status=info.status,
+            )
+        return Finding(
+            nodeid=item.nodeid,
+            phase=phase,
+            buffer=entry.buffer.name,
+            size=len(entry.buffer),
+            origin=entry.origin,
+            readonly=entry.readonly,
+            writes=tuple(writes),
+            changes=tuple(infos),
+            overflowed=overflowed,
+            stopped=stopped,
+            allow=entry.allow,
+        )
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_uffd_write_allowed(
+        self, item: pytest.Item, buffer: GuardedBuffer, record: WriteRecord, changes: list[Range]
+    ) -> bool | None:
+        # trylast: a conftest's answer comes first and wins.
+        state = item.stash.get(item_state_key, None)
+        entry = next((e for e in state.entries if e.buffer is buffer), None) if state else None
+        if entry is None or not entry.allow:
+            return None
+        if report.write_in_ranges(record.offset, record.exact, changes, PAGE_SIZE, entry.allow):
+            return True
+        return None
+
+    # -- reports: status letter, collection, session summary
+
+    def pytest_report_teststatus(
+        self, report: pytest.TestReport
+    ) -> tuple[str, str, tuple[str, dict[str, bool]]] | None:
+        if report.when == "call" and getattr(report, "uffd_guard_failed", False):
+            return "failed", STATUS_LETTER, (STATUS_WORD, {"red": True})
+        return None
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        # On the xdist controller the worker's findings arrive here as plain
+        # data on the report, so the session report sees every worker.
+        for data in getattr(report, "uffd_guard", None) or ():
+            self.findings.append(Finding.from_dict(data))
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if not self.settings.report_terminal or is_worker(self.config):
+            return
+        limit = None if self.config.get_verbosity() > 0 else 50
+        terminalreporter.write_sep("=", report.SUMMARY_TITLE)
+        for line in report.summary_lines(self.findings, limit):
+            terminalreporter.write_line(line)
+        if self.settings.report_json is not None:
+            terminalreporter.write_line(f"JSON report written to {self.settings.report_json}")
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        path = self.settings.report_json
+        if path is None or is_worker(self.config):
+            return
+        from .probe import capabilities
+
+        caps = capabilities()
+        header = {
+            "engine": engine_name(self.config),
+            "kernel": caps.kernel,
+            "available": caps.available,
+            "capabilities": caps.as_dict(),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(report.json_document(self.findings, header), encoding="utf-8")

@@ -1,0 +1,103 @@
+"""The plugin's settings, resolved once: command line over ini file.
+
+Help strings are constants shared by each option and its ini key so the two
+never drift; validators name the bad value and where it came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPORT_OPTION = "--uffd-report"
+REPORT_INI = "uffd_report"
+REPORT_HELP = (
+    "Report writes into guarded buffers instead of failing on them (tests marked "
+    "readonly_buffer still fail): 'term' for a terminal section, 'json:PATH' for a JSON "
+    "file, both comma-separated, 'no' to turn it off"
+)
+REQUIRE_OPTION = "--uffd-require"
+NO_REQUIRE_OPTION = "--uffd-no-require"
+REQUIRE_INI = "uffd_require"
+REQUIRE_HELP = (
+    "Make guarded tests errors instead of skips when userfaultfd write-protection is unavailable"
+)
+NO_REQUIRE_HELP = f"Skip guarded tests when userfaultfd is unavailable (overrides {REQUIRE_INI})"
+
+_OFF = {"", "no", "off", "false", "0", "none"}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class SettingsError(ValueError):
+    """A setting has a value the plugin cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the plugin was asked to do in this run."""
+
+    report_terminal: bool = False
+    report_json: Path | None = None
+    require: bool = False
+
+    @property
+    def report_only(self) -> bool:
+        """Writes are reported, not held against tests (except the marker's)."""
+        return self.report_terminal or self.report_json is not None
+
+
+def parse_report(value: str, where: str, base: Path) -> tuple[bool, Path | None]:
+    """``"term,json:out.json"`` -> ``(True, base / "out.json")``."""
+    terminal = False
+    json_path: Path | None = None
+    for part in (p.strip() for p in value.split(",")):
+        if part.lower() in _OFF:
+            continue
+        if part.lower() in ("term", "terminal"):
+            terminal = True
+        elif part.startswith("json:") and part[5:].strip():
+            json_path = base / Path(part[5:].strip()).expanduser()
+        else:
+            raise SettingsError(
+                f"invalid uffd report target {part!r} from {where}: "
+                "expected 'term', 'json:PATH' or 'no'"
+            )
+    return terminal, json_path
+
+
+def parse_bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise SettingsError(f"invalid boolean {value!r} from {where}: expected true or false")
+
+
+def resolve(
+    cli_report: str | None,
+    ini_report: str,
+    cli_require: bool | None,
+    ini_require: Any,
+    invocation_dir: Path,
+    ini_dir: Path,
+) -> Settings:
+    """CLI first, then the ini file.  Raises SettingsError naming the source.
+
+    A relative JSON path is taken from the invocation directory on the
+    command line and from the ini file's directory in the ini file.
+    """
+    if cli_report is not None:
+        where = f"the command line ({REPORT_OPTION})"
+        terminal, json_path = parse_report(cli_report, where, invocation_dir)
+    else:
+        terminal, json_path = parse_report(ini_report or "", f"the ini key {REPORT_INI}", ini_dir)
+    if cli_require is not None:
+        require = cli_require
+    else:
+        require = parse_bool(ini_require, f"the ini key {REQUIRE_INI}")
+    return Settings(report_terminal=terminal, report_json=json_path, require=require)
