@@ -11,12 +11,14 @@ A snapshot taken when the buffer is armed gives the exact bytes changed.
 from __future__ import annotations
 
 import mmap
+import os
 import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any, Union
 
+from .backing import open_mapping
 from .errors import (
     BufferAllocationError,
     BufferClosedError,
@@ -40,10 +42,9 @@ _names = iter(range(1, sys.maxsize))
 
 def _diff_runs(a: int, b: int, length: int) -> list[tuple[int, int]]:
     """Runs of differing bytes between two raw memories of ``length`` bytes."""
-    from . import _uffd
+    from .diff_tracker import diff_runs
 
-    runs, _ = _uffd.diff_runs(a, b, length, 1 << 62)
-    return list(runs)
+    return diff_runs(a, b, length)
 
 
 def _source_view(source: Source) -> memoryview:
@@ -98,6 +99,10 @@ class GuardedBuffer(mmap.mmap):
 
     name: str
     address: int
+    #: Memory kind: "anonymous", "shmem" or "hugetlb" (see backing.py).
+    backing: str
+    _size: int
+    _unit: int
 
     def __new__(
         cls,
@@ -106,8 +111,10 @@ class GuardedBuffer(mmap.mmap):
         name: str | None = None,
         max_records: int | None = None,
         engine: str = "auto",
+        backing: str = "anonymous",
     ) -> GuardedBuffer:
-        if not sys.platform.startswith("linux"):
+        # Only the diff engine (asked for, or auto's fallback) runs off Linux.
+        if not sys.platform.startswith("linux") and engine not in ("auto", "diff"):
             raise UnsupportedPlatformError(
                 f"guarded buffers need Linux userfaultfd; this is {sys.platform}",
                 "run on Linux; the pytest plugin skips guarded tests elsewhere",
@@ -120,12 +127,13 @@ class GuardedBuffer(mmap.mmap):
             )
         else:
             size = _check_size(_source_view(source).nbytes)
+        kind = open_mapping(backing, size, name or "buffer")
         try:
             self = super().__new__(
                 cls,
-                -1,
-                size,
-                flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                kind.fd,
+                kind.length,
+                flags=kind.flags,
                 prot=mmap.PROT_READ | mmap.PROT_WRITE,
             )
         except (OSError, OverflowError) as exc:
@@ -134,6 +142,12 @@ class GuardedBuffer(mmap.mmap):
                 "guard a smaller buffer, or raise the process's memory limits "
                 "(ulimit -v, vm.overcommit_memory, the container's memory limit)",
             ) from exc
+        finally:
+            if kind.fd >= 0:
+                os.close(kind.fd)
+        self._size = size
+        self._unit = kind.unit
+        self.backing = backing
         return self
 
     def __init__(
@@ -143,11 +157,11 @@ class GuardedBuffer(mmap.mmap):
         name: str | None = None,
         max_records: int | None = None,
         engine: str = "auto",
+        backing: str = "anonymous",
     ) -> None:
         self._lock = threading.RLock()
         self._closed = False
-        self._size = mmap.mmap.__len__(self)
-        self._length = round_up(self._size)
+        self._length = round_up(self._size, self._unit)
         self.name = name if name is not None else f"buffer-{next(_names)}"
         self.address = address_of(self)
         self._records: list[WriteRecord] = []
@@ -162,7 +176,8 @@ class GuardedBuffer(mmap.mmap):
 
         # Keep the range on base pages: a transparent huge page would turn
         # a one-byte write into a 2 MiB fault unit.
-        self.madvise(mmap.MADV_NOHUGEPAGE)
+        if backing != "hugetlb" and hasattr(mmap, "MADV_NOHUGEPAGE"):
+            self.madvise(mmap.MADV_NOHUGEPAGE)
         self._snapshot = anonymous_map(self._length)
         self._snapshot_address = address_of(self._snapshot)
         if not isinstance(source, int):
@@ -176,6 +191,9 @@ class GuardedBuffer(mmap.mmap):
                 length=self._length,
                 size=self._size,
                 max_records=max_records,
+                snapshot=self._snapshot_address,
+                unit=self._unit,
+                backing=self.backing,
             )
         except BaseException:
             self._abandon()

@@ -49,7 +49,13 @@ FEATURES: dict[str, int] = {
 }
 
 #: Features the engine turns on when the kernel has them.
-WANTED = ("pagefault_flag_wp", "thread_id", "exact_address", "wp_unpopulated")
+WANTED = (
+    "pagefault_flag_wp",
+    "thread_id",
+    "exact_address",
+    "wp_unpopulated",
+    "wp_hugetlbfs_shmem",
+)
 
 #: What each wanted feature buys, the kernel that brought it, and what
 #: happens without it.  Shown by the doctor and the plugin's header.

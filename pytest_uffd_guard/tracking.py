@@ -7,6 +7,17 @@ kernel-side about seeing writes into it.  Engines:
     userfaultfd write-protect with the native handler thread
     (:mod:`pytest_uffd_guard.sync_tracker`): every first write into a page
     is recorded with its exact offset and thread.
+``async``
+    ``UFFD_FEATURE_WP_ASYNC`` + ``PAGEMAP_SCAN`` (Linux 6.7+,
+    :mod:`pytest_uffd_guard.async_tracker`): writes never block; every
+    written page is found, the writer is not known.
+``diff``
+    no userfaultfd (:mod:`pytest_uffd_guard.diff_tracker`): pages whose bytes
+    differ from the snapshot; blind to same-value writes and to the writer.
+``auto``
+    ``sync`` wherever userfaultfd write-protect works (it is the engine that
+    names the writer), else ``diff``.  ``async`` is never picked silently:
+    it trades attribution for speed, which is the user's call.
 
 New engines implement the same protocol and are picked in ``make_tracker``.
 """
@@ -15,10 +26,18 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from .errors import InvalidBufferError
+from .errors import InvalidBufferError, UffdUnavailableError
+from .memory import PAGE_SIZE
 from .records import WriteRecord
 
-ENGINES = ("auto", "sync")
+ENGINES = ("auto", "sync", "async", "diff")
+
+#: Help text shared by the ``--uffd-engine`` option and the ``uffd_engine`` ini key.
+ENGINE_HELP = (
+    "How writes are tracked: auto (sync where userfaultfd write-protect works, "
+    "else diff), sync (names the writer), async (Linux 6.7+, fast, no writer) "
+    "or diff (no userfaultfd, compares bytes at the end)"
+)
 
 
 class Tracker(Protocol):
@@ -52,19 +71,125 @@ class Tracker(Protocol):
         """Why tracking stopped early (handler failure, fork), or None."""
 
 
+def choose_engine(requested: str = "auto") -> tuple[str, str]:
+    """The engine that ``requested`` resolves to on this machine, and why.
+
+    Never raises for a known name: an engine that cannot run here is
+    returned with the reason, and ``make_tracker`` raises it when used.
+    The plugin's header prints both parts.
+    """
+    import sys
+
+    from .probe import capabilities
+
+    if requested not in ENGINES:
+        raise InvalidBufferError(
+            f"unknown engine {requested!r}", f"use one of: {', '.join(ENGINES)}"
+        )
+    if requested == "diff":
+        return "diff", "requested; " + _diff_limits()
+    if not sys.platform.startswith("linux"):
+        if requested == "auto":
+            return "diff", f"no userfaultfd on {sys.platform}; " + _diff_limits()
+        return requested, f"unavailable: userfaultfd exists only on Linux, not {sys.platform}"
+    caps = capabilities()
+    if requested == "async":
+        from .async_tracker import async_unavailable
+
+        reason = async_unavailable(caps)
+        if reason is not None:
+            return "async", f"unavailable: {reason}"
+        return "async", "requested; WP_ASYNC + PAGEMAP_SCAN: writes never block, writer unknown"
+    if caps.available:
+        how = f"userfaultfd write-protect via {caps.open_method}"
+        if caps.user_mode_only:
+            how += " (user-mode only: writes made by the kernel are not seen)"
+        if requested == "auto":
+            return "sync", f"auto: {how}; the sync engine names each writer"
+        return "sync", f"requested; {how}"
+    if requested == "auto":
+        return "diff", f"auto: userfaultfd unusable ({caps.reason}); " + _diff_limits()
+    return "sync", f"unavailable: {caps.reason}"
+
+
+def _diff_limits() -> str:
+    from .diff_tracker import LIMITS
+
+    return LIMITS
+
+
 def make_tracker(
-    engine: str, *, address: int, length: int, size: int, max_records: int | None
+    engine: str,
+    *,
+    address: int,
+    length: int,
+    size: int,
+    max_records: int | None,
+    snapshot: int,
+    unit: int = PAGE_SIZE,
+    backing: str = "anonymous",
 ) -> Tracker:
     """Start tracking ``length`` bytes at ``address`` (``size`` of them used).
 
     The range must be populated with its initial contents already and not be
-    protected; the tracker is armed on return.
+    protected; ``snapshot`` is the address of the copy taken at arming
+    (``length`` bytes).  ``unit`` is the page size of the mapping (a huge page
+    for hugetlb).  The tracker is armed on return.
     """
-    if engine not in ENGINES:
-        raise InvalidBufferError(f"unknown engine {engine!r}", f"use one of: {', '.join(ENGINES)}")
-    from .sync_tracker import SyncTracker
+    requested = engine
+    engine, _ = choose_engine(engine)
+    if engine != "diff" and backing != "anonymous":
+        from .probe import capabilities
 
-    tracker = SyncTracker(address=address, length=length, size=size, max_records=max_records)
+        caps = capabilities()
+        if caps.available and not caps.has("wp_hugetlbfs_shmem"):
+            if requested == "auto":
+                engine = "diff"
+            else:
+                raise UffdUnavailableError(
+                    f"write-protecting {backing} memory needs UFFD_FEATURE_WP_HUGETLBFS_SHMEM "
+                    "(Linux 5.19+), which this kernel does not offer",
+                    "use backing='anonymous', or engine='diff' for this buffer",
+                )
+    if requested == "auto" and engine == "sync" and unit != PAGE_SIZE:
+        # The sync handler works in base pages; hugetlb goes async (6.7+) or diff.
+        from .async_tracker import async_unavailable
+        from .probe import capabilities
+
+        engine = "diff" if async_unavailable(capabilities()) else "async"
+    tracker: Tracker
+    if engine == "diff":
+        from .diff_tracker import DiffTracker
+
+        tracker = DiffTracker(
+            address=address,
+            length=length,
+            size=size,
+            max_records=max_records,
+            snapshot=snapshot,
+            unit=unit,
+        )
+    elif engine == "async":
+        from .async_tracker import AsyncTracker
+
+        tracker = AsyncTracker(
+            address=address,
+            length=length,
+            size=size,
+            max_records=max_records,
+            snapshot=snapshot,
+            unit=unit,
+        )
+    else:
+        if unit != PAGE_SIZE:
+            raise InvalidBufferError(
+                "the sync engine cannot track hugetlb buffers yet "
+                "(its handler resolves faults in base pages)",
+                "use engine='async' (Linux 6.7+) or engine='diff' for hugetlb buffers",
+            )
+        from .sync_tracker import SyncTracker
+
+        tracker = SyncTracker(address=address, length=length, size=size, max_records=max_records)
     try:
         tracker.arm()
     except BaseException:

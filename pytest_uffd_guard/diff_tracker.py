@@ -1,0 +1,188 @@
+"""The ``diff`` engine: no userfaultfd, a byte comparison with the snapshot.
+
+It protects nothing and runs no thread, so it works everywhere (any kernel,
+any seccomp profile, any platform with ``mmap``).  A page is reported when
+its bytes differ from the snapshot taken at arming, with the offset of its
+first changed byte.  Two things it cannot know, said plainly wherever it is
+shown: a write that stores the value already there leaves no trace, and the
+writer (thread, time, stack) is unknown.  Records are therefore
+``exact=False`` with no thread.
+
+The page-walking helpers here are shared with the async engine, which uses
+them to place each written page's record on its first changed byte.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable
+
+from .records import WriteRecord
+
+#: Why the diff engine is weaker; shown by the header, the doctor and docs.
+LIMITS = (
+    "no write-protection: changes are found by comparing with the snapshot, so a write "
+    "that stores the value already there is not seen and the writer is unknown"
+)
+
+#: Sequence numbers of records made in Python (async and diff engines).
+_seq = itertools.count(1)
+
+
+def diff_runs(a: int, b: int, length: int) -> list[tuple[int, int]]:
+    """Runs ``(offset, length)`` of differing bytes between two memories.
+
+    Uses the C core when it is there, pure Python (via ctypes) otherwise, so
+    the diff engine also works where the extension could not be built.
+    """
+    if length <= 0:
+        return []
+    try:
+        from . import _uffd
+    except ImportError:
+        return _diff_runs_py(a, b, length)
+    runs, _ = _uffd.diff_runs(a, b, length, 1 << 62)
+    return list(runs)
+
+
+def _diff_runs_py(a: int, b: int, length: int) -> list[tuple[int, int]]:
+    import ctypes
+
+    left = ctypes.string_at(a, length)
+    right = ctypes.string_at(b, length)
+    runs: list[tuple[int, int]] = []
+    step = 4096
+    for base in range(0, length, step):
+        if left[base : base + step] == right[base : base + step]:
+            continue
+        for i in range(base, min(base + step, length)):
+            if left[i] != right[i]:
+                if runs and runs[-1][0] + runs[-1][1] == i:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+                else:
+                    runs.append((i, 1))
+    return runs
+
+
+def first_changes(address: int, snapshot: int, start: int, end: int, unit: int) -> dict[int, int]:
+    """``{page offset: offset of its first changed byte}`` for pages in
+    ``[start, end)`` (offsets from ``address``, page-aligned) that differ."""
+    found: dict[int, int] = {}
+    for offset, length in diff_runs(address + start, snapshot + start, end - start):
+        first = start + offset
+        last = first + length - 1
+        page = first - first % unit
+        while page <= last:
+            found.setdefault(page, max(first, page))
+            page += unit
+    return found
+
+
+def page_record(offset: int) -> WriteRecord:
+    """A record for a write found after the fact: no thread, not exact.
+
+    ``time`` is when it was found (CLOCK_MONOTONIC, like the sync engine's),
+    not when it happened.
+    """
+    return WriteRecord(
+        offset=offset,
+        exact=False,
+        thread_id=None,
+        thread_name=None,
+        time=time.monotonic(),
+        seq=next(_seq),
+    )
+
+
+class PageLog:
+    """Pages already reported and records waiting to be drained."""
+
+    def __init__(self, capacity: int | None) -> None:
+        self.capacity = capacity
+        self.reported: set[int] = set()
+        self.pending: list[WriteRecord] = []
+        self.kept = 0
+        self.overflow = 0
+
+    def add(self, pages: Iterable[int], offsets: dict[int, int]) -> None:
+        for page in sorted(set(pages) - self.reported):
+            self.reported.add(page)
+            if self.capacity is not None and self.kept >= self.capacity:
+                self.overflow += 1
+                continue
+            self.kept += 1
+            self.pending.append(page_record(offsets.get(page, page)))
+
+    def take(self) -> list[WriteRecord]:
+        records, self.pending = self.pending, []
+        return records
+
+    def reset(self) -> None:
+        self.reported.clear()
+        self.pending = []
+        self.kept = 0
+
+
+class DiffTracker:
+    """Finds changed pages by comparing the buffer with its snapshot."""
+
+    name = "diff"
+
+    def __init__(
+        self,
+        *,
+        address: int,
+        length: int,
+        size: int,
+        max_records: int | None,
+        snapshot: int,
+        unit: int,
+    ) -> None:
+        self._address = address
+        self._length = length
+        self._snapshot = snapshot
+        self._unit = unit
+        self._log = PageLog(max_records)
+        self._paused = True
+        self._closed = False
+
+    @property
+    def overflow(self) -> int:
+        return self._log.overflow
+
+    @overflow.setter
+    def overflow(self, value: int) -> None:
+        self._log.overflow = value
+
+    @property
+    def stopped(self) -> str | None:
+        return "closed" if self._closed else None
+
+    def arm(self) -> None:
+        self._paused = False
+
+    def pause(self) -> None:
+        self._collect()
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+
+    def drain(self) -> list[WriteRecord]:
+        self._collect()
+        return self._log.take()
+
+    def discard(self) -> None:
+        self._log.reset()
+
+    def close(self) -> list[WriteRecord]:
+        self._collect()
+        self._closed = True
+        return self._log.take()
+
+    def _collect(self) -> None:
+        if self._paused or self._closed:
+            return
+        changed = first_changes(self._address, self._snapshot, 0, self._length, self._unit)
+        self._log.add(changed, changed)

@@ -1,0 +1,329 @@
+"""One behavioural suite, run against every engine (sync, async, diff).
+
+Where the engines differ the expectation says so: only ``sync`` names the
+writing thread and the exact byte of the first write; ``async`` and ``diff``
+place a record on each written page's first changed byte; ``diff`` cannot
+see a write that stores the value already there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import threading
+
+import pytest
+
+from pytest_uffd_guard import GuardedBuffer, UffdUnavailableError, capabilities
+from pytest_uffd_guard.async_tracker import async_unavailable
+from pytest_uffd_guard.tracking import ENGINES, choose_engine
+
+from .conftest import run_python
+
+PAGE = mmap.PAGESIZE
+ENGINE_NAMES = ("sync", "async", "diff")
+
+
+def _skip_reason(engine: str) -> str | None:
+    caps = capabilities()
+    if engine == "sync" and not caps.available:
+        return f"userfaultfd write-protect unavailable: {caps.reason}"
+    if engine == "async":
+        reason = async_unavailable(caps)
+        if reason is not None:
+            return f"async engine unavailable: {reason}"
+    return None
+
+
+@pytest.fixture(params=ENGINE_NAMES)
+def engine(request: pytest.FixtureRequest) -> str:
+    reason = _skip_reason(request.param)
+    if reason is not None:
+        pytest.skip(reason)
+    return str(request.param)
+
+
+def address(buf: GuardedBuffer) -> int:
+    return buf.address
+
+
+def pages(buf: GuardedBuffer) -> list[int]:
+    return sorted({w.page_offset for w in buf.writes})
+
+
+@pytest.mark.timeout(30)
+def test_memoryview_write_is_reported(engine: str) -> None:
+    """A one-byte store through a memoryview: one change, one page."""
+    with GuardedBuffer(4 * PAGE, engine=engine) as buf:
+        assert buf.engine == engine
+        memoryview(buf)[PAGE + 5] = 1
+        assert [(c.offset, c.length, c.after) for c in buf.changes()] == [(PAGE + 5, 1, b"\x01")]
+        writes = buf.writes
+        assert [w.offset for w in writes] == [PAGE + 5]
+        assert all(w.exact == (engine == "sync") for w in writes)
+
+
+@pytest.mark.timeout(30)
+def test_numpy_writes_each_page(engine: str) -> None:
+    """numpy stores into three pages: three pages reported, exact changes."""
+    np = pytest.importorskip("numpy")
+    with GuardedBuffer(8 * PAGE, engine=engine) as buf:
+        arr = np.frombuffer(buf, dtype=np.uint8)
+        arr[[10, 3 * PAGE + 1, 7 * PAGE + 100]] = 9
+        del arr
+        assert pages(buf) == [0, 3 * PAGE, 7 * PAGE]
+        assert [c.offset for c in buf.changes()] == [10, 3 * PAGE + 1, 7 * PAGE + 100]
+
+
+@pytest.mark.timeout(30)
+def test_ctypes_memset_run_across_pages(engine: str) -> None:
+    """A memset across a page boundary: one run, both pages."""
+    with GuardedBuffer(4 * PAGE, engine=engine) as buf:
+        ctypes.memset(address(buf) + PAGE - 2, 0xAB, 4)
+        assert [(c.offset, c.length) for c in buf.changes()] == [(PAGE - 2, 4)]
+        assert pages(buf) == [0, PAGE]
+        offsets = sorted(w.offset for w in buf.writes)
+        assert offsets == [PAGE - 2, PAGE]
+
+
+@pytest.mark.timeout(30)
+def test_no_writes_nothing_reported(engine: str) -> None:
+    """Reads only (including of never-touched pages): nothing is reported."""
+    with GuardedBuffer(16 * PAGE, engine=engine) as buf:
+        assert bytes(buf[:]) == bytes(16 * PAGE)
+        assert buf.writes == []
+        assert buf.changes() == []
+    assert buf.writes == [] and buf.changes() == []
+
+
+@pytest.mark.timeout(30)
+def test_copied_in_data_then_untouched_pages(engine: str) -> None:
+    """Writes into pages never touched since the copy-in are caught."""
+    data = bytes(range(256)) * (PAGE // 256) * 2 + bytes(4 * PAGE)
+    with GuardedBuffer(data, engine=engine) as buf:
+        buf[5 * PAGE + 7] = 1  # a zero page that was never written by the copy
+        buf[3] = 0xFF
+        assert pages(buf) == [0, 5 * PAGE]
+        assert [c.offset for c in buf.changes()] == [3, 5 * PAGE + 7]
+
+
+@pytest.mark.timeout(30)
+def test_protect_rearms(engine: str) -> None:
+    """protect() takes a new snapshot and forgets earlier writes."""
+    with GuardedBuffer(4 * PAGE, engine=engine) as buf:
+        buf[0] = 1
+        assert pages(buf) == [0]
+        buf.protect()
+        assert buf.writes == [] and buf.changes() == []
+        buf[0] = 2  # the same page again: protected again
+        buf[2 * PAGE] = 3
+        assert pages(buf) == [0, 2 * PAGE]
+        assert [(c.offset, c.before, c.after) for c in buf.changes()] == [
+            (0, b"\x01", b"\x02"),
+            (2 * PAGE, b"\x00", b"\x03"),
+        ]
+
+
+@pytest.mark.timeout(30)
+def test_unprotected_block(engine: str) -> None:
+    """Writes inside unprotected() are neither recorded nor reported."""
+    with GuardedBuffer(4 * PAGE, engine=engine) as buf:
+        buf[1] = 1
+        with buf.unprotected():
+            buf[PAGE] = 7
+            buf[3 * PAGE] = 7
+        buf[2 * PAGE] = 2
+        assert [c.offset for c in buf.changes()] == [1, 2 * PAGE]
+        assert 0 in pages(buf) and 2 * PAGE in pages(buf)
+        assert PAGE not in pages(buf)
+
+
+@pytest.mark.timeout(30)
+def test_close_keeps_results(engine: str) -> None:
+    """After close, writes and changes stay readable; close is idempotent."""
+    buf = GuardedBuffer(2 * PAGE, engine=engine)
+    buf[PAGE + 1] = 5
+    buf.close()
+    buf.close()
+    assert buf.closed and not buf.tracking
+    assert [w.page_offset for w in buf.writes] == [PAGE]
+    assert [c.offset for c in buf.changes()] == [PAGE + 1]
+
+
+@pytest.mark.timeout(30)
+def test_same_value_write(engine: str) -> None:
+    """Storing the value already there: sync and async see it, diff cannot."""
+    with GuardedBuffer(b"\x00" * PAGE + b"\x07" * PAGE, engine=engine) as buf:
+        buf[PAGE + 3] = 7
+        assert buf.changes() == []
+        if engine == "diff":
+            assert buf.writes == []
+        else:
+            assert pages(buf) == [PAGE]
+            # async knows the page, not the byte: the record sits on the page start
+            assert buf.writes[0].offset == (PAGE + 3 if engine == "sync" else PAGE)
+
+
+@pytest.mark.timeout(30)
+def test_writer_thread(engine: str) -> None:
+    """Only the sync engine names the writing thread."""
+    with GuardedBuffer(PAGE, engine=engine) as buf:
+        tids: list[int] = []
+
+        def write() -> None:
+            tids.append(threading.get_native_id())
+            buf[10] = 1
+
+        t = threading.Thread(target=write, name="writer")
+        t.start()
+        t.join(10)
+        (record,) = buf.writes
+        if engine == "sync":
+            assert record.thread_id == tids[0]
+        else:
+            assert record.thread_id is None and record.thread_name is None
+
+
+@pytest.mark.timeout(30)
+def test_max_records_overflow(engine: str) -> None:
+    """Pages past max_records are counted, not kept."""
+    with GuardedBuffer(8 * PAGE, engine=engine, max_records=3) as buf:
+        for i in range(8):
+            buf[i * PAGE] = 1
+        assert len(buf.writes) == 3
+        assert buf.overflowed == 5
+        assert len(buf.changes()) == 8
+
+
+@pytest.mark.timeout(60)
+def test_every_page_of_a_big_buffer(engine: str) -> None:
+    """Every written page of a 16 MiB buffer is found."""
+    size = 16 << 20
+    with GuardedBuffer(size, engine=engine) as buf:
+        ctypes.memset(address(buf), 1, size)
+        assert len(buf.writes) == size // PAGE
+        assert [(c.offset, c.length) for c in buf.changes()] == [(0, size)]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backing", ["shmem"])
+def test_shared_memory_backing(engine: str, backing: str) -> None:
+    """Each engine tracks a memfd-backed buffer like an anonymous one."""
+    if engine != "diff" and not capabilities().has("wp_hugetlbfs_shmem"):
+        pytest.skip("no UFFD_FEATURE_WP_HUGETLBFS_SHMEM (Linux 5.19+)")
+    with GuardedBuffer(3 * PAGE, engine=engine, backing=backing) as buf:
+        buf[2 * PAGE + 1] = 4
+        assert pages(buf) == [2 * PAGE]
+        assert [c.offset for c in buf.changes()] == [2 * PAGE + 1]
+
+
+# --------------------------------------------------- engine choice
+
+
+def test_engines_listed() -> None:
+    assert ENGINES == ("auto", "sync", "async", "diff")
+
+
+def test_choose_engine_auto_prefers_sync(uffd: None) -> None:
+    """auto picks sync where userfaultfd works, and says why."""
+    engine, reason = choose_engine("auto")
+    assert engine == "sync"
+    assert reason.startswith("auto: userfaultfd write-protect via")
+
+
+def test_choose_engine_diff_says_its_limits() -> None:
+    engine, reason = choose_engine("diff")
+    assert engine == "diff"
+    assert "value already there is not seen" in reason and "writer is unknown" in reason
+
+
+def test_choose_engine_rejects_unknown() -> None:
+    with pytest.raises(ValueError, match="unknown engine 'fast'"):
+        choose_engine("fast")
+
+
+@pytest.mark.timeout(60)
+def test_auto_falls_back_to_diff_without_userfaultfd() -> None:
+    """With userfaultfd unusable, auto runs diff and explains; sync and async raise."""
+    result = run_python(
+        """
+        import json
+        from pytest_uffd_guard import GuardedBuffer, UffdUnavailableError
+        from pytest_uffd_guard.tracking import choose_engine
+        out = {"choice": choose_engine("auto")}
+        with GuardedBuffer(8192) as buf:
+            buf[5000] = 1
+            out["engine"] = buf.engine
+            out["offsets"] = [w.offset for w in buf.writes]
+        for name in ("sync", "async"):
+            try:
+                GuardedBuffer(4096, engine=name)
+            except UffdUnavailableError as exc:
+                out[name] = exc.cause
+        print(json.dumps(out))
+        """,
+        env={"PYTEST_UFFD_GUARD_HIDE_FEATURES": "pagefault_flag_wp"},
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["choice"][0] == "diff"
+    assert "userfaultfd unusable" in out["choice"][1]
+    assert out["engine"] == "diff" and out["offsets"] == [5000]
+    assert "write-protection" in out["sync"]
+    assert "write-protection" in out["async"]
+
+
+@pytest.mark.timeout(60)
+def test_async_unavailable_before_6_7(uffd: None) -> None:
+    """Without WP_ASYNC, engine='async' fails with the reason; auto still works."""
+    result = run_python(
+        """
+        import json
+        from pytest_uffd_guard import GuardedBuffer, UffdUnavailableError
+        from pytest_uffd_guard.tracking import choose_engine
+        out = {"choice": choose_engine("async")}
+        try:
+            GuardedBuffer(4096, engine="async")
+        except UffdUnavailableError as exc:
+            out["error"] = str(exc)
+        out["auto"] = GuardedBuffer(4096).engine
+        print(json.dumps(out))
+        """,
+        env={"PYTEST_UFFD_GUARD_HIDE_FEATURES": "wp_async"},
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["choice"] == [
+        "async",
+        "unavailable: this kernel has no UFFD_FEATURE_WP_ASYNC (Linux 6.7+)",
+    ]
+    assert "WP_ASYNC" in out["error"] and "Fix:" in out["error"]
+    assert out["auto"] == "sync"
+
+
+@pytest.mark.timeout(60)
+def test_sync_prefault_path_without_wp_unpopulated(uffd: None) -> None:
+    """As on Linux < 6.4: never-touched pages are pre-faulted, so writes are caught."""
+    result = run_python(
+        """
+        import json
+        from pytest_uffd_guard import GuardedBuffer
+        with GuardedBuffer(64 * 4096, engine="sync") as buf:
+            buf[40 * 4096 + 3] = 1
+            buf[63 * 4096] = 1
+            print(json.dumps([w.offset for w in buf.writes]))
+        """,
+        env={"PYTEST_UFFD_GUARD_HIDE_FEATURES": "wp_unpopulated"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [40 * 4096 + 3, 63 * 4096]
+
+
+def test_unknown_engine_on_buffer() -> None:
+    with pytest.raises(ValueError, match="unknown engine"):
+        GuardedBuffer(4096, engine="nope")
+
+
+def test_unavailable_error_type() -> None:
+    assert issubclass(UffdUnavailableError, Exception)
