@@ -134,6 +134,10 @@ class ItemState:
     swapped: dict[str, Any] = field(default_factory=dict)
     #: The guarded views handed to the test, dropped before closing.
     views: dict[str, Any] = field(default_factory=dict)
+    #: Arguments named by readonly_buffer markers, validated at setup.
+    marked: list[MarkedArgument] = field(default_factory=list)
+    #: Findings of the phases reported so far.
+    findings: list[Finding] = field(default_factory=list)
     counter: int = 0
 
 
@@ -322,6 +326,16 @@ def guarded_buffer(request: pytest.FixtureRequest) -> Iterator[GuardedBufferFact
             entry.buffer.close()
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+    result = yield
+    # After the fixtures: their values are what the marker swaps.
+    state = item.stash.get(item_state_key, None)
+    if state is not None and state.marked:
+        item.config.stash[manager_key].swap(item)
+    return result
+
+
 # ------------------------------------------------------------ marker
 
 
@@ -453,15 +467,15 @@ class Manager:
 
     # -- setup: availability, marker swap
 
-    @pytest.hookimpl(wrapper=True, tryfirst=True)
-    def pytest_runtest_setup(self, item: pytest.Item) -> Generator[None, None, None]:
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        # A plain hook, not a wrapper: skipping or failing here must leave the
+        # other plugins' setup wrappers (logging, capture) balanced.
         marked = marked_arguments(item) if item.get_closest_marker(MARKER) else []
         if marked or FIXTURE in getattr(item, "fixturenames", ()):
             self._check_available()
-        result = yield
         if marked:
-            self._swap(item, marked)
-        return result
+            item_state(item).marked = marked
 
     def _check_available(self) -> None:
         from .probe import capabilities
@@ -474,10 +488,11 @@ class Manager:
             pytest.fail(f"{message} {REQUIRED_SUFFIX}", pytrace=False)
         pytest.skip(message)
 
-    def _swap(self, item: pytest.Item, marked: list[MarkedArgument]) -> None:
+    def swap(self, item: pytest.Item) -> None:
+        """Give the test guarded copies of the arguments its markers name."""
         funcargs: dict[str, Any] = getattr(item, "funcargs", {})
         state = item_state(item)
-        for arg in marked:
+        for arg in state.marked:
             value = funcargs[arg.argname]
             problem: str | None = None
             try:
@@ -538,11 +553,16 @@ class Manager:
         if not findings:
             return rep
         rep.uffd_guard = [f.to_dict() for f in findings]  # type: ignore[attr-defined]
+        # A failed call also shows what setup wrote: it is often the cause.
+        shown = findings
+        if call.when == "call":
+            shown = [f for f in item_state(item).findings if f.phase == "setup"] + findings
+        item_state(item).findings.extend(findings)
         verbose = self.config.get_verbosity() > 0
         rep.sections.append(
             (
                 f"{report.SECTION_TITLE} ({call.when})",
-                report.finding_section(findings, None if verbose else report.ROW_LIMIT),
+                report.finding_section(shown, None if verbose else report.ROW_LIMIT),
             )
         )
         if call.when == "call" and any(f.failed for f in findings) and rep.passed:
