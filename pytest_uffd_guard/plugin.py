@@ -158,10 +158,21 @@ def is_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
 
 
+def engine_request(config: pytest.Config) -> str:
+    """The engine the plugin asks GuardedBuffer for.
+
+    ``sync`` unless an ``uffd_engine`` option says otherwise: the plugin's
+    contract (skip where userfaultfd is missing, name each writer) is the
+    sync engine's, so the library's "auto" fallback to diffing is not used
+    silently.
+    """
+    return str(getattr(config.option, "uffd_engine", None) or "sync")
+
+
 def engine_name(config: pytest.Config) -> str:
     """The engine in use, as shown to users."""
-    name = getattr(config.option, "uffd_engine", None) or "sync"
-    return ENGINE_LABELS.get(name, str(name))
+    name = engine_request(config)
+    return ENGINE_LABELS.get(name, name)
 
 
 def unavailable_message(caps: Capabilities) -> str:
@@ -293,7 +304,7 @@ def _new_buffer(item: pytest.Item, source: Any, name: str) -> GuardedBuffer:
     from .guard import GuardedBuffer
 
     try:
-        return GuardedBuffer(source, name=name)
+        return GuardedBuffer(source, name=name, engine=engine_request(item.config))
     except UffdUnavailableError as exc:
         text = " ".join(f"{UNAVAILABLE_PREFIX}: {exc.cause}; fix: {exc.remedy}".split())
         if item.config.stash[settings_key].require:
@@ -480,6 +491,8 @@ class Manager:
     def _check_available(self) -> None:
         from .probe import capabilities
 
+        if engine_request(self.config) != "sync":
+            return  # other engines say so when a buffer is created
         caps = capabilities()
         if caps.available:
             return

@@ -44,7 +44,7 @@ def test_buffers_closed_at_teardown(pytester: pytest.Pytester) -> None:
             assert made and all(buf.closed for buf in made)
         """
     )
-    result = pytester.runpytest_subprocess("-p", "no:randomly")
+    result = pytester.runpytest_subprocess()
     result.assert_outcomes(passed=2)
 
 
@@ -147,7 +147,7 @@ def test_setup_and_teardown_writes_do_not_fail(pytester: pytest.Pytester) -> Non
             assert frame[0] == 1
         """
     )
-    result = pytester.runpytest_subprocess("--uffd-report", "-p", "no:randomly")
+    result = pytester.runpytest_subprocess("--uffd-report")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(
         [

@@ -1,0 +1,133 @@
+"""Living with pytest's stock plugins and options (issue 3, point 10)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from pytest_uffd_guard.settings import REPORT_HELP
+
+WRITES = """
+    def test_writes(guarded_buffer):
+        guarded_buffer(b"abcd", name="frame")[0] = 0
+
+    def test_after():
+        pass
+"""
+
+
+def test_import_costs_nothing() -> None:
+    """Importing the plugin opens no fd, starts no thread and loads neither ctypes nor numpy."""
+    code = (
+        "import os, sys, threading\n"
+        "before = set(os.listdir('/proc/self/fd'))\n"
+        "import pytest_uffd_guard.plugin\n"
+        "after = set(os.listdir('/proc/self/fd'))\n"
+        "heavy = ('ctypes', 'numpy', 'pytest_uffd_guard._uffd', 'pytest_uffd_guard.guard')\n"
+        "heavy = [m for m in heavy if m in sys.modules]\n"
+        "print(len(after - before), threading.active_count(), heavy)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split(None, 2) == ["0", "1", "[]\n"]
+
+
+@pytest.mark.needs_uffd
+def test_no_engine_until_a_buffer_is_made(pytester: pytest.Pytester) -> None:
+    """A session whose tests use no guarded buffer runs no handler thread and keeps no uffd."""
+    pytester.makepyfile(
+        """
+        import os, threading
+
+        def test_idle():
+            links = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                     if os.path.exists(f"/proc/self/fd/{fd}")]
+            assert not [link for link in links if "userfaultfd" in link]
+            assert threading.active_count() == 1
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:faulthandler")
+    result.assert_outcomes(passed=1)
+
+
+@pytest.mark.needs_uffd
+def test_junitxml_properties(pytester: pytest.Pytester) -> None:
+    """junitxml records the writes as properties of the test case."""
+    pytester.makepyfile(WRITES)
+    result = pytester.runpytest_subprocess("--junitxml=junit.xml")
+    result.assert_outcomes(passed=1, failed=1)
+    root = ET.parse(pytester.path / "junit.xml").getroot()
+    case = next(c for c in root.iter("testcase") if c.get("name") == "test_writes")
+    props = {p.get("name"): p.get("value") for p in case.iter("property")}
+    assert props["uffd_write"].startswith("frame call offset=0 thread=MainThread")
+    assert (
+        props["uffd_change"] == "frame call offset=0 length=1 before=61 after=00 status=forbidden"
+    )
+    assert case.find("failure") is not None
+
+
+@pytest.mark.needs_uffd
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-x"],
+        ["-p", "no:cacheprovider"],
+        ["-p", "no:faulthandler"],
+        ["-o", "faulthandler_timeout=5"],
+        ["--strict-markers"],
+        ["--import-mode=importlib"],
+        ["--assert=plain"],
+    ],
+    ids=lambda a: " ".join(a),
+)
+def test_stock_options(pytester: pytest.Pytester, args: list[str]) -> None:
+    """The verdict holds with stock options; -x stops after the written test."""
+    pytester.makepyfile(WRITES)
+    result = pytester.runpytest_subprocess(*args)
+    if args == ["-x"]:
+        result.assert_outcomes(failed=1)
+    else:
+        result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*write into a read-only guarded buffer: 'frame'*"])
+
+
+@pytest.mark.needs_uffd
+def test_assertion_rewriting_still_works(pytester: pytest.Pytester) -> None:
+    """Test modules keep assertion rewriting: a failed assert explains its values."""
+    pytester.makepyfile(
+        """
+        def test_assert(guarded_buffer):
+            buf = guarded_buffer(b"ab")
+            assert buf[0] == 0
+        """
+    )
+    result = pytester.runpytest_subprocess()
+    result.stdout.fnmatch_lines(["*assert 97 == 0*"])
+
+
+def test_help_lists_options_and_ini_keys(pytester: pytest.Pytester) -> None:
+    """--help shows the options and the ini keys with one shared help text."""
+    result = pytester.runpytest_subprocess("--help")
+    result.stdout.fnmatch_lines(
+        [
+            "*Guarded buffers (userfaultfd write-protection)*",
+            "*--uffd-report=*",
+            "*--uffd-require*",
+            "*--uffd-no-require*",
+        ]
+    )
+    text = " ".join(result.stdout.str().split())
+    assert "uffd_report (string)" in text and "uffd_require (bool)" in text
+    assert text.count(" ".join(REPORT_HELP.split())[:60]) == 2
+
+
+def test_plugin_can_be_disabled(pytester: pytest.Pytester) -> None:
+    """-p no:uffd_guard removes the header, the fixture and the options."""
+    pytester.makepyfile("def test_one(guarded_buffer):\n    pass\n")
+    result = pytester.runpytest_subprocess("-p", "no:uffd_guard")
+    result.stdout.no_fnmatch_line("uffd-guard:*")
+    result.stdout.fnmatch_lines(["*fixture 'guarded_buffer' not found*"])

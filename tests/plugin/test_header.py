@@ -1,0 +1,68 @@
+"""The report header (issue 3, point 6)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pytest_uffd_guard import capabilities
+
+
+def test_header_one_line(pytester: pytest.Pytester) -> None:
+    """One line: engine, kernel, what is missing."""
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    result = pytester.runpytest_subprocess()
+    caps = capabilities()
+    if caps.available:
+        expected = f"uffd-guard: engine sync (userfaultfd), kernel {os.uname().release}, missing: *"
+    else:
+        expected = (
+            f"uffd-guard: engine sync (userfaultfd), kernel {os.uname().release}, UNAVAILABLE*"
+        )
+    result.stdout.fnmatch_lines([expected])
+    assert len([line for line in result.stdout.lines if line.startswith("uffd-guard:")]) == 1
+
+
+@pytest.mark.needs_uffd
+def test_header_verbose_detail(pytester: pytest.Pytester) -> None:
+    """-v adds how the fd was opened, the features and the mode."""
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    result = pytester.runpytest_subprocess("-v", "--uffd-report")
+    result.stdout.fnmatch_lines(
+        [
+            "uffd-guard: engine sync (userfaultfd)*",
+            "uffd-guard: opened by *, kernel writes *, features: pagefault_flag_wp*",
+            "uffd-guard: mode: report only, require: False",
+        ]
+    )
+
+
+@pytest.mark.needs_uffd
+def test_header_names_hidden_feature(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A missing feature is named with the kernel that brought it; -v says what it costs."""
+    monkeypatch.setenv("PYTEST_UFFD_GUARD_HIDE_FEATURES", "exact_address")
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    result = pytester.runpytest_subprocess("-v")
+    result.stdout.fnmatch_lines(
+        [
+            "uffd-guard: * missing: exact_address (Linux 5.18)",
+            "*",
+            "uffd-guard: without exact_address: writes are reported at page granularity*",
+        ]
+    )
+
+
+@pytest.mark.needs_uffd
+def test_header_user_mode_only(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under UFFD_USER_MODE_ONLY the header warns that kernel writes fail with EFAULT."""
+    monkeypatch.setenv("PYTEST_UFFD_GUARD_OPEN", "syscall-user-mode-only")
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    result = pytester.runpytest_subprocess()
+    if "UNAVAILABLE" in result.stdout.str():
+        pytest.skip("this kernel has no UFFD_USER_MODE_ONLY")
+    result.stdout.fnmatch_lines(
+        ["uffd-guard: *; user-mode only: kernel writes (readinto) fail with EFAULT"]
+    )
