@@ -305,9 +305,9 @@ class GuardedBuffer(mmap.mmap):
         """Stop tracking and release the memory.  Idempotent.
 
         Any writer blocked on this buffer is released.  ``writes`` and
-        ``changes()`` stay readable.  If views of the buffer (memoryview,
-        numpy arrays) are still alive, the mapping itself is released when
-        the last of them is.
+        ``changes()`` stay readable.  The pages are freed at once; the
+        address range itself is unmapped when the object is garbage-collected,
+        so a late writer or a live view never touches unmapped memory.
         """
         with self._lock:
             if self._closed:
@@ -320,10 +320,12 @@ class GuardedBuffer(mmap.mmap):
                 changes = self._diff(PREVIEW_AT_CLOSE)
             self._final_changes = changes
             self._snapshot.close()
-            # If views are still exported, unmapping now would pull the memory
-            # from under them: the mmap frees it when the last view goes away.
-            with suppress(BufferError):
-                mmap.mmap.close(self)
+            # Give the memory back but keep the address range mapped until
+            # the object goes away: a writer that was blocked in a fault when
+            # we unregistered retries its store after we return, and must
+            # find memory there (a zero page), not a hole.  Live views
+            # (memoryview, numpy) are just as safe.
+            self.madvise(mmap.MADV_DONTNEED)
 
     def _abandon(self) -> None:
         self._closed = True
