@@ -492,7 +492,7 @@ def diagnose(e2e: bool = True) -> Report:
     engine, reason = choose_engine("auto")
     report.engine, report.engine_reason = engine, reason
     engines = [Check("auto picks", engine, OK if engine == "sync" else WARN, reason)]
-    for name in ("sync", "async", "diff"):
+    for name in ("sync", "async", "hybrid", "diff"):
         _, why = choose_engine(name)
         engines.append(
             Check(

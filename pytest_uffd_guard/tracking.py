@@ -11,26 +11,38 @@ kernel-side about seeing writes into it.  Engines:
     ``UFFD_FEATURE_WP_ASYNC`` + ``PAGEMAP_SCAN`` (Linux 6.7+,
     :mod:`pytest_uffd_guard.async_tracker`): writes never block; every
     written page is found, the writer is not known.
+``hybrid``
+    sync for the first writes of each buffer (named), then async for the
+    rest (Linux 6.7+, :mod:`pytest_uffd_guard.hybrid_tracker`).
 ``diff``
     no userfaultfd (:mod:`pytest_uffd_guard.diff_tracker`): pages whose bytes
     differ from the snapshot; blind to same-value writes and to the writer.
 ``auto``
     ``sync`` wherever userfaultfd write-protect works (it is the engine that
-    names the writer), else ``diff``.  ``async`` is never picked silently:
-    it trades attribution for speed, which is the user's call.
+    names the writer), else ``diff``; buffers of ``AUTO_HYBRID_BYTES`` or
+    more run ``hybrid`` where the kernel has WP_ASYNC, so their first
+    writers are still named.  ``async`` is never picked silently: it gives
+    up naming writers altogether, which is the user's call.
 
 New engines implement the same protocol and are picked in ``make_tracker``.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .errors import InvalidBufferError, UffdUnavailableError
 from .memory import PAGE_SIZE
 from .records import WriteRecord
 
-ENGINES = ("auto", "sync", "async", "diff")
+if TYPE_CHECKING:
+    from .probe import Capabilities
+
+ENGINES = ("auto", "sync", "async", "hybrid", "diff")
+
+#: auto runs buffers at least this big on the hybrid engine where it exists:
+#: written in full under sync they would cost ~10 s per GiB in faults.
+AUTO_HYBRID_BYTES = 256 << 20
 
 #: Help text shared by the ``--uffd-engine`` option and the ``uffd_engine`` ini key.
 ENGINE_HELP = (
@@ -71,12 +83,13 @@ class Tracker(Protocol):
         """Why tracking stopped early (handler failure, fork), or None."""
 
 
-def choose_engine(requested: str = "auto") -> tuple[str, str]:
+def choose_engine(requested: str = "auto", size: int | None = None) -> tuple[str, str]:
     """The engine that ``requested`` resolves to on this machine, and why.
 
     Never raises for a known name: an engine that cannot run here is
     returned with the reason, and ``make_tracker`` raises it when used.
-    The plugin's header prints both parts.
+    The plugin's header prints both parts.  With ``size``, the answer for
+    a buffer of that many bytes (auto picks hybrid for very big ones).
     """
     import sys
 
@@ -100,16 +113,44 @@ def choose_engine(requested: str = "auto") -> tuple[str, str]:
         if reason is not None:
             return "async", f"unavailable: {reason}"
         return "async", "requested; WP_ASYNC + PAGEMAP_SCAN: writes never block, writer unknown"
+    if requested == "hybrid":
+        from .async_tracker import async_unavailable
+        from .hybrid_tracker import BUDGET
+
+        reason = async_unavailable(caps)
+        if reason is not None:
+            return "hybrid", f"unavailable: {reason}"
+        return "hybrid", (
+            f"requested; the first {BUDGET} pages written per buffer are named (sync), "
+            "then tracking goes on at async cost"
+        )
     if caps.available:
         how = f"userfaultfd write-protect via {caps.open_method}"
         if caps.user_mode_only:
             how += " (user-mode only: writes made by the kernel are not seen)"
         if requested == "auto":
+            if async_ok(caps):
+                big = AUTO_HYBRID_BYTES >> 20
+                if size is not None and size >= AUTO_HYBRID_BYTES:
+                    return "hybrid", (
+                        f"auto: {how}; a buffer of {big} MiB or more runs hybrid: "
+                        "its first writers named, the rest at async cost"
+                    )
+                return "sync", (
+                    f"auto: {how}; the sync engine names each writer "
+                    f"(hybrid for buffers of {big} MiB or more)"
+                )
             return "sync", f"auto: {how}; the sync engine names each writer"
         return "sync", f"requested; {how}"
     if requested == "auto":
         return "diff", f"auto: userfaultfd unusable ({caps.reason}); " + _diff_limits()
     return "sync", f"unavailable: {caps.reason}"
+
+
+def async_ok(caps: Capabilities) -> bool:
+    from .async_tracker import async_unavailable
+
+    return async_unavailable(caps) is None
 
 
 def _diff_limits() -> str:
@@ -128,16 +169,19 @@ def make_tracker(
     snapshot: int,
     unit: int = PAGE_SIZE,
     backing: str = "anonymous",
+    stacks: int | None = None,
 ) -> Tracker:
     """Start tracking ``length`` bytes at ``address`` (``size`` of them used).
 
     The range must be populated with its initial contents already and not be
     protected; ``snapshot`` is the address of the copy taken at arming
     (``length`` bytes).  ``unit`` is the page size of the mapping (a huge page
-    for hugetlb).  The tracker is armed on return.
+    for hugetlb).  ``stacks`` bounds how many writers are named (None: the
+    default; only the sync engine names writers).  The tracker is armed on
+    return.
     """
     requested = engine
-    engine, _ = choose_engine(engine)
+    engine, _ = choose_engine(engine, length)
     if engine != "diff" and backing != "anonymous":
         from .probe import capabilities
 
@@ -151,7 +195,7 @@ def make_tracker(
                     "(Linux 5.19+), which this kernel does not offer",
                     "use backing='anonymous', or engine='diff' for this buffer",
                 )
-    if requested == "auto" and engine == "sync" and unit != PAGE_SIZE:
+    if requested == "auto" and engine in ("sync", "hybrid") and unit != PAGE_SIZE:
         # The sync handler works in base pages; hugetlb goes async (6.7+) or diff.
         from .async_tracker import async_unavailable
         from .probe import capabilities
@@ -169,10 +213,27 @@ def make_tracker(
             snapshot=snapshot,
             unit=unit,
         )
-    elif engine == "async":
-        from .async_tracker import AsyncTracker
+    elif engine in ("async", "hybrid"):
+        from .async_tracker import AsyncTracker, async_unavailable
+        from .hybrid_tracker import HybridTracker
 
-        tracker = AsyncTracker(
+        if engine == "hybrid":
+            from .probe import capabilities
+
+            reason = async_unavailable(capabilities())
+            if reason is not None:
+                raise UffdUnavailableError(
+                    f"the hybrid engine needs the async engine: {reason}",
+                    "use engine='sync' (or auto) on this kernel",
+                )
+            if unit != PAGE_SIZE:
+                raise InvalidBufferError(
+                    "the hybrid engine cannot track hugetlb buffers (its sync phase works "
+                    "in base pages)",
+                    "use engine='async' or engine='diff' for hugetlb buffers",
+                )
+        cls = HybridTracker if engine == "hybrid" else AsyncTracker
+        tracker = cls(
             address=address,
             length=length,
             size=size,
@@ -189,7 +250,9 @@ def make_tracker(
             )
         from .sync_tracker import SyncTracker
 
-        tracker = SyncTracker(address=address, length=length, size=size, max_records=max_records)
+        tracker = SyncTracker(
+            address=address, length=length, size=size, max_records=max_records, stacks=stacks
+        )
     try:
         tracker.arm()
     except BaseException:

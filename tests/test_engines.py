@@ -22,17 +22,19 @@ from pytest_uffd_guard.tracking import ENGINES, choose_engine
 from .conftest import run_python
 
 PAGE = mmap.PAGESIZE
-ENGINE_NAMES = ("sync", "async", "diff")
+ENGINE_NAMES = ("sync", "async", "hybrid", "diff")
+#: Engines that name the writer and the exact byte (hybrid: while under budget).
+NAMING = ("sync", "hybrid")
 
 
 def _skip_reason(engine: str) -> str | None:
     caps = capabilities()
     if engine == "sync" and not caps.available:
         return f"userfaultfd write-protect unavailable: {caps.reason}"
-    if engine == "async":
+    if engine in ("async", "hybrid"):
         reason = async_unavailable(caps)
         if reason is not None:
-            return f"async engine unavailable: {reason}"
+            return f"{engine} engine unavailable: {reason}"
     return None
 
 
@@ -61,7 +63,7 @@ def test_memoryview_write_is_reported(engine: str) -> None:
         assert [(c.offset, c.length, c.after) for c in buf.changes()] == [(PAGE + 5, 1, b"\x01")]
         writes = buf.writes
         assert [w.offset for w in writes] == [PAGE + 5]
-        assert all(w.exact == (engine == "sync") for w in writes)
+        assert all(w.exact == (engine in NAMING) for w in writes)
 
 
 @pytest.mark.timeout(30)
@@ -162,12 +164,12 @@ def test_same_value_write(engine: str) -> None:
         else:
             assert pages(buf) == [PAGE]
             # async knows the page, not the byte: the record sits on the page start
-            assert buf.writes[0].offset == (PAGE + 3 if engine == "sync" else PAGE)
+            assert buf.writes[0].offset == (PAGE + 3 if engine in NAMING else PAGE)
 
 
 @pytest.mark.timeout(30)
 def test_writer_thread(engine: str) -> None:
-    """Only the sync engine names the writing thread."""
+    """Only the sync engine (and hybrid, under budget) names the writing thread."""
     with GuardedBuffer(PAGE, engine=engine) as buf:
         tids: list[int] = []
 
@@ -179,7 +181,7 @@ def test_writer_thread(engine: str) -> None:
         t.start()
         t.join(10)
         (record,) = buf.writes
-        if engine == "sync":
+        if engine in NAMING:
             assert record.thread_id == tids[0]
         else:
             assert record.thread_id is None and record.thread_name is None
@@ -222,7 +224,47 @@ def test_shared_memory_backing(engine: str, backing: str) -> None:
 
 
 def test_engines_listed() -> None:
-    assert ENGINES == ("auto", "sync", "async", "diff")
+    assert ENGINES == ("auto", "sync", "async", "hybrid", "diff")
+
+
+@pytest.mark.timeout(60)
+def test_hybrid_names_first_writers_then_finds_every_page(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Over budget, a hybrid buffer moves to async: first writes named, all pages found."""
+    reason = _skip_reason("hybrid")
+    if reason is not None:
+        pytest.skip(reason)
+    from pytest_uffd_guard import hybrid_tracker
+
+    monkeypatch.setattr(hybrid_tracker, "BUDGET", 16)
+    npages = 4096
+    with GuardedBuffer(npages * PAGE, engine="hybrid") as buf:
+        tids: list[int] = []
+
+        def write() -> None:
+            tids.append(threading.get_native_id())
+            for i in range(npages):
+                ctypes.memset(address(buf) + i * PAGE + 1, 1, 1)
+
+        t = threading.Thread(target=write)
+        t.start()
+        t.join(30)
+        tracker = buf._tracker
+        assert isinstance(tracker, hybrid_tracker.HybridTracker)
+        assert tracker.switches == 1 and tracker.phase == "async"
+        writes = buf.writes
+        assert sorted(w.page_offset for w in writes) == [i * PAGE for i in range(npages)]
+        named = [w for w in writes if w.thread_id is not None]
+        assert len(named) >= 16 and all(w.thread_id == tids[0] and w.exact for w in named)
+        assert all(not w.exact for w in writes if w.thread_id is None)
+        assert all(w.offset % PAGE == 1 for w in writes)
+        # protect() goes back to sync with a fresh budget
+        buf.protect()
+        assert tracker.phase == "sync"
+        buf[5] = 1
+        (record,) = buf.writes
+        assert record.exact and record.offset == 5
 
 
 def test_choose_engine_auto_prefers_sync(uffd: None) -> None:
@@ -230,6 +272,20 @@ def test_choose_engine_auto_prefers_sync(uffd: None) -> None:
     engine, reason = choose_engine("auto")
     assert engine == "sync"
     assert reason.startswith("auto: userfaultfd write-protect via")
+
+
+def test_choose_engine_auto_big_buffers_run_hybrid(uffd: None) -> None:
+    """auto runs buffers of AUTO_HYBRID_BYTES or more hybrid where WP_ASYNC exists."""
+    from pytest_uffd_guard.tracking import AUTO_HYBRID_BYTES
+
+    engine, reason = choose_engine("auto", AUTO_HYBRID_BYTES)
+    if async_unavailable(capabilities()):
+        assert engine == "sync"
+    else:
+        assert engine == "hybrid" and "first writers named" in reason
+        assert choose_engine("auto", AUTO_HYBRID_BYTES - PAGE)[0] == "sync"
+        with GuardedBuffer(AUTO_HYBRID_BYTES) as buf:
+            assert buf.engine == "hybrid"
 
 
 def test_choose_engine_diff_says_its_limits() -> None:
