@@ -92,7 +92,9 @@ class HybridTracker:
         max_records: int | None,
         snapshot: int,
         unit: int,
+        stacks: int | None = None,
     ) -> None:
+        self._stacks = stacks
         self._address = address
         self._length = length
         self._size = size
@@ -119,6 +121,7 @@ class HybridTracker:
             length=self._length,
             size=self._size,
             max_records=self._max_records,
+            stacks=self._stacks,
         )
 
     @property

@@ -232,15 +232,25 @@ def make_tracker(
                     "in base pages)",
                     "use engine='async' or engine='diff' for hugetlb buffers",
                 )
-        cls = HybridTracker if engine == "hybrid" else AsyncTracker
-        tracker = cls(
-            address=address,
-            length=length,
-            size=size,
-            max_records=max_records,
-            snapshot=snapshot,
-            unit=unit,
-        )
+        if engine == "hybrid":
+            tracker = HybridTracker(
+                address=address,
+                length=length,
+                size=size,
+                max_records=max_records,
+                snapshot=snapshot,
+                unit=unit,
+                stacks=stacks,
+            )
+        else:
+            tracker = AsyncTracker(
+                address=address,
+                length=length,
+                size=size,
+                max_records=max_records,
+                snapshot=snapshot,
+                unit=unit,
+            )
     else:
         if unit != PAGE_SIZE:
             raise InvalidBufferError(
