@@ -80,6 +80,13 @@ UNKNOWN_ARGUMENT = (
 )
 BAD_MARKER = "invalid @pytest.mark.readonly_buffer on {test}: {problem}"
 
+#: Added to a test that failed with EFAULT while the uffd is user-mode only.
+EFAULT_HINT = (
+    "a system call failed with EFAULT (errno 14) on a guarded buffer: this userfaultfd "
+    "handles user-mode faults only, so writes made by the kernel (readinto, recv_into, "
+    "os.readv) into write-protected pages fail instead of being recorded"
+)
+
 #: Status letter and word of a test failed by writes.
 STATUS_LETTER = "W"
 STATUS_WORD = "WRITTEN"
@@ -563,6 +570,8 @@ class Manager:
         findings = self.harvest(item, call.when)
         item.user_properties.extend(report.property_items(findings))
         rep = yield
+        if rep.failed and call.excinfo is not None and self._user_mode_efault(item, call):
+            rep.sections.append((f"{report.SECTION_TITLE}: hint", self._efault_hint()))
         if not findings:
             return rep
         rep.uffd_guard = [f.to_dict() for f in findings]  # type: ignore[attr-defined]
@@ -583,6 +592,27 @@ class Manager:
             rep.longrepr = report.failure_sentence(findings)
             rep.uffd_guard_failed = True  # type: ignore[attr-defined]
         return rep
+
+    def _user_mode_efault(self, item: pytest.Item, call: pytest.CallInfo[None]) -> bool:
+        import errno
+
+        state = item.stash.get(item_state_key, None)
+        excinfo = call.excinfo
+        if not state or not state.entries or excinfo is None:
+            return False
+        if not (isinstance(excinfo.value, OSError) and excinfo.value.errno == errno.EFAULT):
+            return False
+        from .probe import capabilities
+
+        return capabilities().user_mode_only
+
+    def _efault_hint(self) -> str:
+        from .probe import KERNEL_WRITES_REMEDY
+
+        return (
+            f"{EFAULT_HINT}.\nFix: {KERNEL_WRITES_REMEDY}; "
+            "or fill the buffer inside `with buf.unprotected():`"
+        )
 
     def harvest(self, item: pytest.Item, phase: str) -> list[Finding]:
         """Collect what each guarded buffer saw since the last harvest, then

@@ -111,7 +111,7 @@ def test_assertion_rewriting_still_works(pytester: pytest.Pytester) -> None:
 
 def test_help_lists_options_and_ini_keys(pytester: pytest.Pytester) -> None:
     """--help shows the options and the ini keys with one shared help text."""
-    result = pytester.runpytest_subprocess("--help")
+    result = pytester.runpytest("--help")
     result.stdout.fnmatch_lines(
         [
             "*Guarded buffers (userfaultfd write-protection)*",

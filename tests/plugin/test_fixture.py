@@ -210,3 +210,26 @@ def test_failing_test_keeps_its_own_error(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*AssertionError: own failure*", f"*{SECTION_TITLE} (call)*"])
     result.stdout.no_fnmatch_line(f"*{FAILURE_PREFIX}*")
+
+
+def test_user_mode_only_efault_gets_a_hint(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under UFFD_USER_MODE_ONLY, readinto into a guarded buffer fails with EFAULT: say why."""
+    from pytest_uffd_guard.plugin import EFAULT_HINT
+
+    monkeypatch.setenv("PYTEST_UFFD_GUARD_OPEN", "syscall-user-mode-only")
+    pytester.path.joinpath("data.bin").write_bytes(b"x" * 64)
+    pytester.makepyfile(
+        """
+        def test_readinto(guarded_buffer):
+            buf = guarded_buffer(64)
+            with open("data.bin", "rb", buffering=0) as f:
+                f.readinto(buf)
+        """
+    )
+    result = pytester.runpytest_subprocess()
+    if "UNAVAILABLE" in result.stdout.str():
+        pytest.skip("no UFFD_USER_MODE_ONLY here")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*OSError: [[]Errno 14[]] Bad address*", f"{EFAULT_HINT[:60]}*"])

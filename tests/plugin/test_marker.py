@@ -259,7 +259,7 @@ def test_marker_fails_even_in_report_mode(pytester: pytest.Pytester) -> None:
 
 def test_marker_help_and_strict_markers(pytester: pytest.Pytester) -> None:
     """The marker is registered (--strict-markers passes) and documents itself in --markers."""
-    result = pytester.runpytest_subprocess("--markers")
+    result = pytester.runpytest("--markers")
     result.stdout.fnmatch_lines(
         ["@pytest.mark.readonly_buffer(*argnames, allow=()): Swap the named*"]
     )

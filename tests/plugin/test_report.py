@@ -104,12 +104,12 @@ def test_ini_key_and_cli_precedence(pytester: pytest.Pytester) -> None:
 def test_invalid_report_value_names_its_source(pytester: pytest.Pytester) -> None:
     """A bad target is a usage error that quotes the value and where it came from."""
     pytester.makeini("[pytest]\nuffd_report = xml:out.xml\n")
-    result = pytester.runpytest_subprocess()
+    result = pytester.runpytest()
     result.stderr.fnmatch_lines(
         ["*invalid uffd report target 'xml:out.xml' from the ini key uffd_report*"]
     )
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result = pytester.runpytest_subprocess("--uffd-report=json:")
+    result = pytester.runpytest("--uffd-report=json:")
     result.stderr.fnmatch_lines(["*'json:' from the command line (--uffd-report)*"])
 
 
