@@ -131,3 +131,17 @@ def test_plugin_can_be_disabled(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("-p", "no:uffd_guard")
     result.stdout.no_fnmatch_line("uffd-guard:*")
     result.stdout.fnmatch_lines(["*fixture 'guarded_buffer' not found*"])
+
+
+def test_layers_below_the_plugin_do_not_import_pytest() -> None:
+    """report.py and settings.py (and the API) work without pytest: nothing imports the plugin."""
+    code = (
+        "import sys\n"
+        "import pytest_uffd_guard.report, pytest_uffd_guard.settings, pytest_uffd_guard.guard\n"
+        "print(sorted(m for m in ('pytest', '_pytest', 'pytest_uffd_guard.plugin') "
+        "if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
