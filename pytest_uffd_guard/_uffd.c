@@ -172,11 +172,20 @@ uffd_register_wp(int fd, uint64_t start, uint64_t len, uint64_t *ioctls)
     return 0;
 }
 
+/* Unregister a range and wake every writer blocked in it.  The kernel's
+ * UFFDIO_UNREGISTER wakes pending faults only for MISSING-mode ranges
+ * (fs/userfaultfd.c: "if (userfaultfd_missing(vma)) wake_userfault()"): a
+ * writer blocked on a WP-only range would sleep on, so wake it ourselves.
+ * UFFDIO_WAKE checks only that the range is valid, not that it is still
+ * registered, and the woken writer retries its store on plain memory. */
 static int
 uffd_unregister(int fd, uint64_t start, uint64_t len)
 {
     struct uffdio_range range = {.start = start, .len = len};
-    return ioctl(fd, UFFDIO_UNREGISTER, &range) < 0 ? -errno : 0;
+    int rc = ioctl(fd, UFFDIO_UNREGISTER, &range) < 0 ? -errno : 0;
+    struct uffdio_range wake = {.start = start, .len = len};
+    ioctl(fd, UFFDIO_WAKE, &wake);
+    return rc;
 }
 
 /* Protect or un-protect [start, start+len).  Un-protecting also wakes the
