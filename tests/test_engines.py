@@ -383,3 +383,30 @@ def test_unknown_engine_on_buffer() -> None:
 
 def test_unavailable_error_type() -> None:
     assert issubclass(UffdUnavailableError, Exception)
+
+
+def test_first_changes_numpy_matches_byte_diff() -> None:
+    """The numpy page scan and the C byte diff agree on every page's first change."""
+    pytest.importorskip("numpy")
+    import random
+
+    from pytest_uffd_guard import diff_tracker
+    from pytest_uffd_guard.memory import address_of
+
+    n = 128 * PAGE
+    a = mmap.mmap(-1, n)
+    b = mmap.mmap(-1, n)
+    rng = random.Random(5)
+    for _ in range(300):
+        a[rng.randrange(n)] = rng.randrange(1, 256)
+    a[0], a[n - 1], a[7 * PAGE + PAGE - 1] = 1, 2, 3
+    pa, pb = address_of(a), address_of(b)
+    expected: dict[int, int] = {}
+    for offset, length in diff_tracker.diff_runs(pa, pb, n):
+        page = offset - offset % PAGE
+        while page < offset + length:
+            expected.setdefault(page, max(offset, page))
+            page += PAGE
+    assert diff_tracker._first_changes_numpy(pa, pb, 0, n, PAGE) == expected
+    inner = {k: v for k, v in expected.items() if 2 * PAGE <= k < n - PAGE}
+    assert diff_tracker._first_changes_numpy(pa, pb, 2 * PAGE, n - PAGE, PAGE) == inner
