@@ -366,7 +366,7 @@ def test_non_contiguous_data_rejected() -> None:
 
 
 def test_size_mmap_cannot_give() -> None:
-    with pytest.raises((BufferAllocationError, InvalidBufferError), match="map|address"):
+    with pytest.raises((BufferAllocationError, InvalidBufferError), match=r"map|address"):
         GuardedBuffer(1 << 62)
 
 
@@ -580,11 +580,12 @@ def test_unprivileged_user_really_runs() -> None:
             os.path.join(root, "pytest_uffd_guard"),
             ignore=shutil.ignore_patterns("__pycache__"),
         )
-        for dirpath, dirnames, filenames in os.walk(root):
+        for dirpath, _dirnames, filenames in os.walk(root):
             os.chmod(dirpath, 0o755)
             for name in filenames:
                 os.chmod(os.path.join(dirpath, name), 0o644 | stat.S_IXUSR)
-        sysctl = open("/proc/sys/vm/unprivileged_userfaultfd").read().strip()
+        with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
+            sysctl = f.read().strip()
         result = run_python(
             """
             import errno, os, mmap, json
