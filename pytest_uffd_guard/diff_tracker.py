@@ -144,6 +144,30 @@ def page_record(offset: int, now: float | None = None) -> WriteRecord:
     )
 
 
+def page_records(offsets: list[int], now: float) -> list[WriteRecord]:
+    """``page_record`` for many offsets at once.
+
+    A big buffer written in full makes hundreds of thousands of records; the
+    frozen dataclass's ``__init__`` costs several microseconds each, so
+    records are filled from a template's ``__dict__`` (about 4x faster),
+    falling back to the constructor if WriteRecord ever uses ``__slots__``.
+    """
+    template = page_record(0, now)
+    if not hasattr(template, "__dict__"):
+        return [page_record(offset, now) for offset in offsets]
+    fields = dict(template.__dict__)
+    new = object.__new__
+    records = []
+    for offset in offsets:
+        record = new(WriteRecord)
+        values = record.__dict__
+        values.update(fields)
+        values["offset"] = offset
+        values["seq"] = next(_seq)
+        records.append(record)
+    return records
+
+
 class PageLog:
     """Pages already reported and records waiting to be drained."""
 
@@ -155,14 +179,13 @@ class PageLog:
         self.overflow = 0
 
     def add(self, pages: Iterable[int], offsets: dict[int, int]) -> None:
-        now = time.monotonic()
-        for page in sorted(set(pages) - self.reported):
-            self.reported.add(page)
-            if self.capacity is not None and self.kept >= self.capacity:
-                self.overflow += 1
-                continue
-            self.kept += 1
-            self.pending.append(page_record(offsets.get(page, page), now))
+        new = sorted(set(pages) - self.reported)
+        self.reported.update(new)
+        room = len(new) if self.capacity is None else max(0, self.capacity - self.kept)
+        kept = new[:room]
+        self.overflow += len(new) - len(kept)
+        self.kept += len(kept)
+        self.pending.extend(page_records([offsets.get(p, p) for p in kept], time.monotonic()))
 
     def take(self) -> list[WriteRecord]:
         records, self.pending = self.pending, []
