@@ -410,3 +410,29 @@ def test_first_changes_numpy_matches_byte_diff() -> None:
     assert diff_tracker._first_changes_numpy(pa, pb, 0, n, PAGE) == expected
     inner = {k: v for k, v in expected.items() if 2 * PAGE <= k < n - PAGE}
     assert diff_tracker._first_changes_numpy(pa, pb, 2 * PAGE, n - PAGE, PAGE) == inner
+
+
+@pytest.mark.timeout(60)
+def test_not_linux_runs_diff() -> None:
+    """Off Linux (simulated), auto runs diff; sync is refused with the reason."""
+    result = run_python(
+        """
+        import sys
+        sys.platform = "darwin"
+        from pytest_uffd_guard import GuardedBuffer, UnsupportedPlatformError
+        from pytest_uffd_guard.tracking import choose_engine
+        print(choose_engine("auto")[1])
+        with GuardedBuffer(8192) as buf:
+            buf[4097] = 1
+            print(buf.engine, [w.offset for w in buf.writes])
+        try:
+            GuardedBuffer(4096, engine="sync")
+        except UnsupportedPlatformError as exc:
+            print("refused:", exc.cause)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("no userfaultfd on darwin")
+    assert lines[1] == "diff [4097]"
+    assert lines[2].startswith("refused: guarded buffers need Linux userfaultfd")
