@@ -30,7 +30,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 from tabulate import tabulate
 
@@ -47,14 +46,15 @@ Columns: microseconds per page, each the median over the repetitions.
   C uffd-sync / C mprotect   the C baselines of bench_faults.py (write fault
                              resolved by a C handler thread / SIGSEGV handler)
   memset                     the unprotected memset itself, per 4 KiB page
-  sync / async / hybrid / diff
-                             GuardedBuffer(size, engine=...) + ctypes.memset,
-                             minus the same memset over a touched mapping; the
-                             buffer is fresh, so every engine also pays the
-                             first touch of anonymous memory (the diff column)
-  async / diff collect       len(buf.writes) afterwards: finding the written
-                             pages (PAGEMAP_SCAN + byte diff, or the byte diff)
-                             and making one record per page"""
+  ENGINE (write + collect)   write: GuardedBuffer(size, engine=...) +
+                             ctypes.memset, minus the same memset over a
+                             touched mapping; the buffer is fresh, so every
+                             engine also pays the first touch of anonymous
+                             memory (most of diff's write cost).
+                             collect: len(buf.writes) afterwards, i.e. finding
+                             the written pages (PAGEMAP_SCAN + diff for async,
+                             the diff for diff, draining the log for sync) and
+                             one record per page"""
 
 
 def measure(engine: str, size: int, repeat: int) -> dict[str, float]:
@@ -130,25 +130,18 @@ def table(results: list[dict[str, object]]) -> str:
         cells += [us(r["c_uffd"]), us(r["c_mprotect"]), us(r["memset"])]  # type: ignore[arg-type]
         for engine in ENGINES:
             value = r[engine]
-            cells.append(value if isinstance(value, str) else us(value["write"]))  # type: ignore[index]
-        for engine in ("async", "diff"):
-            value = r[engine]
-            cells.append("" if isinstance(value, str) else us(value["collect"]))  # type: ignore[index]
+            if isinstance(value, str):
+                cells.append(value)
+            else:
+                write, collect = value["write"], value["collect"]  # type: ignore[index]
+                cells.append(f"{us(write)} + {us(collect)}")
         rows.append(cells)
-    headers = [
-        "size",
-        "pages",
-        "C uffd-sync",
-        "C mprotect",
-        "memset",
-        "sync",
-        "async",
-        "hybrid",
-        "diff",
-        "async collect",
-        "diff collect",
-    ]
+    headers = ["size", "pages", "C uffd-sync", "C mprotect", "memset"]
+    headers += [f"{engine} (write + collect)" for engine in ENGINES]
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+COLOURS = {"sync": "#d62728", "async": "#1f77b4", "hybrid": "#9467bd", "diff": "#2ca02c"}
 
 
 def plot(results: list[dict[str, object]], path: Path) -> None:
@@ -157,45 +150,67 @@ def plot(results: list[dict[str, object]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series: list[tuple[str, Callable[[dict[str, object]], object], str]] = [
-        ("C uffd-sync", lambda r: r["c_uffd"], "#999999"),
-        ("C mprotect+SIGSEGV", lambda r: r["c_mprotect"], "#cccccc"),
-        ("memset (floor)", lambda r: r["memset"], "#eeeeee"),
-        ("sync", lambda r: _get(r["sync"], "write"), "#d62728"),
-        ("async", lambda r: _get(r["async"], "write"), "#1f77b4"),
-        ("async + collect", lambda r: _sum(r["async"]), "#aec7e8"),
-        ("hybrid", lambda r: _get(r["hybrid"], "write"), "#9467bd"),
-        ("diff", lambda r: _get(r["diff"], "write"), "#2ca02c"),
-        ("diff + collect", lambda r: _sum(r["diff"]), "#98df8a"),
+    baselines = [
+        ("C uffd-sync", "c_uffd", "#999999"),
+        ("C mprotect+SIGSEGV", "c_mprotect", "#cccccc"),
+        ("memset (floor)", "memset", "#eeeeee"),
     ]
-    fig, ax = plt.subplots(figsize=(9, 4.8))
-    width = 0.8 / len(series)
-    for i, (label, get, colour) in enumerate(series):
-        xs, ys = [], []
-        for j, r in enumerate(results):
-            value = get(r)
-            if isinstance(value, (int, float)) and value > 0:
-                xs.append(j + (i - len(series) / 2 + 0.5) * width)
-                ys.append(value / 1000)
+    nbars = len(baselines) + len(ENGINES)
+    width = 0.8 / nbars
+    fig, ax = plt.subplots(figsize=(9, 5.2))
+
+    def x(j: int, i: int) -> float:
+        return j + (i - nbars / 2 + 0.5) * width
+
+    for i, (label, key, colour) in enumerate(baselines):
+        xs = [x(j, i) for j in range(len(results))]
+        ys = [float(r[key]) / 1000 for r in results]  # type: ignore[arg-type]
         ax.bar(xs, ys, width, label=label, color=colour, edgecolor="black", linewidth=0.4)
+    for k, engine in enumerate(ENGINES):
+        i = len(baselines) + k
+        xs, writes, collects = [], [], []
+        for j, r in enumerate(results):
+            value = r[engine]
+            if isinstance(value, dict):
+                xs.append(x(j, i))
+                writes.append(max(value["write"], 1.0) / 1000)
+                collects.append(value["collect"] / 1000)
+        colour = COLOURS[engine]
+        ax.bar(
+            xs,
+            writes,
+            width,
+            label=f"{engine}: write",
+            color=colour,
+            edgecolor="black",
+            linewidth=0.4,
+        )
+        ax.bar(
+            xs,
+            collects,
+            width,
+            bottom=writes,
+            label=f"{engine}: + collect",
+            color=colour,
+            alpha=0.35,
+            hatch="//",
+            edgecolor="black",
+            linewidth=0.4,
+        )
     ax.set_yscale("log")
     ax.set_xticks(range(len(results)))
     ax.set_xticklabels([bf.format_size(int(r["size"])) for r in results])  # type: ignore[call-overload]
-    ax.set_ylabel("µs per page (first write), log scale")
-    ax.set_title(f"Cost of a first write to a page, per engine\n{os.uname().release}")
-    ax.legend(fontsize=8, ncol=2)
+    ax.set_ylabel("µs per page, log scale")
+    ax.set_title(
+        "First write to every page of a fresh buffer: cost per page\n"
+        f"Linux {os.uname().release}, {os.cpu_count()} CPUs; "
+        "collect = finding the writes afterwards"
+    )
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.08))
     ax.grid(axis="y", which="both", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-
-
-def _get(value: object, key: str) -> float | None:
-    return None if isinstance(value, str) else value[key]  # type: ignore[index]
-
-
-def _sum(value: object) -> float | None:
-    return None if isinstance(value, str) else value["write"] + value["collect"]  # type: ignore[index]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, default=DEFAULT_PLOT, help="PNG to write")
     parser.add_argument("--no-plot", action="store_true", help="print the table only")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument(
+        "--from-json", type=Path, help="re-draw the table and plot from saved results"
+    )
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -222,11 +240,14 @@ def main(argv: list[str] | None = None) -> int:
 
     sizes = args.sizes or ([bf.MiB, 64 * bf.MiB] if args.quick else [bf.MiB, 64 * bf.MiB, bf.GiB])
     repeat = args.repeat or 3
-    try:
-        results = run(sizes, repeat)
-    except bf.BaselineError as exc:
-        print(f"baseline failed: {exc}", file=sys.stderr)
-        return 1
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+    else:
+        try:
+            results = run(sizes, repeat)
+        except bf.BaselineError as exc:
+            print(f"baseline failed: {exc}", file=sys.stderr)
+            return 1
     print(bf.header())
     print()
     print(table(results))
