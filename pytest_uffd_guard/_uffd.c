@@ -31,6 +31,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -67,14 +68,35 @@
 #define MADV_POPULATE_WRITE 23
 #endif
 
+/* What became of the attempt to name the writer of one fault (the "attr"
+ * field of a record).  Mirrored by attribution.py; append, never renumber. */
+enum {
+    ATTR_OFF = 0,        /* capture is off for this buffer or process */
+    ATTR_BOUND = 1,      /* the buffer's budget of captures was used up */
+    ATTR_SIGNALLED = 2,  /* the writer was signalled: its dump is in the file */
+    ATTR_BUSY = 3,       /* another capture was still in flight */
+    ATTR_BLOCKED = 4,    /* the writing thread blocks the capture signal */
+    ATTR_NO_TID = 5,     /* the kernel did not say which thread wrote */
+    ATTR_FAILED = 6,     /* tgkill failed */
+};
+
+/* Syscall field of a record when the fault was not taken in a system call
+ * (-1, as /proc/PID/task/TID/syscall says) or when that could not be read. */
+#define SYSCALL_USER (-1)
+#define SYSCALL_UNKNOWN (-2)
+
 /* One recorded write fault.  The layout is part of the contract with the
- * Python layer, which unpacks it as "<QQQII" (32 bytes). */
+ * Python layer, which unpacks it as RECORD_FORMAT "<QQQIIQiI16s" (64 bytes). */
 struct fault_record {
     uint64_t address;   /* faulting address (exact with EXACT_ADDRESS) */
     uint64_t time_ns;   /* CLOCK_MONOTONIC, same clock as time.monotonic() */
     uint64_t seq;       /* process-wide fault sequence number */
     uint32_t tid;       /* faulting thread (THREAD_ID), 0 if unknown */
     uint32_t flags;     /* uffd_msg.pagefault.flags */
+    uint64_t dump_offset;  /* where this fault's stack dump starts in the file */
+    int32_t syscall;    /* syscall number, SYSCALL_USER or SYSCALL_UNKNOWN */
+    uint32_t attr;      /* ATTR_* */
+    char comm[16];      /* /proc/self/task/TID/comm at fault time, or "" */
 };
 
 /* A guarded range as the handler sees it: where it is, and its bounded log.
@@ -88,7 +110,36 @@ struct guard {
     size_t capacity;
     size_t count;
     uint64_t overflow;
+    uint64_t stacks;       /* captures per arming (0: capture off) */
+    uint64_t stacks_left;  /* captures this guard may still ask for */
 };
+
+/* Naming the writer ("attribution").  While a write fault is pending, the
+ * writer is blocked in the kernel and usually holds the GIL, so nothing can
+ * read its Python stack on its behalf.  Instead the handler thread sends it
+ * a signal on which Python's faulthandler is registered (all_threads=False,
+ * chain=True): the writer dumps its own stack into `fd`, then faulthandler
+ * chains to attr_signal_handler below, which appends an end marker naming
+ * the fault's seq.  Exactly one capture is in flight at a time (`token`),
+ * so dumps never interleave; a record stores where its dump starts, and
+ * the Python side pairs dump and marker strictly by seq.
+ *
+ * `token` and `tid` are written by the handler thread and read by the
+ * signal handler; `done` the other way round.  Lock-free atomics, so both
+ * sides are async-signal-safe. */
+static struct attribution {
+    int enabled;            /* set up in this process (attribution_setup) */
+    int sig;                /* the capture signal */
+    int fd;                 /* dump file (not owned: Python holds it) */
+    int installed;          /* our sigaction is in place (survives fork) */
+    _Atomic uint64_t token; /* seq of the capture in flight, 0 when none */
+    _Atomic int32_t tid;    /* thread signalled for `token` */
+    _Atomic uint64_t done;  /* last token whose marker was written */
+    uint64_t page;          /* page of the capture in flight (duplicates) */
+    int32_t syscall;        /* system call of the capture in flight */
+    uint64_t captures;      /* signals sent */
+    uint64_t busy;          /* captures skipped: another was in flight */
+} A = {.fd = -1};
 
 /* The one handler of this process.  `lock` protects `guards` and the
  * counters; it is only ever held for a table lookup or a copy, never across
@@ -276,6 +327,153 @@ fail_locked(const char *what, int err)
     H.failed = 1;
 }
 
+/* Read a small /proc file of thread tid into buf (NUL-terminated).
+ * Returns the length or -1.  Runs on the handler thread: no allocation. */
+static ssize_t
+read_task_file(uint32_t tid, const char *name, char *buf, size_t size)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/self/task/%u/%s", tid, name);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t n = read(fd, buf, size - 1);
+    close(fd);
+    if (n < 0)
+        return -1;
+    buf[n] = '\0';
+    return n;
+}
+
+/* Is the system call the blocked thread tid is in, SYSCALL_USER when the
+ * fault came from user mode, SYSCALL_UNKNOWN when unreadable.  The thread
+ * is blocked on our fault, so the answer is stable.  The first field of
+ * /proc/.../syscall is the number, or -1 when the thread is blocked but
+ * not in a system call; "running" cannot happen for a blocked writer. */
+static int32_t
+task_syscall(uint32_t tid)
+{
+    char buf[256];
+    if (read_task_file(tid, "syscall", buf, sizeof buf) <= 0)
+        return SYSCALL_UNKNOWN;
+    char *endp;
+    long nr = strtol(buf, &endp, 10);
+    if (endp == buf)
+        return SYSCALL_UNKNOWN;
+    return nr < 0 ? SYSCALL_USER : (int32_t)nr;
+}
+
+/* 1 when thread tid blocks signal sig (SigBlk in its status), 0 when not,
+ * -1 when unknown.  A blocked signal would stay pending past the write and
+ * be delivered wherever the thread unblocks it: never send it then. */
+static int
+task_blocks(uint32_t tid, int sig)
+{
+    char buf[2048];
+    if (read_task_file(tid, "status", buf, sizeof buf) <= 0)
+        return -1;
+    char *p = strstr(buf, "\nSigBlk:");
+    if (!p)
+        return -1;
+    unsigned long long mask = strtoull(p + 8, NULL, 16);
+    return (mask >> (sig - 1)) & 1;
+}
+
+/* Decide whether this fault can be captured now; fill r's syscall, comm
+ * and attr fields.  Returns 1 when the writer is to be signalled.
+ * Runs on the handler thread, without H.lock: only /proc reads. */
+static int
+attribution_prepare(struct fault_record *r)
+{
+    r->syscall = task_syscall(r->tid);
+    if (read_task_file(r->tid, "comm", r->comm, sizeof r->comm) > 0) {
+        char *nl = strchr(r->comm, '\n');
+        if (nl)
+            *nl = '\0';
+    }
+    uint64_t token = atomic_load(&A.token);
+    if (token != 0 && atomic_load(&A.done) != token) {
+        /* A capture is in flight.  If its thread is gone, so is the
+         * signal pending on it: nothing can arrive late, free the slot. */
+        char path[64];
+        snprintf(path, sizeof path, "/proc/self/task/%d",
+                 (int)atomic_load(&A.tid));
+        if (access(path, F_OK) == 0) {
+            A.busy++;
+            r->attr = ATTR_BUSY;
+            /* The thread signalled in a system call spins in its fault
+             * retries (reads as "running") until the call returns: it is
+             * still in that call. */
+            if (r->syscall == SYSCALL_UNKNOWN && (uint32_t)atomic_load(&A.tid) == r->tid)
+                r->syscall = A.syscall;
+            return 0;
+        }
+    }
+    if (task_blocks(r->tid, A.sig) == 1) {
+        r->attr = ATTR_BLOCKED;
+        return 0;
+    }
+    /* Nobody else writes the file while no capture is in flight (the
+     * signal is ours), so the end is where this dump will start. */
+    off_t off = lseek(A.fd, 0, SEEK_END);
+    if (off < 0) {
+        r->attr = ATTR_FAILED;
+        return 0;
+    }
+    r->dump_offset = (uint64_t)off;
+    r->attr = ATTR_SIGNALLED;
+    return 1;
+}
+
+/* Send the capture signal to the writer of record r and mark the capture
+ * in flight.  Returns 0 or -errno.  Runs on the handler thread. */
+static int
+attribution_signal(const struct fault_record *r, uint64_t page)
+{
+    A.page = page;
+    A.syscall = r->syscall;
+    atomic_store(&A.tid, (int32_t)r->tid);
+    atomic_store(&A.token, r->seq);
+    if (syscall(SYS_tgkill, (pid_t)H.pid, (pid_t)r->tid, A.sig) < 0) {
+        int err = errno;
+        atomic_store(&A.token, 0);
+        return -err;
+    }
+    A.captures++;
+    return 0;
+}
+
+/* Store record r in the guard that contains r->address, if that guard is
+ * still there.  Caller holds H.lock. */
+static void
+store_record_locked(const struct fault_record *r)
+{
+    long i = find_guard(r->address);
+    if (i < 0)
+        return;
+    struct guard *g = &H.guards[i];
+    if (g->count < g->capacity)
+        g->log[g->count++] = *r;
+    else
+        g->overflow++;
+}
+
+/* Change the attr of the record with this seq, if it is still in a log.
+ * Caller holds H.lock. */
+static void
+set_record_attr_locked(uint64_t addr, uint64_t seq, uint32_t attr)
+{
+    long i = find_guard(addr);
+    if (i < 0)
+        return;
+    struct guard *g = &H.guards[i];
+    for (size_t k = g->count; k-- > 0;)
+        if (g->log[k].seq == seq) {
+            g->log[k].attr = attr;
+            return;
+        }
+}
+
 /* Handle one message.  Returns 0 to go on, -1 when the thread must stop.
  * Runs on the handler thread: no Python API, no allocation. */
 static int
@@ -290,22 +488,40 @@ handle_message(const struct uffd_msg *msg)
     }
     uint64_t addr = msg->arg.pagefault.address;
     uint64_t unit = H.page;
+    struct fault_record r = {
+        .address = addr,
+        .tid = msg->arg.pagefault.feat.ptid,
+        .flags = (uint32_t)msg->arg.pagefault.flags,
+        .syscall = SYSCALL_UNKNOWN,
+        .attr = ATTR_OFF,
+    };
+    int capture = 0;
 
     pthread_mutex_lock(&H.lock);
-    uint64_t seq = ++H.faults;
+    r.seq = ++H.faults;
+    r.time_ns = monotonic_ns();
     long i = find_guard(addr);
+    int record = i >= 0;
     if (i >= 0) {
         struct guard *g = &H.guards[i];
         unit = g->unit;
-        if (g->count < g->capacity) {
-            struct fault_record *r = &g->log[g->count++];
-            r->address = addr;
-            r->time_ns = monotonic_ns();
-            r->seq = seq;
-            r->tid = msg->arg.pagefault.feat.ptid;
-            r->flags = (uint32_t)msg->arg.pagefault.flags;
-        } else {
-            g->overflow++;
+        uint64_t page = addr & ~(unit - 1);
+        uint64_t token = atomic_load(&A.token);
+        if (token != 0 && atomic_load(&A.done) != token
+                && (uint32_t)atomic_load(&A.tid) == r.tid && A.page == page) {
+            /* The thread we signalled faulted again on the same page:
+             * the signal woke it before the page was resolved (or, in a
+             * system call, the kernel retried).  One write, one record. */
+            record = 0;
+        } else if (!A.enabled) {
+            r.attr = ATTR_OFF;
+        } else if (g->stacks_left == 0) {
+            r.attr = g->stacks ? ATTR_BOUND : ATTR_OFF;
+        } else if (r.tid == 0) {
+            r.attr = ATTR_NO_TID;
+        } else if (g->count < g->capacity) {
+            g->stacks_left--;
+            capture = 1;
         }
     } else {
         H.unmatched++;
@@ -317,6 +533,30 @@ handle_message(const struct uffd_msg *msg)
     }
     int hold = H.debug_hold;
     pthread_mutex_unlock(&H.lock);
+
+    /* The /proc reads happen with the writer still blocked (its state is
+     * stable) and without H.lock (they take microseconds). */
+    if (capture)
+        capture = attribution_prepare(&r);
+    uint64_t start = addr & ~(unit - 1);
+    /* A fault taken in user mode is signalled before it is resolved: the
+     * signal is then delivered before the write instruction is retried, so
+     * the dump shows the exact frame.  A fault taken inside a system call
+     * is resolved first: a signal pending there could make the kernel give
+     * up on the copy; it is delivered as the call returns, still inside
+     * the Python frame that made it. */
+    int early = capture && r.syscall == SYSCALL_USER;
+    int sigerr = 0;
+    if (early) {
+        sigerr = attribution_signal(&r, start);
+        if (sigerr < 0)
+            r.attr = ATTR_FAILED;
+    }
+    if (record) {
+        pthread_mutex_lock(&H.lock);
+        store_record_locked(&r);
+        pthread_mutex_unlock(&H.lock);
+    }
 
     while (hold) {
         /* Test mode: keep the writer blocked until released or the range
@@ -330,8 +570,12 @@ handle_message(const struct uffd_msg *msg)
 
     /* Round down ourselves: without EXACT_ADDRESS some kernels report the
      * exact address anyway, and the ioctl wants an aligned range. */
-    uint64_t start = addr & ~(unit - 1);
     int rc = uffd_writeprotect(H.uffd, start, unit, 0);
+    if (capture && !early && attribution_signal(&r, start) < 0) {
+        pthread_mutex_lock(&H.lock);
+        set_record_attr_locked(addr, r.seq, ATTR_FAILED);
+        pthread_mutex_unlock(&H.lock);
+    }
     if (rc == 0)
         return 0;
     /* ENOENT: the range was unregistered (buffer closed) between the fault
@@ -350,6 +594,39 @@ handle_message(const struct uffd_msg *msg)
     }
     pthread_mutex_unlock(&H.lock);
     return 0;
+}
+
+/* Chained after faulthandler's dump on the capture signal: append the end
+ * marker of the capture in flight, if this thread is its target.
+ *
+ * This function is signal-safe and should only call signal-safe
+ * functions: write(), a raw gettid and atomics; errno is preserved. */
+static void
+attr_signal_handler(int signum)
+{
+    (void)signum;
+    int saved_errno = errno;
+    uint64_t token = atomic_load(&A.token);
+    pid_t self = (pid_t)syscall(SYS_gettid);
+    if (token != 0 && A.fd >= 0 && atomic_load(&A.tid) == self) {
+        /* "\n@@uffd-guard-end <seq>\n", formatted by hand. */
+        char line[64] = "\n@@uffd-guard-end ";
+        size_t n = strlen("\n@@uffd-guard-end ");
+        char digits[24];
+        size_t nd = 0;
+        uint64_t v = token;
+        do {
+            digits[nd++] = (char)('0' + v % 10);
+            v /= 10;
+        } while (v);
+        while (nd)
+            line[n++] = digits[--nd];
+        line[n++] = '\n';
+        ssize_t w = write(A.fd, line, n);
+        (void)w;
+        atomic_store(&A.done, token);
+    }
+    errno = saved_errno;
 }
 
 static void *
@@ -437,6 +714,14 @@ atfork_child(void)
     H.pid = 0;
     free_guards();
     H.error[0] = '\0';
+    /* The dump file is shared with the parent (one file offset): the
+     * child must set up its own before it captures anything.  Our
+     * sigaction and faulthandler's stay installed, as fork keeps them. */
+    A.enabled = 0;
+    A.fd = -1;
+    atomic_store(&A.token, 0);
+    atomic_store(&A.done, 0);
+    A.captures = A.busy = 0;
 }
 
 /* Stop the thread and release everything.  Every range is unregistered
@@ -724,16 +1009,17 @@ owned_fd(void)
 }
 
 PyDoc_STRVAR(guard_add_doc,
-"guard_add(start, length, unit, capacity) -> id\n\n"
+"guard_add(start, length, unit, capacity, stacks=0) -> (id, range_ioctls)\n\n"
 "Register [start, start+length) with the handler's fd in write-protect\n"
-"mode and add it to the handler's table, with a log of `capacity` records.\n"
-"Returns (id, range_ioctls).  The range is not protected yet.");
+"mode and add it to the handler's table, with a log of `capacity` records;\n"
+"the writers of its first `stacks` faults are named (see\n"
+"attribution_setup).  The range is not protected yet.");
 
 static PyObject *
 guard_add_py(PyObject *self, PyObject *args)
 {
-    unsigned long long start, len, unit, capacity;
-    if (!PyArg_ParseTuple(args, "KKKK:guard_add", &start, &len, &unit, &capacity))
+    unsigned long long start, len, unit, capacity, stacks = 0;
+    if (!PyArg_ParseTuple(args, "KKKK|K:guard_add", &start, &len, &unit, &capacity, &stacks))
         return NULL;
     if (len == 0 || unit == 0 || (unit & (unit - 1)) || start % unit || len % unit) {
         PyErr_SetString(PyExc_ValueError, "range must be non-empty and unit-aligned");
@@ -773,7 +1059,7 @@ guard_add_py(PyObject *self, PyObject *args)
     uint64_t id = ++H.next_id;
     H.guards[pos] = (struct guard){
         .id = id, .start = start, .end = start + len, .unit = unit,
-        .log = log, .capacity = capacity,
+        .log = log, .capacity = capacity, .stacks = stacks, .stacks_left = stacks,
     };
     H.nguards++;
     pthread_mutex_unlock(&H.lock);
@@ -827,7 +1113,7 @@ guard_protect_py(PyObject *self, PyObject *args)
 
 PyDoc_STRVAR(guard_drain_doc,
 "guard_drain(id) -> (records, overflow)\n\n"
-"Take the guard's recorded faults as packed bytes (32 bytes each, see\n"
+"Take the guard's recorded faults as packed bytes (RECORD_SIZE each, see\n"
 "struct fault_record) and the number that did not fit; both are reset.");
 
 static PyObject *
@@ -898,9 +1184,128 @@ guard_remove_py(PyObject *self, PyObject *args)
     return Py_BuildValue("(NK)", blob, (unsigned long long)g.overflow);
 }
 
+PyDoc_STRVAR(guard_set_stacks_doc,
+"guard_set_stacks(id, stacks)\n\n"
+"Give the guard a fresh budget of `stacks` captures (0 turns them off).");
+
+static PyObject *
+guard_set_stacks_py(PyObject *self, PyObject *args)
+{
+    unsigned long long id, stacks;
+    if (!PyArg_ParseTuple(args, "KK:guard_set_stacks", &id, &stacks))
+        return NULL;
+    pthread_mutex_lock(&H.lock);
+    long i = H.pid == getpid() ? guard_index(id) : -1;
+    if (i >= 0)
+        H.guards[i].stacks = H.guards[i].stacks_left = stacks;
+    pthread_mutex_unlock(&H.lock);
+    if (i < 0) {
+        PyErr_SetString(PyExc_KeyError, "unknown guard");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(signal_is_default_doc,
+"signal_is_default(signum) -> bool\n\n"
+"True when signum's disposition is SIG_DFL at the C level (no handler\n"
+"installed by anyone, Python or C) and it is not blocked in this thread.");
+
+static PyObject *
+signal_is_default_py(PyObject *self, PyObject *args)
+{
+    int sig;
+    if (!PyArg_ParseTuple(args, "i:signal_is_default", &sig))
+        return NULL;
+    if (sig < 1 || sig > SIGRTMAX) {
+        PyErr_SetString(PyExc_ValueError, "signal number out of range");
+        return NULL;
+    }
+    struct sigaction old;
+    if (sigaction(sig, NULL, &old) < 0)
+        return raise_errno(-errno, "sigaction");
+    sigset_t mask;
+    pthread_sigmask(SIG_BLOCK, NULL, &mask);
+    int dfl = !(old.sa_flags & SA_SIGINFO) && old.sa_handler == SIG_DFL
+              && !sigismember(&mask, sig);
+    return PyBool_FromLong(dfl);
+}
+
+PyDoc_STRVAR(attribution_setup_doc,
+"attribution_setup(signum, fd)\n\n"
+"Prepare naming writers in this process (attribution_enable starts it):\n"
+"faults are signalled with signum,\n"
+"and each capture's end marker is appended to fd.  The first call in a\n"
+"process image installs the C end-marker handler on signum; the caller must\n"
+"then register faulthandler on signum with file=fd, all_threads=False and\n"
+"chain=True, so that faulthandler dumps first and chains to it.  A forked\n"
+"child calls it again with its own fd (the handlers survive fork).");
+
+static PyObject *
+attribution_setup_py(PyObject *self, PyObject *args)
+{
+    int sig, fd;
+    if (!PyArg_ParseTuple(args, "ii:attribution_setup", &sig, &fd))
+        return NULL;
+    if (sig < SIGRTMIN || sig > SIGRTMAX) {
+        PyErr_SetString(PyExc_ValueError, "the capture signal must be a real-time signal");
+        return NULL;
+    }
+    if (A.installed && A.sig != sig) {
+        PyErr_SetString(PyExc_RuntimeError, "attribution already set up on another signal");
+        return NULL;
+    }
+    pthread_mutex_lock(&H.lock);
+    if (atomic_load(&A.token) != 0 && atomic_load(&A.done) != atomic_load(&A.token)) {
+        pthread_mutex_unlock(&H.lock);
+        PyErr_SetString(PyExc_RuntimeError, "a capture is in flight");
+        return NULL;
+    }
+    A.fd = fd;
+    A.sig = sig;
+    pthread_mutex_unlock(&H.lock);
+    if (!A.installed) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = attr_signal_handler;
+        sigemptyset(&sa.sa_mask);
+        sa.sa_flags = SA_RESTART;
+        if (sigaction(sig, &sa, NULL) < 0) {
+            A.fd = -1;
+            return raise_errno(-errno, "sigaction");
+        }
+        A.installed = 1;
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(attribution_enable_doc,
+"attribution_enable(on)\n\n"
+"Start (after attribution_setup and faulthandler.register) or stop\n"
+"signalling writers in this process.");
+
+static PyObject *
+attribution_enable_py(PyObject *self, PyObject *args)
+{
+    int on;
+    if (!PyArg_ParseTuple(args, "p:attribution_enable", &on))
+        return NULL;
+    pthread_mutex_lock(&H.lock);
+    if (on && A.fd < 0) {
+        pthread_mutex_unlock(&H.lock);
+        PyErr_SetString(PyExc_RuntimeError, "attribution is not set up in this process");
+        return NULL;
+    }
+    A.enabled = on;
+    pthread_mutex_unlock(&H.lock);
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(handler_state_doc,
 "handler_state() -> dict\n\n"
-"running, failed, error, faults, unmatched, errors, other_events, guards.");
+"running, failed, error, faults, unmatched, errors, other_events, guards,\n"
+"attribution (set up in this process), captures (signals sent), busy\n"
+"(captures skipped while another was in flight), capture_in_flight.");
 
 static PyObject *
 handler_state_py(PyObject *self, PyObject *noargs)
@@ -908,7 +1313,7 @@ handler_state_py(PyObject *self, PyObject *noargs)
     pthread_mutex_lock(&H.lock);
     int mine = H.pid == getpid();
     PyObject *d = Py_BuildValue(
-        "{s:O,s:O,s:s,s:K,s:K,s:K,s:K,s:n}",
+        "{s:O,s:O,s:s,s:K,s:K,s:K,s:K,s:n,s:O,s:K,s:K,s:K}",
         "running", mine && H.running && !H.failed ? Py_True : Py_False,
         "failed", mine && H.failed ? Py_True : Py_False,
         "error", mine ? H.error : "",
@@ -916,7 +1321,12 @@ handler_state_py(PyObject *self, PyObject *noargs)
         "unmatched", (unsigned long long)(mine ? H.unmatched : 0),
         "errors", (unsigned long long)(mine ? H.errors : 0),
         "other_events", (unsigned long long)(mine ? H.other_events : 0),
-        "guards", (Py_ssize_t)(mine ? H.nguards : 0));
+        "guards", (Py_ssize_t)(mine ? H.nguards : 0),
+        "attribution", A.enabled ? Py_True : Py_False,
+        "captures", (unsigned long long)A.captures,
+        "busy", (unsigned long long)A.busy,
+        "capture_in_flight", (unsigned long long)(
+            atomic_load(&A.done) != atomic_load(&A.token) ? atomic_load(&A.token) : 0));
     pthread_mutex_unlock(&H.lock);
     return d;
 }
@@ -955,6 +1365,10 @@ static PyMethodDef methods[] = {
     {"guard_protect", guard_protect_py, METH_VARARGS, guard_protect_doc},
     {"guard_drain", guard_drain_py, METH_VARARGS, guard_drain_doc},
     {"guard_remove", guard_remove_py, METH_VARARGS, guard_remove_doc},
+    {"guard_set_stacks", guard_set_stacks_py, METH_VARARGS, guard_set_stacks_doc},
+    {"signal_is_default", signal_is_default_py, METH_VARARGS, signal_is_default_doc},
+    {"attribution_setup", attribution_setup_py, METH_VARARGS, attribution_setup_doc},
+    {"attribution_enable", attribution_enable_py, METH_VARARGS, attribution_enable_doc},
     {"_debug", debug_py, METH_VARARGS, debug_doc},
     {NULL, NULL, 0, NULL},
 };
@@ -989,6 +1403,8 @@ PyInit__uffd(void)
     ADD_INT(m, "PAGEFAULT_FLAG_WRITE", UFFD_PAGEFAULT_FLAG_WRITE);
     ADD_INT(m, "PAGEFAULT_FLAG_WP", UFFD_PAGEFAULT_FLAG_WP);
     ADD_INT(m, "RECORD_SIZE", sizeof(struct fault_record));
+    ADD_INT(m, "SIGRTMIN", SIGRTMIN);
+    ADD_INT(m, "SIGRTMAX", SIGRTMAX);
     if (pthread_atfork(atfork_prepare, atfork_parent, atfork_child) != 0) {
         PyErr_SetString(PyExc_RuntimeError, "pthread_atfork failed");
         goto error;

@@ -92,6 +92,9 @@ class GuardedBuffer(mmap.mmap):
     ``GuardedBuffer(4096)`` gives 4096 zero bytes; ``GuardedBuffer(data)``
     a copy of any C-contiguous buffer.  The buffer is write-protected and
     tracking from the moment it is returned.  Reads never fault.
+    ``stacks=N`` names the writer (Python stack, system call, thread) of the
+    first N writes of each arming (default ``attribution.DEFAULT_STACKS``;
+    0 turns it off).
 
     Raises :class:`~pytest_uffd_guard.errors.UffdUnavailableError` when the
     machine cannot guard memory, with the cause and the fix.
@@ -112,6 +115,7 @@ class GuardedBuffer(mmap.mmap):
         max_records: int | None = None,
         engine: str = "auto",
         backing: str = "anonymous",
+        stacks: int | None = None,
     ) -> GuardedBuffer:
         # Only the diff engine (asked for, or auto's fallback) runs off Linux.
         if not sys.platform.startswith("linux") and engine not in ("auto", "diff"):
@@ -158,6 +162,7 @@ class GuardedBuffer(mmap.mmap):
         max_records: int | None = None,
         engine: str = "auto",
         backing: str = "anonymous",
+        stacks: int | None = None,
     ) -> None:
         self._lock = threading.RLock()
         self._closed = False
@@ -172,6 +177,11 @@ class GuardedBuffer(mmap.mmap):
         if max_records is not None and max_records < 0:
             raise InvalidBufferError(
                 f"max_records must be >= 0, got {max_records}", "pass a count of records"
+            )
+        if stacks is not None and (isinstance(stacks, bool) or stacks < 0):
+            raise InvalidBufferError(
+                f"stacks must be an int >= 0, got {stacks!r}",
+                "pass how many writes should have their writer named; 0 turns it off",
             )
 
         # Keep the range on base pages: a transparent huge page would turn
@@ -194,6 +204,7 @@ class GuardedBuffer(mmap.mmap):
                 snapshot=self._snapshot_address,
                 unit=self._unit,
                 backing=self.backing,
+                stacks=stacks,
             )
         except BaseException:
             self._abandon()

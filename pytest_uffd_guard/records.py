@@ -11,8 +11,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 #: Layout of one record as the C core packs it (struct fault_record).
-RECORD_FORMAT = "<QQQII"
+RECORD_FORMAT = "<QQQIIQiI16s"
 RECORD_SIZE = struct.calcsize(RECORD_FORMAT)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One Python frame of a writer's stack, as faulthandler printed it.
+
+    ``lineno`` is 0 when the line was not known.
+    """
+
+    filename: str
+    lineno: int
+    function: str
+
+    def __str__(self) -> str:
+        return f"{self.filename}:{self.lineno} in {self.function}"
 
 
 @dataclass(frozen=True)
@@ -25,6 +40,17 @@ class WriteRecord:
     the first byte of that page.  An offset at or past the buffer's length
     means a write into the slack after the end of the buffer, inside its
     last page: an overrun.
+
+    The writer (see :mod:`pytest_uffd_guard.attribution`), for the first
+    few writes of each buffer: ``stack`` is the writing thread's Python
+    stack at the write, innermost frame first; ``syscall`` names the system
+    call when the kernel wrote on the thread's behalf (``"read"``), None for
+    a write by the thread itself; ``has_python`` is False for a thread that
+    has no Python state (a pthread started by C code), None when unknown.
+    ``stack_captured`` says whether capture worked (a thread without Python
+    has an empty stack and ``stack_captured`` true); otherwise
+    ``stack_note`` says why not.  ``thread_comm`` is the kernel's name for
+    the thread (``/proc/self/task/TID/comm``) at the time of the write.
     """
 
     offset: int
@@ -33,6 +59,12 @@ class WriteRecord:
     thread_name: str | None
     time: float
     seq: int
+    stack: tuple[Frame, ...] = ()
+    syscall: str | None = None
+    has_python: bool | None = None
+    stack_captured: bool = False
+    stack_note: str | None = None
+    thread_comm: str | None = None
 
     @property
     def page_offset(self) -> int:
@@ -71,9 +103,28 @@ class RawFault:
     seq: int
     tid: int
     flags: int
+    #: Where this fault's stack dump starts in the capture file.
+    dump_offset: int = 0
+    #: System call number; -1 for a fault taken in user mode, -2 unknown.
+    syscall: int = -2
+    #: What became of the capture (attribution.ATTR_*).
+    attr: int = 0
+    comm: str = ""
 
 
 def unpack_faults(blob: bytes) -> Iterator[RawFault]:
     """Unpack the C core's packed records."""
-    for address, time_ns, seq, tid, flags in struct.iter_unpack(RECORD_FORMAT, blob):
-        yield RawFault(address, time_ns, seq, tid, flags)
+    for address, time_ns, seq, tid, flags, dump_offset, syscall, attr, comm in struct.iter_unpack(
+        RECORD_FORMAT, blob
+    ):
+        yield RawFault(
+            address,
+            time_ns,
+            seq,
+            tid,
+            flags,
+            dump_offset,
+            syscall,
+            attr,
+            comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
+        )

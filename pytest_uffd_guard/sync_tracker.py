@@ -9,10 +9,11 @@ and the writer goes on.  See ``_uffd.c``.
 from __future__ import annotations
 
 import os
-import threading
 import weakref
 from contextlib import suppress
 
+from . import attribution
+from .attribution import thread_name
 from .engine import ENGINE
 from .errors import TrackingStoppedError
 from .memory import PAGE_SIZE
@@ -23,18 +24,6 @@ from .records import WriteRecord, unpack_faults
 RECORD_SLACK = 64
 #: Upper bound on the default per-buffer log (32 bytes a record).
 MAX_DEFAULT_RECORDS = 1 << 20
-
-_thread_names: dict[int, str] = {}
-
-
-def thread_name(tid: int) -> str | None:
-    """Name of the Python thread with this native id, if it is or was known."""
-    if tid not in _thread_names:
-        for thread in threading.enumerate():
-            if thread.native_id is not None:
-                _thread_names[thread.native_id] = thread.name
-    return _thread_names.get(tid)
-
 
 def _release_guard(gid: int) -> None:
     """Finalizer: forget a guard whose tracker was garbage-collected."""
@@ -47,7 +36,15 @@ class SyncTracker:
 
     name = "sync"
 
-    def __init__(self, *, address: int, length: int, size: int, max_records: int | None) -> None:
+    def __init__(
+        self,
+        *,
+        address: int,
+        length: int,
+        size: int,
+        max_records: int | None,
+        stacks: int | None = None,
+    ) -> None:
         self._address = address
         self._length = length
         self._pid = os.getpid()
@@ -60,7 +57,11 @@ class SyncTracker:
             else min(pages + RECORD_SLACK, MAX_DEFAULT_RECORDS)
         )
         caps = ENGINE.start()
-        self._gid: int = ENGINE.core.guard_add(address, length, PAGE_SIZE, capacity)[0]
+        self._stacks = attribution.DEFAULT_STACKS if stacks is None else stacks
+        # Why writers cannot be named in this process, if they cannot.
+        self._stack_note = attribution.ensure_started() if self._stacks else None
+        budget = self._stacks if self._stack_note is None else 0
+        self._gid: int = ENGINE.core.guard_add(address, length, PAGE_SIZE, capacity, budget)[0]
         self._finalizer = weakref.finalize(self, _release_guard, self._gid)
         self._wp_unpopulated = caps.has("wp_unpopulated")
         self._exact = caps.has("exact_address")
@@ -87,6 +88,9 @@ class SyncTracker:
             # Before Linux 6.4 (no WP_UNPOPULATED) protecting a page that
             # was never touched silently does nothing: fault them all in.
             core.populate(self._address, self._length, PAGE_SIZE)
+        if self._stack_note is None:
+            # Each arming names the writers of its own first writes.
+            core.guard_set_stacks(self._gid, self._stacks)
         core.guard_protect(self._gid, True)
 
     def pause(self) -> None:
@@ -132,5 +136,6 @@ class SyncTracker:
                     thread_name=thread_name(raw.tid) if raw.tid else None,
                     time=raw.time_ns / 1e9,
                     seq=raw.seq,
+                    **attribution.describe(raw, self._stack_note),
                 )
             )

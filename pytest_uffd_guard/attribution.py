@@ -1,0 +1,338 @@
+"""Naming the writer: the Python stack, system call and thread behind a write.
+
+While a write fault is pending the writer is blocked in the kernel, usually
+holding the GIL, so no Python code can look at its stack.  The C handler
+thread instead sends the writer a real-time signal on which
+:func:`faulthandler.register` is installed with ``all_threads=False`` and
+``chain=True``: the writer dumps its own stack (faulthandler needs no GIL for
+that) into an unlinked temporary file, then faulthandler chains to a C
+handler that appends an end marker naming the fault's sequence number.  A
+fault taken in user mode is signalled before it is resolved, so the dump
+shows the frame of the write itself; a fault the kernel took inside a
+system call is resolved first and the signal arrives as the call returns,
+still inside the Python frame that made it.  One capture is in flight at a
+time and each record keeps the file offset where its dump starts, so a dump
+is read back only between that offset and its own marker.
+
+This module holds the Python half: setting the mechanism up once per
+process, turning a record's capture into frames, and the helpers the
+plugin uses.  Only the first few writes of each buffer are captured
+(``GuardedBuffer(..., stacks=N)``, default :data:`DEFAULT_STACKS`).
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import platform
+import re
+import signal
+import sysconfig
+import tempfile
+import threading
+import time
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import IO, Any
+
+from .records import Frame, RawFault, WriteRecord
+
+#: Writes per buffer whose writer is named, unless the buffer says otherwise.
+#: Each capture costs a signal and a stack dump in the writer (tens to
+#: hundreds of microseconds); the rest cost nothing extra.
+DEFAULT_STACKS = 8
+
+# What became of a capture (the record's "attr"); mirrors enum ATTR_* in _uffd.c.
+ATTR_OFF = 0
+ATTR_BOUND = 1
+ATTR_SIGNALLED = 2
+ATTR_BUSY = 3
+ATTR_BLOCKED = 4
+ATTR_NO_TID = 5
+ATTR_FAILED = 6
+
+_NOTES = {
+    ATTR_OFF: "stack capture is off for this buffer",
+    ATTR_BOUND: "not captured: the buffer's bound on captured stacks was reached",
+    ATTR_BUSY: "not captured: another write's capture was still in flight",
+    ATTR_BLOCKED: "not captured: the writing thread blocks the capture signal",
+    ATTR_NO_TID: "not captured: the kernel did not report the writing thread "
+    "(no UFFD_FEATURE_THREAD_ID)",
+    ATTR_FAILED: "not captured: the writing thread could not be signalled",
+}
+
+SYSCALL_USER = -1
+SYSCALL_UNKNOWN = -2
+
+#: System calls that write into user memory, by number, from the kernel's
+#: syscall tables (x86_64: arch/x86/entry/syscalls/syscall_64.tbl; aarch64
+#: and other generic ones: include/uapi/asm-generic/unistd.h).  Others are
+#: shown as "syscall N".
+SYSCALL_NAMES: dict[str, dict[int, str]] = {
+    "x86_64": {
+        0: "read", 5: "fstat", 7: "poll", 16: "ioctl", 17: "pread64", 19: "readv",
+        22: "pipe", 23: "select", 43: "accept", 45: "recvfrom", 47: "recvmsg",
+        55: "getsockopt", 61: "wait4", 63: "uname", 70: "msgrcv", 79: "getcwd",
+        89: "readlink", 99: "sysinfo", 202: "futex", 217: "getdents64",
+        228: "clock_gettime", 232: "epoll_wait", 243: "mq_timedreceive",
+        262: "newfstatat", 267: "readlinkat", 271: "ppoll", 275: "splice",
+        278: "vmsplice", 281: "epoll_pwait", 288: "accept4", 293: "pipe2",
+        295: "preadv", 299: "recvmmsg", 310: "process_vm_readv", 318: "getrandom",
+        327: "preadv2", 332: "statx", 426: "io_uring_enter",
+    },
+    "generic": {
+        17: "getcwd", 22: "epoll_pwait", 29: "ioctl", 59: "pipe2", 61: "getdents64",
+        63: "read", 65: "readv", 67: "pread64", 69: "preadv", 73: "ppoll",
+        75: "vmsplice", 76: "splice", 78: "readlinkat", 79: "newfstatat", 80: "fstat",
+        98: "futex", 113: "clock_gettime", 160: "uname", 179: "sysinfo",
+        183: "mq_timedreceive", 188: "msgrcv", 202: "accept", 207: "recvfrom",
+        209: "getsockopt", 212: "recvmsg", 242: "accept4", 243: "recvmmsg",
+        260: "wait4", 270: "process_vm_readv", 278: "getrandom", 286: "preadv2",
+        291: "statx", 426: "io_uring_enter",
+    },
+}
+_GENERIC_MACHINES = ("aarch64", "arm64", "riscv64", "loongarch64")
+
+#: How long reading records waits for a dump the writer is still writing.
+DUMP_WAIT = 0.5
+#: A dump is at most 100 frames of at most ~1.5 KiB (faulthandler's limits).
+_MAX_DUMP = 1 << 18
+_MARKER = b"\n@@uffd-guard-end "
+_HEADER = "Stack (most recent call first):"
+_FRAME_RE = re.compile(r'^  File "(.*)", line (\d+|\?\?\?) in (.*)$')
+
+
+def syscall_name(number: int) -> str:
+    """The name of system call ``number`` on this machine, or ``"syscall N"``."""
+    machine = platform.machine()
+    key = "generic" if machine in _GENERIC_MACHINES else machine
+    return SYSCALL_NAMES.get(key, {}).get(number, f"syscall {number}")
+
+
+@dataclass
+class _Capture:
+    """This process's capture set-up (rebuilt in a forked child)."""
+
+    pid: int = 0
+    signum: int = 0
+    file: IO[bytes] | None = None
+    error: str | None = None
+
+
+_state = _Capture()
+_lock = threading.Lock()
+
+
+def pick_signal(core: Any) -> int | None:
+    """The highest real-time signal nobody in this process handles, or None."""
+    for signum in range(core.SIGRTMAX, core.SIGRTMIN - 1, -1):
+        try:
+            python_default = signal.getsignal(signum) == signal.SIG_DFL
+        except ValueError:
+            continue
+        if python_default and core.signal_is_default(signum):
+            return signum
+    return None
+
+
+def ensure_started() -> str | None:
+    """Set capture up in this process if needed.
+
+    Returns None when writers can be named, else why not (the records then
+    carry that as their ``stack_note``).
+    """
+    from . import _uffd
+
+    with _lock:
+        if _state.pid == os.getpid():
+            return _state.error
+        signum = _state.signum
+        if not signum:
+            picked = pick_signal(_uffd)
+            if picked is None:
+                return _fail("not captured: every real-time signal is in use in this process")
+            signum = picked
+        if _state.file is not None:
+            # A forked child: the inherited file shares its offset with the
+            # parent's, so dumps would interleave.  Start a file of our own.
+            _state.file.close()
+            _state.file = None
+        try:
+            # Kept open for the life of the process: faulthandler writes to it.
+            dump = tempfile.TemporaryFile(prefix="uffd-guard-stacks-", buffering=0)  # noqa: SIM115
+        except OSError as exc:
+            return _fail(f"not captured: no temporary file for stack dumps ({exc})")
+        try:
+            _uffd.attribution_setup(signum, dump.fileno())
+            # After our C handler is installed: faulthandler saves it as the
+            # handler to chain to, and dumps before it.
+            faulthandler.register(signum, file=dump, all_threads=False, chain=True)
+            _uffd.attribution_enable(True)
+        except (OSError, RuntimeError, ValueError) as exc:
+            dump.close()
+            return _fail(f"not captured: setting up the capture signal failed ({exc})")
+        _state.pid = os.getpid()
+        _state.signum = signum
+        _state.file = dump
+        _state.error = None
+        return None
+
+
+def _fail(reason: str) -> str:
+    _state.pid = os.getpid()
+    _state.error = reason
+    return reason
+
+
+def capture_signal() -> int | None:
+    """The signal used to capture stacks in this process, once set up."""
+    return _state.signum if _state.pid == os.getpid() and _state.error is None else None
+
+
+def parse_dump(text: str) -> tuple[bool, tuple[Frame, ...]] | None:
+    """Frames of one faulthandler dump (innermost first) and whether the
+    thread had Python state; None when the text is not exactly one dump."""
+    lines = [line for line in text.splitlines() if line]
+    if not lines:
+        return False, ()
+    if lines[0] != _HEADER or lines.count(_HEADER) != 1:
+        return None
+    frames = []
+    for line in lines[1:]:
+        match = _FRAME_RE.match(line)
+        if match:
+            filename, lineno, function = match.groups()
+            frames.append(Frame(filename, int(lineno) if lineno.isdigit() else 0, function))
+        elif line.strip() not in ("...", "<no Python frame>"):
+            return None
+    return True, tuple(frames)
+
+
+def _read_dump(raw: RawFault, wait: float) -> tuple[bool, tuple[Frame, ...]] | str:
+    """The parsed dump of a signalled fault, or why there is none."""
+    dump = _state.file
+    if dump is None or _state.pid != os.getpid():
+        return "not captured: the capture file belongs to another process"
+    marker = _MARKER + b"%d\n" % raw.seq
+    deadline = time.monotonic() + wait
+    while True:
+        data = os.pread(dump.fileno(), _MAX_DUMP, raw.dump_offset)
+        end = data.find(marker)
+        if end >= 0:
+            parsed = parse_dump(data[:end].decode("utf-8", "replace"))
+            return "not captured: the stack dump was garbled" if parsed is None else parsed
+        if time.monotonic() >= deadline:
+            return "not captured: the writing thread had not dumped its stack in time"
+        time.sleep(0.001)
+
+
+def describe(raw: RawFault, note: str | None, wait: float = DUMP_WAIT) -> dict[str, Any]:
+    """The writer fields of a WriteRecord for ``raw``.
+
+    ``note`` is why capture is unavailable in this process, if it is.
+    """
+    fields: dict[str, Any] = {"thread_comm": raw.comm or None}
+    if raw.syscall >= 0:
+        fields["syscall"] = syscall_name(raw.syscall)
+    if raw.attr != ATTR_SIGNALLED:
+        fields["stack_note"] = (
+            note if note is not None and raw.attr == ATTR_OFF else _NOTES.get(raw.attr)
+        )
+        return fields
+    result = _read_dump(raw, wait)
+    if isinstance(result, str):
+        fields["stack_note"] = result
+    else:
+        fields["has_python"], fields["stack"] = result
+        fields["stack_captured"] = True
+    return fields
+
+
+# ------------------------------------------------------------- threads
+
+_names: dict[int, str] = {}
+
+
+def thread_name(tid: int) -> str | None:
+    """The ``threading`` name of the thread with native id ``tid``.
+
+    Looks at live threads, then at every ``Thread`` object still referenced
+    (``threading._dangling``, which keeps finished threads whose object the
+    test still holds), and remembers what it saw for threads that are gone
+    by the next call.
+    """
+    found = None
+    threads = list(threading.enumerate())
+    dangling = getattr(threading, "_dangling", None)
+    if dangling is not None:
+        with suppress(RuntimeError):  # the WeakSet changed while we copied it
+            threads += [t for t in list(dangling) if not t.is_alive()]
+    for thread in threads:
+        native = getattr(thread, "native_id", None)
+        if native is not None:
+            if native == tid and found is None:
+                found = thread.name
+            _names.setdefault(native, thread.name)
+    if found is not None:
+        _names[tid] = found
+        return found
+    return _names.get(tid)
+
+
+# ------------------------------------------------------- presentation
+
+def _excluded_prefixes() -> tuple[str, ...]:
+    here = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    paths = sysconfig.get_paths()
+    stdlib = {paths.get("stdlib"), paths.get("platstdlib")}
+    return (here, *(os.path.join(p, "") for p in stdlib if p))
+
+
+def _is_own_or_stdlib(filename: str) -> bool:
+    if filename.startswith("<"):
+        return filename.startswith("<frozen ")
+    path = os.path.abspath(filename)
+    if "site-packages" in path or "dist-packages" in path:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return path.startswith(here + os.sep)
+    return path.startswith(_excluded_prefixes())
+
+
+def user_frames(record: WriteRecord, n: int = 3) -> list[Frame]:
+    """The innermost ``n`` frames of the writer's stack that are neither
+    this package's nor the standard library's: where the write came from,
+    for a one-line failure message.  Empty when no stack was captured."""
+    return [frame for frame in record.stack if not _is_own_or_stdlib(frame.filename)][:n]
+
+
+def describe_writer(record: WriteRecord) -> str:
+    """One line naming the writer: thread, system call, innermost user frame."""
+    if record.thread_name:
+        who = f"thread {record.thread_name!r} (tid {record.thread_id})"
+    elif record.thread_id:
+        who = f"thread tid {record.thread_id}"
+    else:
+        who = "an unknown thread"
+    if record.has_python is False:
+        comm = f", {record.thread_comm!r}" if record.thread_comm else ""
+        who += f" without Python state{comm}"
+    if record.syscall:
+        who += f" in system call {record.syscall}"
+    frames = user_frames(record, 1) or list(record.stack[:1])
+    if frames:
+        return f"{who} at {frames[0]}"
+    if record.stack_note and record.has_python is not False:
+        return f"{who} ({record.stack_note})"
+    return who
+
+
+__all__ = [
+    "DEFAULT_STACKS",
+    "capture_signal",
+    "describe_writer",
+    "ensure_started",
+    "parse_dump",
+    "syscall_name",
+    "thread_name",
+    "user_frames",
+]
