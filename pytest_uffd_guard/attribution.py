@@ -215,9 +215,13 @@ def _read_dump(raw: RawFault, wait: float) -> tuple[bool, tuple[Frame, ...]] | s
         return "not captured: the capture file belongs to another process"
     marker = _MARKER + b"%d\n" % raw.seq
     deadline = time.monotonic() + wait
+    size = 1 << 14
     while True:
-        data = os.pread(dump.fileno(), _MAX_DUMP, raw.dump_offset)
+        data = os.pread(dump.fileno(), size, raw.dump_offset)
         end = data.find(marker)
+        if end < 0 and len(data) == size and size < _MAX_DUMP:
+            size *= 4
+            continue
         if end >= 0:
             parsed = parse_dump(data[:end].decode("utf-8", "replace"))
             return "not captured: the stack dump was garbled" if parsed is None else parsed
@@ -253,30 +257,32 @@ def describe(raw: RawFault, note: str | None, wait: float = DUMP_WAIT) -> dict[s
 _names: dict[int, str] = {}
 
 
-def thread_name(tid: int) -> str | None:
-    """The ``threading`` name of the thread with native id ``tid``.
+def thread_names() -> dict[int, str]:
+    """``threading`` names by native id, for resolving a batch of records.
 
-    Looks at live threads, then at every ``Thread`` object still referenced
-    (``threading._dangling``, which keeps finished threads whose object the
-    test still holds), and remembers what it saw for threads that are gone
-    by the next call.
+    Live threads first, then every ``Thread`` object still referenced
+    (``threading._dangling`` keeps finished threads whose object someone,
+    typically the test, still holds), then names remembered from earlier
+    calls for threads that are gone since.  Native ids are reused only
+    after the kernel's pid space wraps.
     """
-    found = None
     threads = list(threading.enumerate())
     dangling = getattr(threading, "_dangling", None)
     if dangling is not None:
         with suppress(RuntimeError):  # the WeakSet changed while we copied it
             threads += [t for t in list(dangling) if not t.is_alive()]
+    seen: dict[int, str] = {}
     for thread in threads:
         native = getattr(thread, "native_id", None)
-        if native is not None:
-            if native == tid and found is None:
-                found = thread.name
-            _names.setdefault(native, thread.name)
-    if found is not None:
-        _names[tid] = found
-        return found
-    return _names.get(tid)
+        if native is not None and native not in seen:
+            seen[native] = thread.name
+    _names.update(seen)
+    return {**_names, **seen}
+
+
+def thread_name(tid: int) -> str | None:
+    """The ``threading`` name of the thread with native id ``tid``, if known."""
+    return thread_names().get(tid)
 
 
 # ------------------------------------------------------- presentation
@@ -334,5 +340,6 @@ __all__ = [
     "parse_dump",
     "syscall_name",
     "thread_name",
+    "thread_names",
     "user_frames",
 ]

@@ -13,7 +13,7 @@ import weakref
 from contextlib import suppress
 
 from . import attribution
-from .attribution import thread_name
+from .attribution import thread_names
 from .engine import ENGINE
 from .errors import TrackingStoppedError
 from .memory import PAGE_SIZE
@@ -127,13 +127,14 @@ class SyncTracker:
 
     def _take(self, blob: bytes, overflow: int) -> None:
         self.overflow += overflow
+        names = thread_names() if blob else {}
         for raw in unpack_faults(blob):
             self._pending.append(
                 WriteRecord(
                     offset=raw.address - self._address,
                     exact=self._exact,
                     thread_id=raw.tid or None,
-                    thread_name=thread_name(raw.tid) if raw.tid else None,
+                    thread_name=names.get(raw.tid) if raw.tid else None,
                     time=raw.time_ns / 1e9,
                     seq=raw.seq,
                     **attribution.describe(raw, self._stack_note),
