@@ -527,6 +527,8 @@ handle_message(const struct uffd_msg *msg)
         H.unmatched++;
     }
     if (H.debug_fail_after > 0 && --H.debug_fail_after == 0) {
+        if (record)
+            store_record_locked(&r);
         fail_locked("injected handler error (test)", ECANCELED);
         pthread_mutex_unlock(&H.lock);
         return -1;
