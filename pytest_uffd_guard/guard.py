@@ -98,6 +98,12 @@ class GuardedBuffer(mmap.mmap):
 
     Raises :class:`~pytest_uffd_guard.errors.UffdUnavailableError` when the
     machine cannot guard memory, with the cause and the fix.
+
+    ``engine`` is ``"auto"`` (sync, or hybrid for very big buffers),
+    ``"sync"``, ``"async"``, ``"hybrid"`` or ``"diff"`` (no userfaultfd: a
+    byte comparison, blind to same-value writes and to the writer; the only
+    engine that runs where userfaultfd cannot) - see ``tracking.py``.
+    ``backing`` is ``"anonymous"``, ``"shmem"`` or ``"hugetlb"`` (``backing.py``).
     """
 
     name: str
@@ -117,8 +123,8 @@ class GuardedBuffer(mmap.mmap):
         backing: str = "anonymous",
         stacks: int | None = None,
     ) -> GuardedBuffer:
-        # Only the diff engine (asked for, or auto's fallback) runs off Linux.
-        if not sys.platform.startswith("linux") and engine not in ("auto", "diff"):
+        # Only the diff engine, asked for by name, runs off Linux.
+        if not sys.platform.startswith("linux") and engine != "diff":
             raise UnsupportedPlatformError(
                 f"guarded buffers need Linux userfaultfd; this is {sys.platform}",
                 "run on Linux; the pytest plugin skips guarded tests elsewhere",

@@ -19,10 +19,12 @@ kernel-side about seeing writes into it.  Engines:
     differ from the snapshot; blind to same-value writes and to the writer.
 ``auto``
     ``sync`` wherever userfaultfd write-protect works (it is the engine that
-    names the writer), else ``diff``; buffers of ``AUTO_HYBRID_BYTES`` or
-    more run ``hybrid`` where the kernel has WP_ASYNC, so their first
-    writers are still named.  ``async`` is never picked silently: it gives
-    up naming writers altogether, which is the user's call.
+    names the writer), else ``diff`` for the plugin's session choice
+    (``choose_engine``), while a ``GuardedBuffer`` made directly raises;
+    buffers of ``AUTO_HYBRID_BYTES`` or more run ``hybrid`` where the
+    kernel has WP_ASYNC, so their first writers are still named.
+    ``async`` is never picked silently: it gives up naming writers
+    altogether, which is the user's call.
 
 New engines implement the same protocol and are picked in ``make_tracker``.
 """
@@ -83,13 +85,22 @@ class Tracker(Protocol):
         """Why tracking stopped early (handler failure, fork), or None."""
 
 
-def choose_engine(requested: str = "auto", size: int | None = None) -> tuple[str, str]:
+def choose_engine(
+    requested: str = "auto", size: int | None = None, *, fallback: bool = True
+) -> tuple[str, str]:
     """The engine that ``requested`` resolves to on this machine, and why.
 
     Never raises for a known name: an engine that cannot run here is
-    returned with the reason, and ``make_tracker`` raises it when used.
-    The plugin's header prints both parts.  With ``size``, the answer for
-    a buffer of that many bytes (auto picks hybrid for very big ones).
+    returned with the reason (starting "unavailable: "), and
+    ``make_tracker`` raises it when used.  The plugin's header prints both
+    parts.  With ``size``, the answer for a buffer of that many bytes (auto
+    picks hybrid for very big ones).
+
+    ``fallback`` lets ``auto`` fall back to ``diff`` where userfaultfd is
+    unusable: that is the session-level choice the plugin makes once and
+    shows in its header.  A ``GuardedBuffer(engine="auto")`` made directly
+    resolves with ``fallback=False`` and raises instead, so library users
+    never lose write-protection without asking for ``engine="diff"``.
     """
     import sys
 
@@ -102,9 +113,12 @@ def choose_engine(requested: str = "auto", size: int | None = None) -> tuple[str
     if requested == "diff":
         return "diff", "requested; " + _diff_limits()
     if not sys.platform.startswith("linux"):
-        if requested == "auto":
-            return "diff", f"no userfaultfd on {sys.platform}; " + _diff_limits()
-        return requested, f"unavailable: userfaultfd exists only on Linux, not {sys.platform}"
+        if requested == "auto" and fallback:
+            return "diff", f"auto: no userfaultfd on {sys.platform}; " + _diff_limits()
+        return (
+            "sync" if requested == "auto" else requested,
+            f"unavailable: userfaultfd exists only on Linux, not {sys.platform}",
+        )
     caps = capabilities()
     if requested == "async":
         from .async_tracker import async_unavailable
@@ -142,7 +156,7 @@ def choose_engine(requested: str = "auto", size: int | None = None) -> tuple[str
                 )
             return "sync", f"auto: {how}; the sync engine names each writer"
         return "sync", f"requested; {how}"
-    if requested == "auto":
+    if requested == "auto" and fallback:
         return "diff", f"auto: userfaultfd unusable ({caps.reason}); " + _diff_limits()
     return "sync", f"unavailable: {caps.reason}"
 
@@ -181,26 +195,24 @@ def make_tracker(
     return.
     """
     requested = engine
-    engine, _ = choose_engine(engine, length)
+    engine, _ = choose_engine(engine, length, fallback=False)
     if engine != "diff" and backing != "anonymous":
         from .probe import capabilities
 
         caps = capabilities()
         if caps.available and not caps.has("wp_hugetlbfs_shmem"):
-            if requested == "auto":
-                engine = "diff"
-            else:
-                raise UffdUnavailableError(
-                    f"write-protecting {backing} memory needs UFFD_FEATURE_WP_HUGETLBFS_SHMEM "
-                    "(Linux 5.19+), which this kernel does not offer",
-                    "use backing='anonymous', or engine='diff' for this buffer",
-                )
+            raise UffdUnavailableError(
+                f"write-protecting {backing} memory needs UFFD_FEATURE_WP_HUGETLBFS_SHMEM "
+                "(Linux 5.19+), which this kernel does not offer",
+                "use backing='anonymous', or engine='diff' for this buffer",
+            )
     if requested == "auto" and engine in ("sync", "hybrid") and unit != PAGE_SIZE:
-        # The sync handler works in base pages; hugetlb goes async (6.7+) or diff.
+        # The sync handler works in base pages: hugetlb needs async (6.7+).
         from .async_tracker import async_unavailable
         from .probe import capabilities
 
-        engine = "diff" if async_unavailable(capabilities()) else "async"
+        if async_unavailable(capabilities()) is None:
+            engine = "async"
     tracker: Tracker
     if engine == "diff":
         from .diff_tracker import DiffTracker

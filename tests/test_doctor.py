@@ -208,12 +208,13 @@ def test_doctor_under_seccomp_filter(seccomp_deny: str) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_guarded_buffer_under_seccomp_falls_back_to_diff(seccomp_deny: str) -> None:
-    """Under the filter, a GuardedBuffer still works, on the diff engine."""
+def test_guarded_buffer_under_seccomp_runs_diff(seccomp_deny: str) -> None:
+    """Under the filter, the session's auto picks diff and a diff buffer works."""
     result = run_python(
         """
         from pytest_uffd_guard import GuardedBuffer
-        with GuardedBuffer(8192) as buf:
+        from pytest_uffd_guard.tracking import choose_engine
+        with GuardedBuffer(8192, engine=choose_engine("auto")[0]) as buf:
             buf[100] = 1
             print(buf.engine, [w.offset for w in buf.writes])
         """,

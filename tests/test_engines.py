@@ -301,18 +301,20 @@ def test_choose_engine_rejects_unknown() -> None:
 
 @pytest.mark.timeout(60)
 def test_auto_falls_back_to_diff_without_userfaultfd() -> None:
-    """With userfaultfd unusable, auto runs diff and explains; sync and async raise."""
+    """With userfaultfd unusable, the session's auto is diff (explained); buffers
+    run diff when asked by name, and every other engine raises."""
     result = run_python(
         """
         import json
         from pytest_uffd_guard import GuardedBuffer, UffdUnavailableError
         from pytest_uffd_guard.tracking import choose_engine
         out = {"choice": choose_engine("auto")}
-        with GuardedBuffer(8192) as buf:
+        out["strict"] = choose_engine("auto", fallback=False)
+        with GuardedBuffer(8192, engine=out["choice"][0]) as buf:
             buf[5000] = 1
             out["engine"] = buf.engine
             out["offsets"] = [w.offset for w in buf.writes]
-        for name in ("sync", "async"):
+        for name in ("sync", "async", "auto"):
             try:
                 GuardedBuffer(4096, engine=name)
             except UffdUnavailableError as exc:
@@ -326,8 +328,9 @@ def test_auto_falls_back_to_diff_without_userfaultfd() -> None:
     assert out["choice"][0] == "diff"
     assert "userfaultfd unusable" in out["choice"][1]
     assert out["engine"] == "diff" and out["offsets"] == [5000]
-    assert "write-protection" in out["sync"]
-    assert "write-protection" in out["async"]
+    assert out["strict"][0] == "sync" and out["strict"][1].startswith("unavailable: ")
+    for name in ("sync", "async", "auto"):
+        assert "write-protection" in out[name]
 
 
 @pytest.mark.timeout(60)
@@ -414,7 +417,7 @@ def test_first_changes_numpy_matches_byte_diff() -> None:
 
 @pytest.mark.timeout(60)
 def test_not_linux_runs_diff() -> None:
-    """Off Linux (simulated), auto runs diff; sync is refused with the reason."""
+    """Off Linux (simulated), the session's auto is diff; a buffer needs engine='diff'."""
     result = run_python(
         """
         import sys
@@ -422,17 +425,17 @@ def test_not_linux_runs_diff() -> None:
         from pytest_uffd_guard import GuardedBuffer, UnsupportedPlatformError
         from pytest_uffd_guard.tracking import choose_engine
         print(choose_engine("auto")[1])
-        with GuardedBuffer(8192) as buf:
+        with GuardedBuffer(8192, engine="diff") as buf:
             buf[4097] = 1
             print(buf.engine, [w.offset for w in buf.writes])
         try:
-            GuardedBuffer(4096, engine="sync")
+            GuardedBuffer(4096)
         except UnsupportedPlatformError as exc:
             print("refused:", exc.cause)
         """
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("no userfaultfd on darwin")
+    assert lines[0].startswith("auto: no userfaultfd on darwin")
     assert lines[1] == "diff [4097]"
     assert lines[2].startswith("refused: guarded buffers need Linux userfaultfd")

@@ -72,7 +72,7 @@ def test_shmem_buffer(engine: str) -> None:
 
 @pytest.mark.timeout(60)
 def test_shmem_without_wp_feature(uffd: None) -> None:
-    """As on Linux < 5.19: a clear error for sync/async; auto falls back to diff."""
+    """As on Linux < 5.19: a clear error naming the feature; diff still works."""
     result = run_python(
         """
         import json
@@ -82,8 +82,12 @@ def test_shmem_without_wp_feature(uffd: None) -> None:
             GuardedBuffer(4096, backing="shmem", engine="sync")
         except UffdUnavailableError as exc:
             out["sync"] = str(exc)
-        with GuardedBuffer(4096, backing="shmem") as buf:
-            out["auto"] = buf.engine
+        try:
+            GuardedBuffer(4096, backing="shmem")
+        except UffdUnavailableError as exc:
+            out["auto"] = exc.cause
+        with GuardedBuffer(4096, backing="shmem", engine="diff") as buf:
+            out["diff"] = buf.engine
         print(json.dumps(out))
         """,
         env={"PYTEST_UFFD_GUARD_HIDE_FEATURES": "wp_hugetlbfs_shmem"},
@@ -92,7 +96,8 @@ def test_shmem_without_wp_feature(uffd: None) -> None:
     out = json.loads(result.stdout)
     assert "UFFD_FEATURE_WP_HUGETLBFS_SHMEM (Linux 5.19+)" in out["sync"]
     assert "Fix: use backing='anonymous'" in out["sync"]
-    assert out["auto"] == "diff"
+    assert "WP_HUGETLBFS_SHMEM" in out["auto"]
+    assert out["diff"] == "diff"
 
 
 def test_unknown_backing() -> None:
@@ -146,9 +151,11 @@ def test_hugetlb_buffer(engine: str, huge_pages: int) -> None:
 
 @pytest.mark.timeout(60)
 def test_hugetlb_auto_and_sync(uffd: None, huge_pages: int) -> None:
-    """auto tracks hugetlb with async (or diff); sync says it cannot, and why."""
+    """auto tracks hugetlb with async (6.7+); sync says it cannot, and why."""
+    if async_unavailable(capabilities()):
+        pytest.skip(f"async engine unavailable: {async_unavailable(capabilities())}")
     with GuardedBuffer(huge_pages, backing="hugetlb") as buf:
-        assert buf.engine == ("diff" if async_unavailable(capabilities()) else "async")
+        assert buf.engine == "async"
     with pytest.raises(ValueError, match="sync engine cannot track hugetlb"):
         GuardedBuffer(huge_pages, backing="hugetlb", engine="sync")
 
