@@ -547,7 +547,7 @@ def diagnose(e2e: bool = True) -> Report:
     else:
         short_reason = (caps.reason or "userfaultfd is unavailable").split(" (")[0]
         report.verdict = (
-            f"NOT AVAILABLE: {short_reason}. Guarded buffers fall back to the diff engine "
+            f"NOT AVAILABLE: {short_reason}. With --uffd-engine=auto, tests run on the diff engine "
             "(a comparison at the end of the test: same-value writes and the writer are "
             "not seen)"
         )
