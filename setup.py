@@ -7,6 +7,7 @@ pure Python, imports, and reports userfaultfd as unavailable.
 import sys
 
 from setuptools import Extension, setup
+
 try:
     from setuptools.command.bdist_wheel import bdist_wheel
 except ImportError:  # setuptools < 70.1

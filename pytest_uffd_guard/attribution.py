@@ -70,25 +70,79 @@ SYSCALL_UNKNOWN = -2
 #: shown as "syscall N".
 SYSCALL_NAMES: dict[str, dict[int, str]] = {
     "x86_64": {
-        0: "read", 5: "fstat", 7: "poll", 16: "ioctl", 17: "pread64", 19: "readv",
-        22: "pipe", 23: "select", 43: "accept", 45: "recvfrom", 47: "recvmsg",
-        55: "getsockopt", 61: "wait4", 63: "uname", 70: "msgrcv", 79: "getcwd",
-        89: "readlink", 99: "sysinfo", 202: "futex", 217: "getdents64",
-        228: "clock_gettime", 232: "epoll_wait", 243: "mq_timedreceive",
-        262: "newfstatat", 267: "readlinkat", 271: "ppoll", 275: "splice",
-        278: "vmsplice", 281: "epoll_pwait", 288: "accept4", 293: "pipe2",
-        295: "preadv", 299: "recvmmsg", 310: "process_vm_readv", 318: "getrandom",
-        327: "preadv2", 332: "statx", 426: "io_uring_enter",
+        0: "read",
+        5: "fstat",
+        7: "poll",
+        16: "ioctl",
+        17: "pread64",
+        19: "readv",
+        22: "pipe",
+        23: "select",
+        43: "accept",
+        45: "recvfrom",
+        47: "recvmsg",
+        55: "getsockopt",
+        61: "wait4",
+        63: "uname",
+        70: "msgrcv",
+        79: "getcwd",
+        89: "readlink",
+        99: "sysinfo",
+        202: "futex",
+        217: "getdents64",
+        228: "clock_gettime",
+        232: "epoll_wait",
+        243: "mq_timedreceive",
+        262: "newfstatat",
+        267: "readlinkat",
+        271: "ppoll",
+        275: "splice",
+        278: "vmsplice",
+        281: "epoll_pwait",
+        288: "accept4",
+        293: "pipe2",
+        295: "preadv",
+        299: "recvmmsg",
+        310: "process_vm_readv",
+        318: "getrandom",
+        327: "preadv2",
+        332: "statx",
+        426: "io_uring_enter",
     },
     "generic": {
-        17: "getcwd", 22: "epoll_pwait", 29: "ioctl", 59: "pipe2", 61: "getdents64",
-        63: "read", 65: "readv", 67: "pread64", 69: "preadv", 73: "ppoll",
-        75: "vmsplice", 76: "splice", 78: "readlinkat", 79: "newfstatat", 80: "fstat",
-        98: "futex", 113: "clock_gettime", 160: "uname", 179: "sysinfo",
-        183: "mq_timedreceive", 188: "msgrcv", 202: "accept", 207: "recvfrom",
-        209: "getsockopt", 212: "recvmsg", 242: "accept4", 243: "recvmmsg",
-        260: "wait4", 270: "process_vm_readv", 278: "getrandom", 286: "preadv2",
-        291: "statx", 426: "io_uring_enter",
+        17: "getcwd",
+        22: "epoll_pwait",
+        29: "ioctl",
+        59: "pipe2",
+        61: "getdents64",
+        63: "read",
+        65: "readv",
+        67: "pread64",
+        69: "preadv",
+        73: "ppoll",
+        75: "vmsplice",
+        76: "splice",
+        78: "readlinkat",
+        79: "newfstatat",
+        80: "fstat",
+        98: "futex",
+        113: "clock_gettime",
+        160: "uname",
+        179: "sysinfo",
+        183: "mq_timedreceive",
+        188: "msgrcv",
+        202: "accept",
+        207: "recvfrom",
+        209: "getsockopt",
+        212: "recvmsg",
+        242: "accept4",
+        243: "recvmmsg",
+        260: "wait4",
+        270: "process_vm_readv",
+        278: "getrandom",
+        286: "preadv2",
+        291: "statx",
+        426: "io_uring_enter",
     },
 }
 _GENERIC_MACHINES = ("aarch64", "arm64", "riscv64", "loongarch64")
@@ -287,6 +341,7 @@ def thread_name(tid: int) -> str | None:
 
 # ------------------------------------------------------- presentation
 
+
 def _excluded_prefixes() -> tuple[str, ...]:
     here = os.path.dirname(os.path.abspath(__file__)) + os.sep
     paths = sysconfig.get_paths()
@@ -300,7 +355,9 @@ def _is_own_or_stdlib(filename: str) -> bool:
     path = os.path.abspath(filename)
     if "site-packages" in path or "dist-packages" in path:
         here = os.path.dirname(os.path.abspath(__file__))
-        return path.startswith(here + os.sep)
+        # pytest's and pluggy's frames only say "a test ran": never the writer.
+        runner = tuple(f"{os.sep}{name}{os.sep}" for name in ("_pytest", "pytest", "pluggy"))
+        return path.startswith(here + os.sep) or any(part in path for part in runner)
     return path.startswith(_excluded_prefixes())
 
 

@@ -31,6 +31,11 @@ import pytest
 from . import report
 from .report import ALLOWED, FORBIDDEN, REPORTED, ChangeInfo, Finding, Range, WriteInfo
 from .settings import (
+    DOCTOR_HELP,
+    DOCTOR_OPTION,
+    ENGINE_HELP,
+    ENGINE_INI,
+    ENGINE_OPTION,
     NO_REQUIRE_HELP,
     NO_REQUIRE_OPTION,
     REPORT_HELP,
@@ -39,6 +44,9 @@ from .settings import (
     REQUIRE_HELP,
     REQUIRE_INI,
     REQUIRE_OPTION,
+    STACKS_HELP,
+    STACKS_INI,
+    STACKS_OPTION,
     Settings,
     SettingsError,
     resolve,
@@ -91,8 +99,8 @@ EFAULT_HINT = (
 STATUS_LETTER = "W"
 STATUS_WORD = "WRITTEN"
 
-#: Engine names as shown in the header; another engine adds its label here.
-ENGINE_LABELS = {"sync": "sync (userfaultfd)"}
+#: Added to the skip reason when the default engine finds no userfaultfd.
+DIFF_HINT = f"or run with {ENGINE_OPTION}=diff to compare bytes instead (weaker: see docs)"
 
 PAGE_SIZE = mmap.PAGESIZE
 
@@ -166,20 +174,27 @@ def is_worker(config: pytest.Config) -> bool:
 
 
 def engine_request(config: pytest.Config) -> str:
-    """The engine the plugin asks GuardedBuffer for.
+    """The engine the plugin asks GuardedBuffer for (``--uffd-engine``).
 
-    ``sync`` unless an ``uffd_engine`` option says otherwise: the plugin's
-    contract (skip where userfaultfd is missing, name each writer) is the
-    sync engine's, so the library's "auto" fallback to diffing is not used
-    silently.
+    Under ``auto`` a machine without userfaultfd skips guarded tests (see
+    ``Manager._check_available``): the library's fallback to diffing is used
+    only when asked for by name, never silently.
     """
-    return str(getattr(config.option, "uffd_engine", None) or "sync")
+    return config.stash[settings_key].engine
+
+
+def engine_choice(config: pytest.Config) -> tuple[str, str]:
+    """The engine that runs, and why (for the header and the JSON)."""
+    from .tracking import choose_engine
+
+    return choose_engine(engine_request(config))
 
 
 def engine_name(config: pytest.Config) -> str:
     """The engine in use, as shown to users."""
-    name = engine_request(config)
-    return ENGINE_LABELS.get(name, name)
+    engine, _ = engine_choice(config)
+    requested = engine_request(config)
+    return engine if requested == engine else f"{engine} ({requested})"
 
 
 def unavailable_message(caps: Capabilities) -> str:
@@ -219,8 +234,27 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         const=False,
         help=NO_REQUIRE_HELP,
     )
+    group.addoption(
+        ENGINE_OPTION, dest="uffd_engine", default=None, metavar="ENGINE", help=ENGINE_HELP
+    )
+    group.addoption(STACKS_OPTION, dest="uffd_stacks", default=None, metavar="N", help=STACKS_HELP)
+    group.addoption(DOCTOR_OPTION, dest="uffd_doctor", action="store_true", help=DOCTOR_HELP)
     parser.addini(REPORT_INI, REPORT_HELP, type="string", default="")
     parser.addini(REQUIRE_INI, REQUIRE_HELP, type="bool", default=False)
+    parser.addini(ENGINE_INI, ENGINE_HELP, type="string", default="")
+    parser.addini(STACKS_INI, STACKS_HELP, type="string", default="")
+
+
+def pytest_cmdline_main(config: pytest.Config) -> int | None:
+    """``--uffd-doctor``: print the machine's report and exit."""
+    if not config.getoption("uffd_doctor"):
+        return None
+    from .doctor import diagnose, render
+
+    report_ = diagnose()
+    sys.stdout.write(render(report_))
+    sys.stdout.flush()
+    return 0 if report_.ok else 1
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -238,6 +272,10 @@ def get_settings(config: pytest.Config) -> Settings:
             ini_require=config.getini(REQUIRE_INI),
             invocation_dir=config.invocation_params.dir,
             ini_dir=config.inipath.parent if config.inipath else config.rootpath,
+            cli_engine=config.getoption("uffd_engine"),
+            ini_engine=config.getini(ENGINE_INI),
+            cli_stacks=config.getoption("uffd_stacks"),
+            ini_stacks=config.getini(STACKS_INI),
         )
     except SettingsError as exc:
         raise pytest.UsageError(str(exc)) from None
@@ -270,7 +308,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     if not caps.available:
         fate = "errors" if settings.require else "skipped"
         lines = [
-            f"uffd-guard: engine {engine}, kernel {kernel}, UNAVAILABLE "
+            f"uffd-guard: engine {engine_request(config)}, kernel {kernel}, UNAVAILABLE "
             f"(guarded tests are {fate}): {caps.reason}"
         ]
         if config.get_verbosity() > 0 and caps.remedy:
@@ -280,8 +318,11 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     line = f"uffd-guard: engine {engine}, kernel {kernel}, missing: {missing}"
     if caps.user_mode_only:
         line += "; user-mode only: kernel writes (readinto) fail with EFAULT"
+    if settings.stacks is not None:
+        line += f"; writer named for the first {settings.stacks} writes per buffer"
     lines = [line]
     if config.get_verbosity() > 0:
+        lines.append(f"uffd-guard: engine choice: {engine_choice(config)[1]}")
         lines.append(
             f"uffd-guard: opened by {caps.open_method}, kernel writes "
             f"{'seen' if caps.kernel_writes_seen else 'not seen'}, features: "
@@ -310,8 +351,9 @@ def _new_buffer(item: pytest.Item, source: Any, name: str) -> GuardedBuffer:
     from .errors import UffdUnavailableError
     from .guard import GuardedBuffer
 
+    settings = item.config.stash[settings_key]
     try:
-        return GuardedBuffer(source, name=name, engine=engine_request(item.config))
+        return GuardedBuffer(source, name=name, engine=settings.engine, stacks=settings.stacks)
     except UffdUnavailableError as exc:
         text = " ".join(f"{UNAVAILABLE_PREFIX}: {exc.cause}; fix: {exc.remedy}".split())
         if item.config.stash[settings_key].require:
@@ -498,12 +540,15 @@ class Manager:
     def _check_available(self) -> None:
         from .probe import capabilities
 
-        if engine_request(self.config) != "sync":
-            return  # other engines say so when a buffer is created
+        engine = engine_request(self.config)
+        if engine not in ("auto", "sync"):
+            return  # the other engines say so when a buffer is created
         caps = capabilities()
         if caps.available:
             return
         message = unavailable_message(caps)
+        if engine == "auto":
+            message += f"; {DIFF_HINT}"
         if self.settings.require:
             pytest.fail(f"{message} {REQUIRED_SUFFIX}", pytrace=False)
         pytest.skip(message)
@@ -584,7 +629,9 @@ class Manager:
         rep.sections.append(
             (
                 f"{report.SECTION_TITLE} ({call.when})",
-                report.finding_section(shown, None if verbose else report.ROW_LIMIT),
+                report.finding_section(
+                    shown, None if verbose else report.ROW_LIMIT, full_stacks=verbose
+                ),
             )
         )
         if call.when == "call" and any(f.failed for f in findings) and rep.passed:
@@ -678,9 +725,7 @@ class Manager:
                     status = ALLOWED
                 elif enforced:
                     status = FORBIDDEN
-            writes.append(
-                WriteInfo(record.offset, record.exact, record.thread_id, record.thread_name, status)
-            )
+            writes.append(WriteInfo.from_record(record, status))
         infos = []
         for change, (start, stop) in zip(changes, spans):
             status = REPORTED
@@ -775,8 +820,10 @@ class Manager:
         from .probe import capabilities
 
         caps = capabilities()
+        engine, why = engine_choice(self.config)
         header = {
-            "engine": engine_name(self.config),
+            "engine": engine,
+            "engine_reason": why,
             "kernel": caps.kernel,
             "available": caps.available,
             "capabilities": caps.as_dict(),

@@ -10,6 +10,18 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+
+def _short_path(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it."""
+    import os
+
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:
+        return path
+    return path if relative.startswith("..") else relative
+
+
 #: Layout of one record as the C core packs it (struct fault_record).
 RECORD_FORMAT = "<QQQIIQiI16s"
 RECORD_SIZE = struct.calcsize(RECORD_FORMAT)
@@ -27,7 +39,7 @@ class Frame:
     function: str
 
     def __str__(self) -> str:
-        return f"{self.filename}:{self.lineno} in {self.function}"
+        return f"{_short_path(self.filename)}:{self.lineno} in {self.function}"
 
 
 @dataclass(frozen=True)

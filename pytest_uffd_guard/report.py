@@ -54,8 +54,42 @@ class WriteInfo:
     thread_id: int | None
     thread_name: str | None
     status: str = REPORTED
+    #: One line naming the writer (thread, system call, innermost user frame).
+    description: str | None = None
+    #: The writer's Python stack, innermost first: (filename, lineno, function).
+    stack: tuple[tuple[str, int, str], ...] = ()
+    #: The innermost frames that are neither the plugin's nor the stdlib's.
+    user_stack: tuple[str, ...] = ()
+    syscall: str | None = None
+    has_python: bool | None = None
+    stack_note: str | None = None
+    thread_comm: str | None = None
+
+    @classmethod
+    def from_record(cls, record: Any, status: str) -> WriteInfo:
+        """Plain data from a ``WriteRecord`` (its writer named where captured)."""
+        from .attribution import describe_writer, user_frames
+
+        return cls(
+            offset=record.offset,
+            exact=record.exact,
+            thread_id=record.thread_id,
+            thread_name=record.thread_name,
+            status=status,
+            description=describe_writer(record),
+            stack=tuple((f.filename, f.lineno, f.function) for f in record.stack),
+            user_stack=tuple(str(f) for f in user_frames(record, 3)),
+            syscall=record.syscall,
+            has_python=record.has_python,
+            stack_note=record.stack_note,
+            thread_comm=record.thread_comm,
+        )
 
     def writer(self) -> str:
+        """The writer in one line: the thread, and where it wrote from if known."""
+        return self.description or self.thread_label()
+
+    def thread_label(self) -> str:
         if self.thread_id is None:
             return "unknown thread"
         if self.thread_name is None:
@@ -122,6 +156,13 @@ class Finding:
                     "thread_id": w.thread_id,
                     "thread_name": w.thread_name,
                     "status": w.status,
+                    "writer": w.description,
+                    "syscall": w.syscall,
+                    "has_python": w.has_python,
+                    "thread_comm": w.thread_comm,
+                    "stack": [{"filename": f, "lineno": n, "function": fn} for f, n, fn in w.stack],
+                    "stack_note": w.stack_note,
+                    "user_stack": list(w.user_stack),
                 }
                 for w in self.writes
             ],
@@ -151,7 +192,22 @@ class Finding:
             readonly=data["readonly"],
             allow=tuple((int(a), int(b)) for a, b in data.get("allow", ())),
             writes=tuple(
-                WriteInfo(w["offset"], w["exact"], w["thread_id"], w["thread_name"], w["status"])
+                WriteInfo(
+                    w["offset"],
+                    w["exact"],
+                    w["thread_id"],
+                    w["thread_name"],
+                    w["status"],
+                    description=w.get("writer"),
+                    stack=tuple(
+                        (f["filename"], f["lineno"], f["function"]) for f in w.get("stack", ())
+                    ),
+                    user_stack=tuple(w.get("user_stack", ())),
+                    syscall=w.get("syscall"),
+                    has_python=w.get("has_python"),
+                    stack_note=w.get("stack_note"),
+                    thread_comm=w.get("thread_comm"),
+                )
                 for w in data["writes"]
             ),
             changes=tuple(
@@ -278,8 +334,34 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def finding_section(findings: Sequence[Finding], limit: int | None = ROW_LIMIT) -> str:
-    """The titled section of a test's report: changed bytes and writes."""
+def _stack_lines(findings: Sequence[Finding], full: bool, limit: int | None) -> list[str]:
+    """Where each named write came from: the innermost user frames, or with
+    ``full`` the whole stack, innermost first."""
+    lines: list[str] = []
+    shown = 0
+    for f in findings:
+        for w in f.writes:
+            frames = (
+                [f"{name}:{line} in {func}" for name, line, func in w.stack]
+                if full
+                else list(w.user_stack)
+            )
+            if not frames:
+                continue
+            if limit is not None and shown >= limit:
+                return [*lines, "...more stacks (use -v to see all)"]
+            shown += 1
+            what = f" during system call {w.syscall}" if w.syscall else ""
+            lines.append(f"{f.buffer} offset {w.offset}{what}, innermost first:")
+            lines.extend(f"    {frame}" for frame in frames)
+    return lines
+
+
+def finding_section(
+    findings: Sequence[Finding], limit: int | None = ROW_LIMIT, full_stacks: bool = False
+) -> str:
+    """The titled section of a test's report: changed bytes, writes, and
+    where the named writes came from (``full_stacks``: every frame)."""
     change_rows = [
         [f.buffer, f.phase, c.offset, c.length, change_cell(c), c.status]
         for f in findings
@@ -308,9 +390,13 @@ def finding_section(findings: Sequence[Finding], limit: int | None = ROW_LIMIT) 
             parts.append(f"...and {hidden_changes} more changed ranges (use -v to see all)")
     if write_rows:
         parts.append("writes (first write into each page):")
-        parts.append(_table(write_rows, ["buffer", "phase", "offset", "thread", "status"]))
+        parts.append(_table(write_rows, ["buffer", "phase", "offset", "writer", "status"]))
         if hidden_writes:
             parts.append(f"...and {hidden_writes} more writes (use -v to see all)")
+        stacks = _stack_lines(findings, full_stacks, limit)
+        if stacks:
+            parts.append("writers' Python stacks:" if full_stacks else "written from:")
+            parts.extend(stacks)
     for f in findings:
         if f.overflowed:
             parts.append(f"{f.buffer!r}: {f.overflowed} more writes did not fit the record log")
@@ -355,7 +441,8 @@ def property_items(findings: Iterable[Finding]) -> list[tuple[str, str]]:
                 (
                     "uffd_write",
                     f"{f.buffer} {f.phase} offset={w.offset}{'' if w.exact else '(page)'} "
-                    f"thread={w.writer()} status={w.status}",
+                    f"thread={w.thread_label()} status={w.status}"
+                    + (f" from={w.user_stack[0]}" if w.user_stack else ""),
                 )
             )
         for c in f.changes:

@@ -24,6 +24,25 @@ REQUIRE_HELP = (
     "Make guarded tests errors instead of skips when userfaultfd write-protection is unavailable"
 )
 NO_REQUIRE_HELP = f"Skip guarded tests when userfaultfd is unavailable (overrides {REQUIRE_INI})"
+ENGINE_OPTION = "--uffd-engine"
+ENGINE_INI = "uffd_engine"
+#: Kept in step with tracking.ENGINES (tests check it); not imported from
+#: there so that loading the plugin stays cheap.
+ENGINES = ("auto", "sync", "async", "hybrid", "diff")
+ENGINE_HELP = (
+    "How writes are tracked: auto (default: sync, which names each writer, or hybrid for "
+    "buffers of 256 MiB and more; guarded tests are skipped where userfaultfd is unusable), "
+    "sync, async (Linux 6.7+: fast, writer unknown), hybrid (first writers named, then async) "
+    "or diff (no userfaultfd: compares bytes at the end; misses same-value writes)"
+)
+STACKS_OPTION = "--uffd-stacks"
+STACKS_INI = "uffd_stacks"
+STACKS_HELP = (
+    "Name the writer (Python stack, system call, thread) of the first N writes of each "
+    "guarded buffer; 0 turns it off (default 8)"
+)
+DOCTOR_OPTION = "--uffd-doctor"
+DOCTOR_HELP = "Print what this machine offers for guarded buffers, and why, then exit"
 
 _OFF = {"", "no", "off", "false", "0", "none"}
 _TRUE = {"1", "true", "yes", "on"}
@@ -41,6 +60,8 @@ class Settings:
     report_terminal: bool = False
     report_json: Path | None = None
     require: bool = False
+    engine: str = "auto"
+    stacks: int | None = None
 
     @property
     def report_only(self) -> bool:
@@ -78,6 +99,28 @@ def parse_bool(value: Any, where: str) -> bool:
     raise SettingsError(f"invalid boolean {value!r} from {where}: expected true or false")
 
 
+def parse_engine(value: str, where: str) -> str:
+    engine = value.strip().lower()
+    if engine not in ENGINES:
+        raise SettingsError(
+            f"invalid uffd engine {value!r} from {where}: expected one of {', '.join(ENGINES)}"
+        )
+    return engine
+
+
+def parse_stacks(value: Any, where: str) -> int:
+    try:
+        count = int(str(value).strip())
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise SettingsError(
+            f"invalid uffd stacks {value!r} from {where}: expected a whole number >= 0 "
+            "(0 turns writer naming off)"
+        )
+    return count
+
+
 def resolve(
     cli_report: str | None,
     ini_report: str,
@@ -85,6 +128,10 @@ def resolve(
     ini_require: Any,
     invocation_dir: Path,
     ini_dir: Path,
+    cli_engine: str | None = None,
+    ini_engine: str = "",
+    cli_stacks: str | None = None,
+    ini_stacks: str = "",
 ) -> Settings:
     """CLI first, then the ini file.  Raises SettingsError naming the source.
 
@@ -100,4 +147,21 @@ def resolve(
         require = cli_require
     else:
         require = parse_bool(ini_require, f"the ini key {REQUIRE_INI}")
-    return Settings(report_terminal=terminal, report_json=json_path, require=require)
+    if cli_engine is not None:
+        engine = parse_engine(cli_engine, f"the command line ({ENGINE_OPTION})")
+    elif ini_engine.strip():
+        engine = parse_engine(ini_engine, f"the ini key {ENGINE_INI}")
+    else:
+        engine = "auto"
+    stacks: int | None = None
+    if cli_stacks is not None:
+        stacks = parse_stacks(cli_stacks, f"the command line ({STACKS_OPTION})")
+    elif str(ini_stacks).strip():
+        stacks = parse_stacks(ini_stacks, f"the ini key {STACKS_INI}")
+    return Settings(
+        report_terminal=terminal,
+        report_json=json_path,
+        require=require,
+        engine=engine,
+        stacks=stacks,
+    )

@@ -72,7 +72,7 @@ def test_ctypes_memmove_fails_test(pytester: pytest.Pytester) -> None:
             "*buffer*phase*offset*length*before → after*status*",
             "frame*call*5*3*20776f → 58595a*forbidden*",
             "writes (first write into each page):",
-            "frame*call*MainThread (tid *)*forbidden*",
+            "frame*call*'MainThread' (tid *)*forbidden*",
         ]
     )
     assert result.ret == pytest.ExitCode.TESTS_FAILED

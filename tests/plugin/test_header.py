@@ -15,11 +15,9 @@ def test_header_one_line(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess()
     caps = capabilities()
     if caps.available:
-        expected = f"uffd-guard: engine sync (userfaultfd), kernel {os.uname().release}, missing: *"
+        expected = f"uffd-guard: engine sync (auto), kernel {os.uname().release}, missing: *"
     else:
-        expected = (
-            f"uffd-guard: engine sync (userfaultfd), kernel {os.uname().release}, UNAVAILABLE*"
-        )
+        expected = f"uffd-guard: engine auto, kernel {os.uname().release}, UNAVAILABLE*"
     result.stdout.fnmatch_lines([expected])
     assert len([line for line in result.stdout.lines if line.startswith("uffd-guard:")]) == 1
 
@@ -31,7 +29,7 @@ def test_header_verbose_detail(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("-v", "--uffd-report")
     result.stdout.fnmatch_lines(
         [
-            "uffd-guard: engine sync (userfaultfd)*",
+            "uffd-guard: engine sync (auto)*",
             "uffd-guard: opened by *, kernel writes *, features: pagefault_flag_wp*",
             "uffd-guard: mode: report only, require: False",
         ]
@@ -66,3 +64,34 @@ def test_header_user_mode_only(pytester: pytest.Pytester, monkeypatch: pytest.Mo
     result.stdout.fnmatch_lines(
         ["uffd-guard: *; user-mode only: kernel writes (readinto) fail with EFAULT"]
     )
+
+
+def test_engine_stacks_and_doctor_options(pytester: pytest.Pytester) -> None:
+    """--uffd-engine and --uffd-stacks reach the buffers; ini keys work; CLI wins;
+    bad values are usage errors naming their source; --uffd-doctor prints and exits."""
+    pytester.makeini("[pytest]\nuffd_engine = diff\nuffd_stacks = 0\n")
+    pytester.makepyfile(
+        """
+        def test_engine(guarded_buffer, request):
+            buf = guarded_buffer(4096, readonly=False)
+            buf[1] = 1
+            print("ENGINE", buf.engine, "STACK", len(buf.writes[0].stack))
+        """
+    )
+    result = pytester.runpytest_subprocess("-s")
+    result.stdout.fnmatch_lines(["*ENGINE diff STACK 0*"])
+    result = pytester.runpytest_subprocess("-s", "--uffd-engine=sync", "--uffd-stacks=4")
+    result.stdout.fnmatch_lines(["*ENGINE sync STACK [1-9]*"])
+    result = pytester.runpytest_subprocess("--uffd-engine=bogus")
+    result.stderr.fnmatch_lines(["*invalid uffd engine 'bogus' from the command line*"])
+    result = pytester.runpytest_subprocess("--uffd-stacks=-1")
+    result.stderr.fnmatch_lines(["*invalid uffd stacks '-1' from the command line*"])
+    result = pytester.runpytest_subprocess("--uffd-doctor")
+    result.stdout.fnmatch_lines(["*kernel*"])
+    assert "test_engine" not in result.stdout.str()
+
+
+def test_settings_engines_match_tracking() -> None:
+    from pytest_uffd_guard import settings, tracking
+
+    assert settings.ENGINES == tracking.ENGINES

@@ -29,7 +29,7 @@ def test_report_mode_does_not_fail_and_lists_writes(pytester: pytest.Pytester) -
         [
             f"*= {SUMMARY_TITLE} =*",
             "test*writer*",
-            "*test_writes*call*frame*2+1*MainThread (tid *)*reported*",
+            "*test_writes*call*frame*2+1*'MainThread' (tid *)*reported*",
         ]
     )
     result.stdout.no_fnmatch_line("*test_clean*call*")
@@ -60,7 +60,7 @@ def test_json_report(pytester: pytest.Pytester) -> None:
     result.stdout.no_fnmatch_line(f"*{SUMMARY_TITLE}*")
     data = json.loads((pytester.path / "out" / "report.json").read_text())
     assert data["schema"] == JSON_SCHEMA and data["version"] == JSON_VERSION
-    assert data["engine"] == "sync (userfaultfd)" and data["available"] is True
+    assert data["engine"] == "sync" and data["available"] is True
     (finding,) = data["findings"]
     assert finding["nodeid"] == "test_json_report.py::test_writes"
     assert finding["phase"] == "call" and finding["buffer"] == "frame"

@@ -39,8 +39,7 @@ def test_guarded_tests_skipped_with_reason(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=1, skipped=2)
     result.stdout.fnmatch_lines(
         [
-            "uffd-guard: engine sync (userfaultfd), kernel *, "
-            "UNAVAILABLE (guarded tests are skipped)*",
+            "uffd-guard: engine auto, kernel *, UNAVAILABLE (guarded tests are skipped)*",
             f"SKIPPED [[]2[]] *: {UNAVAILABLE_PREFIX}: this kernel has no userfaultfd "
             "write-protection*; fix: run on Linux 5.7 or newer*",
         ]
