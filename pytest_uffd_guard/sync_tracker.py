@@ -25,6 +25,7 @@ RECORD_SLACK = 64
 #: Upper bound on the default per-buffer log (32 bytes a record).
 MAX_DEFAULT_RECORDS = 1 << 20
 
+
 def _release_guard(gid: int) -> None:
     """Finalizer: forget a guard whose tracker was garbage-collected."""
     with suppress(Exception):  # interpreter shutdown may have torn things down

@@ -138,8 +138,16 @@ def pthread_writer(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
         pytest.skip("no C compiler to build the pthread helper")
     out = tmp_path_factory.mktemp("helpers") / "pthread_writer.so"
     subprocess.run(
-        [gcc, "-shared", "-fPIC", "-O1", "-pthread", "-o", str(out),
-         str(HELPERS / "pthread_writer.c")],
+        [
+            gcc,
+            "-shared",
+            "-fPIC",
+            "-O1",
+            "-pthread",
+            "-o",
+            str(out),
+            str(HELPERS / "pthread_writer.c"),
+        ],
         check=True,
     )
     lib = ctypes.CDLL(str(out))
@@ -272,9 +280,7 @@ def test_writes_from_many_threads_never_misattributed() -> None:
         buf[index * PAGE] = 1
 
     with GuardedBuffer(8 * PAGE, stacks=8) as buf:
-        threads = [
-            threading.Thread(target=writer, args=(buf, i), name=f"w{i}") for i in range(8)
-        ]
+        threads = [threading.Thread(target=writer, args=(buf, i), name=f"w{i}") for i in range(8)]
         for t in threads:
             t.start()
         for t in threads:
