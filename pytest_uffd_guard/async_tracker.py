@@ -18,12 +18,16 @@ from __future__ import annotations
 import os
 import threading
 from contextlib import suppress
+from typing import TYPE_CHECKING
 
 from .diff_tracker import PageLog, first_changes
 from .errors import TrackingStoppedError, UffdUnavailableError
 from .pagemap import Pagemap
 from .probe import FEATURES, Capabilities, capabilities, open_uffd
 from .records import WriteRecord
+
+if TYPE_CHECKING:
+    from .tracking import Region
 
 ASYNC_REMEDY = (
     "the async engine needs Linux 6.7+ (UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN); "
@@ -104,14 +108,7 @@ class AsyncTracker:
     name = "async"
 
     def __init__(
-        self,
-        *,
-        address: int,
-        length: int,
-        size: int,
-        max_records: int | None,
-        snapshot: int,
-        unit: int,
+        self, region: Region, *, max_records: int | None, stacks: int | None = None
     ) -> None:
         from . import _uffd
 
@@ -119,10 +116,11 @@ class AsyncTracker:
         ASYNC.start()
         self._fd = ASYNC.fd
         self._pagemap = ASYNC.pagemap
+        address, length = region.address, region.length
         self._address = address
         self._length = length
-        self._snapshot = snapshot
-        self._unit = unit
+        self._snapshot = region.snapshot
+        self._unit = region.unit
         self._pid = os.getpid()
         self._log = PageLog(max_records)
         self._paused = True

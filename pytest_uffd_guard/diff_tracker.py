@@ -17,8 +17,12 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from .records import WriteRecord
+
+if TYPE_CHECKING:
+    from .tracking import Region
 
 #: Why the diff engine is weaker; shown by the header, the doctor and docs.
 LIMITS = (
@@ -203,19 +207,12 @@ class DiffTracker:
     name = "diff"
 
     def __init__(
-        self,
-        *,
-        address: int,
-        length: int,
-        size: int,
-        max_records: int | None,
-        snapshot: int,
-        unit: int,
+        self, region: Region, *, max_records: int | None, stacks: int | None = None
     ) -> None:
-        self._address = address
-        self._length = length
-        self._snapshot = snapshot
-        self._unit = unit
+        self._address = region.address
+        self._length = region.length
+        self._snapshot = region.snapshot
+        self._unit = region.unit
         self._log = PageLog(max_records)
         self._paused = True
         self._closed = False

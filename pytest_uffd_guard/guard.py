@@ -28,7 +28,7 @@ from .errors import (
 )
 from .memory import PAGE_SIZE, address_of, anonymous_map, copy, round_up
 from .records import Change, WriteRecord
-from .tracking import Tracker, make_tracker
+from .tracking import Region, Tracker, make_tracker
 
 Source = Union[int, bytes, bytearray, memoryview, Any]
 
@@ -201,16 +201,11 @@ class GuardedBuffer(mmap.mmap):
             mmap.mmap.__setitem__(self, slice(0, self._size), view)
             copy(self._snapshot_address, self.address, self._size)
         try:
+            region = Region(
+                self.address, self._length, self._size, self._snapshot_address, self._unit
+            )
             self._tracker: Tracker = make_tracker(
-                engine,
-                address=self.address,
-                length=self._length,
-                size=self._size,
-                max_records=max_records,
-                snapshot=self._snapshot_address,
-                unit=self._unit,
-                backing=self.backing,
-                stacks=stacks,
+                engine, region, max_records=max_records, backing=self.backing, stacks=stacks
             )
         except BaseException:
             self._abandon()

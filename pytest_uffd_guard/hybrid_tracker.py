@@ -31,12 +31,16 @@ import os
 import threading
 import time
 import weakref
+from typing import TYPE_CHECKING
 
 from .async_tracker import AsyncTracker
 from .diff_tracker import first_changes, page_record
 from .errors import UffdGuardError
 from .records import WriteRecord
 from .sync_tracker import SyncTracker
+
+if TYPE_CHECKING:
+    from .tracking import Region
 
 #: Sync faults (pages) per buffer before it moves to the async engine.
 BUDGET = 1024
@@ -84,23 +88,15 @@ class HybridTracker:
     name = "hybrid"
 
     def __init__(
-        self,
-        *,
-        address: int,
-        length: int,
-        size: int,
-        max_records: int | None,
-        snapshot: int,
-        unit: int,
-        stacks: int | None = None,
+        self, region: Region, *, max_records: int | None, stacks: int | None = None
     ) -> None:
+        self._region = region
         self._stacks = stacks
-        self._address = address
-        self._length = length
-        self._size = size
+        self._address = region.address
+        self._length = region.length
         self._max_records = max_records
-        self._snapshot = snapshot
-        self._unit = unit
+        self._snapshot = region.snapshot
+        self._unit = region.unit
         self._lock = threading.RLock()
         self._pending: list[WriteRecord] = []
         self._seen: set[int] = set()
@@ -116,13 +112,7 @@ class HybridTracker:
         WATCHER.add(self)
 
     def _new_sync(self) -> SyncTracker:
-        return SyncTracker(
-            address=self._address,
-            length=self._length,
-            size=self._size,
-            max_records=self._max_records,
-            stacks=self._stacks,
-        )
+        return SyncTracker(self._region, max_records=self._max_records, stacks=self._stacks)
 
     @property
     def phase(self) -> str:
@@ -223,12 +213,8 @@ class HybridTracker:
         max_records = self._max_records
         try:
             tracker = AsyncTracker(
-                address=self._address,
-                length=self._length,
-                size=self._size,
+                self._region,
                 max_records=None if max_records is None else max(0, max_records - self._kept),
-                snapshot=self._snapshot,
-                unit=self._unit,
             )
             tracker._log.reported |= self._seen
             tracker.arm()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import weakref
 from contextlib import suppress
+from typing import TYPE_CHECKING
 
 from . import attribution
 from .attribution import thread_names
@@ -18,6 +19,9 @@ from .engine import ENGINE
 from .errors import TrackingStoppedError
 from .memory import PAGE_SIZE
 from .records import WriteRecord, unpack_faults
+
+if TYPE_CHECKING:
+    from .tracking import Region
 
 #: Records kept per buffer beyond one per page (duplicates from threads
 #: that fault on the same page at once, re-protection by unprotected()).
@@ -38,14 +42,9 @@ class SyncTracker:
     name = "sync"
 
     def __init__(
-        self,
-        *,
-        address: int,
-        length: int,
-        size: int,
-        max_records: int | None,
-        stacks: int | None = None,
+        self, region: Region, *, max_records: int | None, stacks: int | None = None
     ) -> None:
+        address, length = region.address, region.length
         self._address = address
         self._length = length
         self._pid = os.getpid()

@@ -31,6 +31,7 @@ New engines implement the same protocol and are picked in ``make_tracker``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from .errors import InvalidBufferError, UffdUnavailableError
@@ -173,111 +174,85 @@ def _diff_limits() -> str:
     return LIMITS
 
 
+@dataclass(frozen=True)
+class Region:
+    """The memory a tracker watches."""
+
+    #: Start of the mapping.
+    address: int
+    #: Mapped bytes: whole units.
+    length: int
+    #: Bytes in use (``len()`` of the buffer).
+    size: int
+    #: Address of the snapshot taken at arming (``length`` bytes).
+    snapshot: int
+    #: Page size of the mapping (a huge page for hugetlb).
+    unit: int = PAGE_SIZE
+
+
 def make_tracker(
     engine: str,
+    region: Region,
     *,
-    address: int,
-    length: int,
-    size: int,
     max_records: int | None,
-    snapshot: int,
-    unit: int = PAGE_SIZE,
     backing: str = "anonymous",
     stacks: int | None = None,
 ) -> Tracker:
-    """Start tracking ``length`` bytes at ``address`` (``size`` of them used).
+    """Start tracking ``region``, which must hold its initial contents and
+    not be protected yet; the tracker is armed on return.
 
-    The range must be populated with its initial contents already and not be
-    protected; ``snapshot`` is the address of the copy taken at arming
-    (``length`` bytes).  ``unit`` is the page size of the mapping (a huge page
-    for hugetlb).  ``stacks`` bounds how many writers are named (None: the
-    default; only the sync engine names writers).  The tracker is armed on
-    return.
+    ``stacks`` bounds how many writers are named (None: the default; only
+    the sync phase of the sync and hybrid engines names writers).
     """
-    requested = engine
-    engine, _ = choose_engine(engine, length, fallback=False)
-    if engine != "diff" and backing != "anonymous":
-        from .probe import capabilities
-
-        caps = capabilities()
-        if caps.available and not caps.has("wp_hugetlbfs_shmem"):
-            raise UffdUnavailableError(
-                f"write-protecting {backing} memory needs UFFD_FEATURE_WP_HUGETLBFS_SHMEM "
-                "(Linux 5.19+), which this kernel does not offer",
-                "use backing='anonymous', or engine='diff' for this buffer",
-            )
-    if requested == "auto" and engine in ("sync", "hybrid") and unit != PAGE_SIZE:
-        # The sync handler works in base pages: hugetlb needs async (6.7+).
-        from .async_tracker import async_unavailable
-        from .probe import capabilities
-
-        if async_unavailable(capabilities()) is None:
-            engine = "async"
-    tracker: Tracker
+    engine = _engine_for(engine, region, backing)
     if engine == "diff":
-        from .diff_tracker import DiffTracker
-
-        tracker = DiffTracker(
-            address=address,
-            length=length,
-            size=size,
-            max_records=max_records,
-            snapshot=snapshot,
-            unit=unit,
-        )
-    elif engine in ("async", "hybrid"):
-        from .async_tracker import AsyncTracker, async_unavailable
-        from .hybrid_tracker import HybridTracker
-
-        if engine == "hybrid":
-            from .probe import capabilities
-
-            reason = async_unavailable(capabilities())
-            if reason is not None:
-                raise UffdUnavailableError(
-                    f"the hybrid engine needs the async engine: {reason}",
-                    "use engine='sync' (or auto) on this kernel",
-                )
-            if unit != PAGE_SIZE:
-                raise InvalidBufferError(
-                    "the hybrid engine cannot track hugetlb buffers (its sync phase works "
-                    "in base pages)",
-                    "use engine='async' or engine='diff' for hugetlb buffers",
-                )
-        if engine == "hybrid":
-            tracker = HybridTracker(
-                address=address,
-                length=length,
-                size=size,
-                max_records=max_records,
-                snapshot=snapshot,
-                unit=unit,
-                stacks=stacks,
-            )
-        else:
-            tracker = AsyncTracker(
-                address=address,
-                length=length,
-                size=size,
-                max_records=max_records,
-                snapshot=snapshot,
-                unit=unit,
-            )
+        from .diff_tracker import DiffTracker as factory
+    elif engine == "async":
+        from .async_tracker import AsyncTracker as factory  # type: ignore[assignment]
+    elif engine == "hybrid":
+        from .hybrid_tracker import HybridTracker as factory  # type: ignore[assignment]
     else:
-        if unit != PAGE_SIZE:
-            raise InvalidBufferError(
-                "the sync engine cannot track hugetlb buffers yet "
-                "(its handler resolves faults in base pages)",
-                "use engine='async' (Linux 6.7+) or engine='diff' for hugetlb buffers",
-            )
-        from .sync_tracker import SyncTracker
-
-        tracker = SyncTracker(
-            address=address, length=length, size=size, max_records=max_records, stacks=stacks
-        )
+        from .sync_tracker import SyncTracker as factory  # type: ignore[assignment]
+    tracker: Tracker = factory(region, max_records=max_records, stacks=stacks)
     try:
         tracker.arm()
     except BaseException:
         tracker.close()
         raise
     return tracker
+
+
+def _engine_for(requested: str, region: Region, backing: str) -> str:
+    """The engine that tracks ``region``, or a clear error if none can."""
+    from .probe import capabilities
+
+    engine, _ = choose_engine(requested, region.length, fallback=False)
+    if engine == "diff":
+        return engine
+    caps = capabilities()
+    if backing != "anonymous" and caps.available and not caps.has("wp_hugetlbfs_shmem"):
+        raise UffdUnavailableError(
+            f"write-protecting {backing} memory needs UFFD_FEATURE_WP_HUGETLBFS_SHMEM "
+            "(Linux 5.19+), which this kernel does not offer",
+            "use backing='anonymous', or engine='diff' for this buffer",
+        )
+    huge = region.unit != PAGE_SIZE
+    if huge and requested == "auto" and engine in ("sync", "hybrid") and async_ok(caps):
+        # The sync handler works in base pages: hugetlb needs async (6.7+).
+        return "async"
+    if engine == "hybrid":
+        from .async_tracker import async_unavailable
+
+        reason = async_unavailable(caps)
+        if reason is not None:
+            raise UffdUnavailableError(
+                f"the hybrid engine needs the async engine: {reason}",
+                "use engine='sync' (or auto) on this kernel",
+            )
+    if huge and engine in ("sync", "hybrid"):
+        raise InvalidBufferError(
+            f"the {engine} engine cannot track hugetlb buffers yet "
+            "(its handler resolves faults in base pages)",
+            "use engine='async' (Linux 6.7+) or engine='diff' for hugetlb buffers",
+        )
+    return engine
