@@ -142,7 +142,8 @@ def test_doctor_hidden_features(uffd: None) -> None:
     )
     data = json.loads(result.stdout)
     features = rows(data, "features (UFFDIO_API)")
-    assert features["UFFD_FEATURE_WP_ASYNC"]["value"] == "hidden (env)"
+    # "hidden (env)" where the kernel has it, "no" on a kernel that lacks it.
+    assert features["UFFD_FEATURE_WP_ASYNC"]["value"] in ("hidden (env)", "no")
     problems = {p["problem"]: p["remedy"] for p in data["problems"]}
     assert any("WP_UNPOPULATED is missing" in p for p in problems)
     assert any("run Linux 6.7 or newer" in r for r in problems.values())

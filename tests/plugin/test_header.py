@@ -46,7 +46,8 @@ def test_header_names_hidden_feature(
     result = pytester.runpytest_subprocess("-v")
     result.stdout.fnmatch_lines(
         [
-            "uffd-guard: * missing: exact_address (Linux 5.18)",
+            # Other features may be missing too on an older kernel (6.1).
+            "uffd-guard: * missing: *exact_address (Linux 5.18)*",
             "*",
             "uffd-guard: without exact_address: writes are reported at page granularity*",
         ]
