@@ -98,13 +98,6 @@ class Engine:
         with self._lock:
             self._tracked.discard(buffer)
 
-    def state(self) -> dict[str, object]:
-        """The C handler's counters (faults, errors, ...) for this process."""
-        try:
-            return dict(self.core.handler_state())
-        except ImportError:
-            return {"running": False}
-
     def stop(self) -> None:
         """Stop tracking everything, free any blocked writer, stop the thread."""
         with self._lock:
