@@ -21,10 +21,11 @@ from contextlib import suppress
 from typing import TYPE_CHECKING
 
 from .diff_tracker import PageLog, first_changes
-from .errors import TrackingStoppedError, UffdUnavailableError
+from .errors import UffdUnavailableError
 from .pagemap import Pagemap
 from .probe import FEATURES, Capabilities, capabilities, open_uffd
 from .records import WriteRecord
+from .tracking import KernelTracked
 
 if TYPE_CHECKING:
     from .tracking import Region
@@ -102,7 +103,7 @@ class AsyncEngine:
 ASYNC = AsyncEngine()
 
 
-class AsyncTracker:
+class AsyncTracker(KernelTracked):
     """Tracks one range on the process's WP_ASYNC userfaultfd."""
 
     name = "async"
@@ -146,19 +147,6 @@ class AsyncTracker:
     @overflow.setter
     def overflow(self, value: int) -> None:
         self._log.overflow = value
-
-    @property
-    def stopped(self) -> str | None:
-        if self._pid != os.getpid():
-            return "this buffer was inherited across fork(); it is not tracked in the child"
-        return self._stopped
-
-    def _check(self) -> None:
-        reason = self.stopped
-        if reason is not None:
-            raise TrackingStoppedError(
-                f"the buffer is no longer tracked: {reason}", "create a new GuardedBuffer"
-            )
 
     def _protect(self, protect: bool) -> None:
         self._core.writeprotect(self._fd, self._address, self._length, protect)

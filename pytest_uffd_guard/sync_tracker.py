@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 from . import attribution
 from .attribution import thread_names
 from .engine import ENGINE
-from .errors import TrackingStoppedError
 from .memory import PAGE_SIZE
 from .records import WriteRecord, unpack_faults
+from .tracking import KernelTracked
 
 if TYPE_CHECKING:
     from .tracking import Region
@@ -36,7 +36,7 @@ def _release_guard(gid: int) -> None:
         ENGINE.core.guard_remove(gid)
 
 
-class SyncTracker:
+class SyncTracker(KernelTracked):
     """Tracks one range through the process's handler thread."""
 
     name = "sync"
@@ -67,19 +67,6 @@ class SyncTracker:
         self._exact = caps.has("exact_address")
         self._pending: list[WriteRecord] = []
         ENGINE.track(self)
-
-    @property
-    def stopped(self) -> str | None:
-        if self._pid != os.getpid():
-            return "this buffer was inherited across fork(); it is not tracked in the child"
-        return self._stopped
-
-    def _check(self) -> None:
-        reason = self.stopped
-        if reason is not None:
-            raise TrackingStoppedError(
-                f"the buffer is no longer tracked: {reason}", "create a new GuardedBuffer"
-            )
 
     def arm(self) -> None:
         self._check()

@@ -31,10 +31,11 @@ New engines implement the same protocol and are picked in ``make_tracker``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from .errors import InvalidBufferError, UffdUnavailableError
+from .errors import InvalidBufferError, TrackingStoppedError, UffdUnavailableError
 from .memory import PAGE_SIZE
 from .records import WriteRecord
 
@@ -84,6 +85,27 @@ class Tracker(Protocol):
     @property
     def stopped(self) -> str | None:
         """Why tracking stopped early (handler failure, fork), or None."""
+
+
+class KernelTracked:
+    """Stop state shared by the trackers that hold kernel registrations
+    (sync, async): a copy inherited across fork() is never tracked."""
+
+    _pid: int
+    _stopped: str | None
+
+    @property
+    def stopped(self) -> str | None:
+        if self._pid != os.getpid():
+            return "this buffer was inherited across fork(); it is not tracked in the child"
+        return self._stopped
+
+    def _check(self) -> None:
+        reason = self.stopped
+        if reason is not None:
+            raise TrackingStoppedError(
+                f"the buffer is no longer tracked: {reason}", "create a new GuardedBuffer"
+            )
 
 
 def choose_engine(
