@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from .diff_tracker import PageLog, first_changes
 from .errors import UffdUnavailableError
 from .pagemap import Pagemap
-from .probe import FEATURES, Capabilities, capabilities, open_uffd
+from .probe import FEATURES, Capabilities, capabilities, open_for
 from .records import WriteRecord
 from .tracking import KernelTracked
 
@@ -67,17 +67,10 @@ class AsyncEngine:
             reason = async_unavailable(caps)
             if reason is not None:
                 raise UffdUnavailableError(reason, caps.remedy or ASYNC_REMEDY)
-            assert caps.open_method is not None
             features = FEATURES["wp_async"] | FEATURES["wp_unpopulated"]
             if caps.has("wp_hugetlbfs_shmem"):
                 features |= FEATURES["wp_hugetlbfs_shmem"]
-            try:
-                fd = open_uffd(caps.open_method)
-            except OSError as exc:
-                raise UffdUnavailableError(
-                    f"opening the async userfaultfd ({caps.open_method}) failed: {exc.strerror}",
-                    caps.remedy,
-                ) from exc
+            fd = open_for(caps, "async userfaultfd")
             try:
                 from . import _uffd
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from .errors import UffdUnavailableError
 from .memory import PAGE_SIZE
-from .probe import Capabilities, capabilities, open_uffd
+from .probe import Capabilities, capabilities, open_for
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -69,14 +69,7 @@ class Engine:
             caps = capabilities()
             if not caps.available:
                 raise UffdUnavailableError(caps.reason or "userfaultfd is unavailable", caps.remedy)
-            assert caps.open_method is not None
-            try:
-                fd = open_uffd(caps.open_method)
-            except OSError as exc:
-                raise UffdUnavailableError(
-                    f"opening the userfaultfd ({caps.open_method}) failed: {exc.strerror}",
-                    caps.remedy,
-                ) from exc
+            fd = open_for(caps, "userfaultfd")
             try:
                 self.core.api(fd, caps.enabled_features)
                 self.core.handler_start(fd, PAGE_SIZE)

@@ -251,6 +251,23 @@ def open_uffd(method: str) -> int:
     return int(_uffd.open("dev" if method == "dev" else "syscall", open_flags(method)))
 
 
+def open_for(caps: Capabilities, what: str) -> int:
+    """Open a userfaultfd the way the probe found to work, for an engine.
+
+    ``what`` names it in the error ("userfaultfd", "async userfaultfd").
+    Raises UffdUnavailableError with the probe's remedy.
+    """
+    from .errors import UffdUnavailableError
+
+    assert caps.open_method is not None
+    try:
+        return open_uffd(caps.open_method)
+    except OSError as exc:
+        raise UffdUnavailableError(
+            f"opening the {what} ({caps.open_method}) failed: {exc.strerror}", caps.remedy
+        ) from exc
+
+
 def _unavailable(base: dict[str, Any], reason: str, remedy: str | None) -> Capabilities:
     return Capabilities(available=False, reason=reason, remedy=remedy, **base)
 
