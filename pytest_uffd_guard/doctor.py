@@ -39,6 +39,12 @@ from .probe import (
     Capabilities,
     probe,
 )
+from .tracking import (
+    KERNEL_WRITES_NAMED,
+    USER_MODE_ONLY_WRITERS,
+    EngineChoice,
+    choose_engine,
+)
 
 PAGE = mmap.PAGESIZE
 
@@ -90,8 +96,11 @@ class Report:
     sections: dict[str, list[Check]] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     verdict: str = ""
+    #: What ``--uffd-engine=auto`` does here (``tracking.choose_engine``).
     engine: str = ""
     engine_reason: str = ""
+    engine_usable: bool = False
+    kernel_writes: str = ""
     ok: bool = False
 
     def as_dict(self) -> dict[str, Any]:
@@ -364,8 +373,6 @@ def run_e2e_cases() -> list[dict[str, Any]]:
 
 def diagnose(e2e: bool = True) -> Report:
     """Probe this machine and explain what guarded buffers can do here."""
-    from .tracking import choose_engine
-
     caps = probe()
     report = Report()
     problems = report.problems
@@ -433,7 +440,10 @@ def diagnose(e2e: bool = True) -> Report:
                 "kernel writes (readinto, recv_into)",
                 "seen" if caps.kernel_writes_seen else "not seen",
                 OK if caps.kernel_writes_seen else WARN,
-                "user-mode-only fd: such syscalls fail with EFAULT" if caps.user_mode_only else "",
+                "user-mode-only fd: under write-protect they fail with EFAULT or come back "
+                "short; the async engine records them (WP_ASYNC)"
+                if caps.user_mode_only
+                else "",
             )
         )
     report.sections["opening a userfaultfd"] = opening
@@ -493,18 +503,22 @@ def diagnose(e2e: bool = True) -> Report:
         # The long open-failure story is told once, in its own table.
         return text.replace(caps.reason, "see 'opening a userfaultfd'") if caps.reason else text
 
-    engine, reason = choose_engine("auto")
-    report.engine, report.engine_reason = engine, reason
-    engines = [Check("auto picks", engine, OK if engine == "sync" else WARN, brief(reason))]
+    auto = choose_engine("auto", caps=caps)
+    report.engine, report.engine_reason = auto.runs, auto.reason
+    report.engine_usable, report.kernel_writes = auto.usable, auto.kernel_writes
+    full = auto.usable and auto.kernel_writes == KERNEL_WRITES_NAMED
+    engines = [
+        Check("auto picks", auto.runs, OK if full else WARN, brief(auto.reason)),
+        Check("kernel writes under auto", auto.kernel_writes, OK if full else WARN),
+    ]
     for name in ("sync", "async", "hybrid", "diff"):
-        _, why = choose_engine(name)
-        why = brief(why)
+        choice = choose_engine(name, caps=caps)
         engines.append(
             Check(
                 name,
-                "unavailable" if why.startswith("unavailable") else "available",
-                WARN if why.startswith("unavailable") else OK,
-                why.removeprefix("unavailable: ").removeprefix("requested; "),
+                "available" if choice.usable else "unavailable",
+                OK if choice.usable else WARN,
+                brief(choice.reason).removeprefix("requested; "),
             )
         )
     report.sections["engines"] = engines
@@ -518,14 +532,7 @@ def diagnose(e2e: bool = True) -> Report:
             )
     else:
         if caps.user_mode_only:
-            problems.append(
-                Problem(
-                    "the userfaultfd is user-mode only: writes made by the kernel inside "
-                    "system calls (readinto, recv_into) fail with EFAULT instead of being "
-                    "recorded",
-                    KERNEL_WRITES_REMEDY,
-                )
-            )
+            problems.append(Problem(_user_mode_only_problem(auto), KERNEL_WRITES_REMEDY))
         for missing in caps.missing:
             problems.append(
                 Problem(
@@ -538,20 +545,53 @@ def diagnose(e2e: bool = True) -> Report:
                     ),
                 )
             )
-    report.ok = caps.available
-    if caps.available:
-        report.verdict = (
-            f"READY: guarded buffers work here; auto runs the {engine} engine "
-            f"({caps.open_method}{', user-mode only' if caps.user_mode_only else ''})"
-        )
-    else:
-        short_reason = (caps.reason or "userfaultfd is unavailable").split(" (")[0]
-        report.verdict = (
-            f"NOT AVAILABLE: {short_reason}. With --uffd-engine=auto, tests run on the diff engine "
-            "(a comparison at the end of the test: same-value writes and the writer are "
-            "not seen)"
-        )
+    report.ok = auto.usable
+    report.verdict = _verdict(caps, auto)
     return report
+
+
+def _user_mode_only_problem(auto: EngineChoice) -> str:
+    text = (
+        "the userfaultfd is user-mode only: writes made by the kernel inside system calls "
+        "(readinto, recv_into) never reach a write-protect handler"
+    )
+    if auto.engine == "async":
+        return (
+            f"{text}; auto runs the async engine, which records them but names no writer; "
+            "--uffd-engine=sync or hybrid would make them fail with EFAULT or come back short"
+        )
+    return (
+        f"{text}, and the kernel has no WP_ASYNC (Linux 6.7+); auto runs the diff engine "
+        "(same-value writes and writers not seen); --uffd-engine=sync or hybrid would make "
+        "them fail with EFAULT or come back short"
+    )
+
+
+def _verdict(caps: Capabilities, auto: EngineChoice) -> str:
+    """Which case of the engine rule applies here, in one paragraph."""
+    if not auto.usable:
+        short_reason = (auto.reason or "userfaultfd is unavailable").split(" (")[0]
+        return (
+            f"NOT AVAILABLE: {short_reason}. With --uffd-engine=auto guarded tests are "
+            "skipped (errors with --uffd-require); --uffd-engine=diff runs them on a byte "
+            "comparison at the end of the test (same-value writes and the writer are not seen)"
+        )
+    opened = f"{caps.open_method}{', user-mode only' if caps.user_mode_only else ''}"
+    if auto.kernel_writes == KERNEL_WRITES_NAMED:
+        return (
+            f"READY: guarded buffers work here; auto runs the {auto.engine} engine ({opened}): "
+            "every write recorded with its writer, kernel writes (readinto) included"
+        )
+    if auto.engine == "async":
+        return (
+            f"READY, WRITERS NOT NAMED: auto runs the async engine ({opened}): every write is "
+            f"recorded, kernel writes (readinto) included, and none fails; {USER_MODE_ONLY_WRITERS}"
+        )
+    return (
+        f"READY, BYTE COMPARISON: auto runs the diff engine ({opened}, no WP_ASYNC): kernel "
+        "writes (readinto) work and are reported, same-value writes and writers are not seen; "
+        f"{auto.remedy}"
+    )
 
 
 # ----------------------------------------------------------------- render

@@ -54,8 +54,8 @@ from .settings import (
 
 if TYPE_CHECKING:
     from .guard import GuardedBuffer
-    from .probe import Capabilities
     from .records import WriteRecord
+    from .tracking import EngineChoice
 
 __all__ = ["GuardedBufferFactory", "guarded_buffer"]
 
@@ -176,32 +176,47 @@ def is_worker(config: pytest.Config) -> bool:
 def engine_request(config: pytest.Config) -> str:
     """The engine the plugin asks GuardedBuffer for (``--uffd-engine``).
 
-    Under ``auto`` a machine without userfaultfd skips guarded tests (see
-    ``Manager._check_available``): the library's fallback to diffing is used
-    only when asked for by name, never silently.
+    What it resolves to is ``tracking.choose_engine``'s answer, the same for
+    the skip (``Manager._check_available``), the header and the JSON: where
+    nothing can track, guarded tests are skipped; diffing runs only when
+    asked for by name.
     """
     return config.stash[settings_key].engine
 
 
 def engine_choice(config: pytest.Config) -> tuple[str, str]:
-    """The engine that runs, and why (for the header and the JSON)."""
+    """The session's engine and why, for the JSON header: the engine that
+    runs, or "none" with the skip's own message when nothing can.
+
+    A two-field view of ``tracking.choose_engine`` kept for the JSON writer;
+    new code should read the ``EngineChoice`` (``choose_engine(...).as_dict()``).
+    """
     from .tracking import choose_engine
 
-    return choose_engine(engine_request(config))
+    choice = choose_engine(engine_request(config))
+    if choice.usable:
+        return choice.engine, choice.reason
+    fate = "errors" if config.stash[settings_key].require else "skipped"
+    return choice.runs, f"guarded tests are {fate}: {unavailable_message(choice)}"
 
 
 def engine_name(config: pytest.Config) -> str:
-    """The engine in use, as shown to users."""
-    engine, _ = engine_choice(config)
+    """The engine in use, as shown to users: "sync (auto)", "diff"."""
+    from .tracking import choose_engine
+
     requested = engine_request(config)
+    engine = choose_engine(requested).runs
     return engine if requested == engine else f"{engine} ({requested})"
 
 
-def unavailable_message(caps: Capabilities) -> str:
-    """One line: why guarded buffers cannot be used and what to change."""
-    text = f"{UNAVAILABLE_PREFIX}: {caps.reason}"
-    if caps.remedy:
-        text += f"; fix: {caps.remedy}"
+def unavailable_message(choice: EngineChoice) -> str:
+    """One line: why guarded buffers cannot be tracked and what to change
+    (the skip reason, and the JSON's when nothing runs)."""
+    text = f"{UNAVAILABLE_PREFIX}: {choice.reason}"
+    if choice.remedy:
+        text += f"; fix: {choice.remedy}"
+    if not choice.misuse:
+        text += f"; {DIFF_HINT}"
     return " ".join(text.split())
 
 
@@ -300,34 +315,41 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     from .probe import capabilities
+    from .tracking import choose_engine
 
     caps = capabilities()
     settings = config.stash[settings_key]
-    engine = engine_name(config)
+    requested = engine_request(config)
+    choice = choose_engine(requested, caps=caps)
     kernel = caps.kernel or caps.platform
-    if not caps.available:
+    verbose = config.get_verbosity() > 0
+    if not choice.usable:
         fate = "errors" if settings.require else "skipped"
         lines = [
-            f"uffd-guard: engine {engine_request(config)}, kernel {kernel}, UNAVAILABLE "
-            f"(guarded tests are {fate}): {caps.reason}"
+            f"uffd-guard: engine {requested}, kernel {kernel}, UNAVAILABLE "
+            f"(guarded tests are {fate}): {choice.reason}"
         ]
-        if config.get_verbosity() > 0 and caps.remedy:
-            lines.append(f"uffd-guard: fix: {caps.remedy}")
+        if verbose and choice.remedy:
+            lines.append(f"uffd-guard: fix: {choice.remedy}")
         return lines
     missing = ", ".join(f"{m.feature} (Linux {m.since})" for m in caps.missing) or "nothing"
-    line = f"uffd-guard: engine {engine}, kernel {kernel}, missing: {missing}"
-    if caps.user_mode_only:
-        line += "; user-mode only: kernel writes (readinto) fail with EFAULT"
+    engine = choice.engine if requested == choice.engine else f"{choice.engine} ({requested})"
+    line = f"uffd-guard: engine {engine}, kernel {kernel}, missing: {missing}; {choice.summary}"
     if settings.stacks is not None:
         line += f"; writer named for the first {settings.stacks} writes per buffer"
     lines = [line]
-    if config.get_verbosity() > 0:
-        lines.append(f"uffd-guard: engine choice: {engine_choice(config)[1]}")
-        lines.append(
-            f"uffd-guard: opened by {caps.open_method}, kernel writes "
-            f"{'seen' if caps.kernel_writes_seen else 'not seen'}, features: "
-            + ", ".join(name for name, on in caps.features.items() if on)
-        )
+    if verbose:
+        lines.append(f"uffd-guard: engine choice: {choice.reason}")
+        lines.append(f"uffd-guard: kernel writes (readinto, recv_into): {choice.kernel_writes}")
+        if choice.remedy:
+            lines.append(f"uffd-guard: fix: {choice.remedy}")
+        if caps.available:
+            reach = "reach" if caps.kernel_writes_seen else "never reach (user-mode only)"
+            lines.append(
+                f"uffd-guard: opened by {caps.open_method}, kernel writes {reach} a "
+                "write-protect handler, features: "
+                + ", ".join(name for name, on in caps.features.items() if on)
+            )
         for m in caps.missing:
             lines.append(f"uffd-guard: without {m.feature}: {m.consequence}")
         mode = "report only" if settings.report_only else "fail on writes"
@@ -538,17 +560,12 @@ class Manager:
             item_state(item).marked = marked
 
     def _check_available(self) -> None:
-        from .probe import capabilities
+        from .tracking import choose_engine
 
-        engine = engine_request(self.config)
-        if engine not in ("auto", "sync"):
-            return  # the other engines say so when a buffer is created
-        caps = capabilities()
-        if caps.available:
+        choice = choose_engine(engine_request(self.config))
+        if choice.usable:
             return
-        message = unavailable_message(caps)
-        if engine == "auto":
-            message += f"; {DIFF_HINT}"
+        message = unavailable_message(choice)
         if self.settings.require:
             pytest.fail(f"{message} {REQUIRED_SUFFIX}", pytrace=False)
         pytest.skip(message)
@@ -641,6 +658,11 @@ class Manager:
         return rep
 
     def _user_mode_efault(self, item: pytest.Item, call: pytest.CallInfo[None]) -> bool:
+        """Did the test fail with EFAULT from a kernel write our engine broke?
+
+        Only the sync phase (sync, hybrid) of a user-mode-only userfaultfd
+        does that; auto never picks it there (``tracking.choose_engine``).
+        """
         import errno
 
         state = item.stash.get(item_state_key, None)
@@ -651,13 +673,21 @@ class Manager:
             return False
         from .probe import capabilities
 
-        return capabilities().user_mode_only
+        if not capabilities().user_mode_only:
+            return False
+        return any(
+            getattr(entry.buffer, "engine", None) in ("sync", "hybrid") for entry in state.entries
+        )
 
     def _efault_hint(self) -> str:
         from .probe import KERNEL_WRITES_REMEDY
+        from .tracking import choose_engine
 
+        auto = choose_engine("auto")
         return (
-            f"{EFAULT_HINT}.\nFix: {KERNEL_WRITES_REMEDY}; "
+            f"{EFAULT_HINT}.\nThe {engine_request(self.config)} engine was asked for by name "
+            f"({ENGINE_OPTION} / {ENGINE_INI}); auto runs {auto.runs} here "
+            f"({auto.summary}).\nFix: {ENGINE_OPTION}=auto; or {KERNEL_WRITES_REMEDY}; "
             "or fill the buffer inside `with buf.unprotected():`"
         )
 

@@ -155,10 +155,14 @@ class Capabilities:
 
     @property
     def kernel_writes_seen(self) -> bool:
-        """Whether writes made by the kernel (readinto, recv_into) are caught.
+        """Whether faults from writes made by the kernel (readinto, recv_into)
+        reach a write-protect handler (the sync engine and hybrid's sync phase).
 
-        With ``UFFD_USER_MODE_ONLY`` the kernel does not deliver them: the
-        system call fails with EFAULT instead.
+        With ``UFFD_USER_MODE_ONLY`` they do not: under those engines the
+        system call fails with EFAULT or comes back short.  WP_ASYNC faults
+        are resolved by the kernel itself, so the async engine records kernel
+        writes either way; which engine runs is ``tracking.choose_engine``'s
+        call (``EngineChoice.kernel_writes`` says what happens to them).
         """
         return self.available and not self.user_mode_only
 

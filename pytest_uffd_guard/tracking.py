@@ -18,13 +18,15 @@ kernel-side about seeing writes into it.  Engines:
     no userfaultfd (:mod:`pytest_uffd_guard.diff_tracker`): pages whose bytes
     differ from the snapshot; blind to same-value writes and to the writer.
 ``auto``
-    ``sync`` wherever userfaultfd write-protect works (it is the engine that
-    names the writer), else ``diff`` for the plugin's session choice
-    (``choose_engine``), while a ``GuardedBuffer`` made directly raises;
-    buffers of ``AUTO_HYBRID_BYTES`` or more run ``hybrid`` where the
-    kernel has WP_ASYNC, so their first writers are still named.
-    ``async`` is never picked silently: it gives up naming writers
-    altogether, which is the user's call.
+    decided by ``choose_engine`` (one place; the plugin's skip, header and
+    JSON, the doctor and every ``GuardedBuffer`` ask it): ``sync`` wherever
+    userfaultfd sees kernel faults (it names the writer), ``hybrid`` for
+    buffers of ``AUTO_HYBRID_BYTES`` or more and ``async`` for hugetlb where
+    the kernel has WP_ASYNC.  For a user-mode-only userfaultfd (unprivileged
+    users by default) ``async`` where WP_ASYNC exists, else ``diff``: under
+    sync, writes made by the kernel would fail with EFAULT.  Where
+    userfaultfd is unusable nothing runs: the plugin skips guarded tests and
+    a ``GuardedBuffer`` raises; ``diff`` must then be asked for by name.
 
 New engines implement the same protocol and are picked in ``make_tracker``.
 """
@@ -47,13 +49,6 @@ ENGINES = ("auto", "sync", "async", "hybrid", "diff")
 #: auto runs buffers at least this big on the hybrid engine where it exists:
 #: written in full under sync they would cost ~10 s per GiB in faults.
 AUTO_HYBRID_BYTES = 256 << 20
-
-#: Help text shared by the ``--uffd-engine`` option and the ``uffd_engine`` ini key.
-ENGINE_HELP = (
-    "How writes are tracked: auto (sync where userfaultfd write-protect works, "
-    "else diff), sync (names the writer), async (Linux 6.7+, fast, no writer) "
-    "or diff (no userfaultfd, compares bytes at the end)"
-)
 
 
 class Tracker(Protocol):
@@ -108,25 +103,103 @@ class KernelTracked:
             )
 
 
+#: What happens to writes made by the kernel inside system calls (readinto,
+#: recv_into) under an engine choice: the values of ``EngineChoice.kernel_writes``.
+KERNEL_WRITES_NAMED = "recorded, writer named"
+KERNEL_WRITES_UNNAMED = "recorded, writer not named"
+KERNEL_WRITES_COMPARED = "compared at the end (seen when they change bytes)"
+KERNEL_WRITES_BREAK = "fail with EFAULT or come back short, unrecorded"
+KERNEL_WRITES_NONE = "nothing is tracked"
+
+#: How an unprivileged user gets a userfaultfd that sees kernel faults (and names writers).
+FULL_UFFD_FIX = "give access to /dev/userfaultfd (Linux 6.1+) or set vm.unprivileged_userfaultfd=1"
+#: Why auto names no writer for an unprivileged user, and how to change it.
+NAME_WRITERS_REMEDY = f"{FULL_UFFD_FIX} to name them"
+USER_MODE_ONLY_WRITERS = (
+    f"writers are not named: this user's userfaultfd is user-mode only; {NAME_WRITERS_REMEDY}"
+)
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """The one answer to "which engine tracks this, and why" (``choose_engine``).
+
+    The plugin's skip, its header and JSON, the doctor and every
+    ``GuardedBuffer`` read this; none decides on its own.
+    """
+
+    #: What was asked for ("auto", "sync", ...).
+    requested: str
+    #: The engine that runs (when ``usable``) or would be needed (when not).
+    engine: str
+    #: Whether a buffer can be tracked this way here.
+    usable: bool
+    #: One sentence: why this engine, or why it cannot run.
+    reason: str
+    #: A few words for the plugin's one-line header.
+    summary: str
+    #: What to change for a better (or any) answer, if anything.
+    remedy: str | None = None
+    #: What happens to writes the kernel makes into a guarded buffer.
+    kernel_writes: str = KERNEL_WRITES_NAMED
+    #: Unusable because of the request itself (e.g. sync on hugetlb), not the machine.
+    misuse: bool = False
+
+    @property
+    def runs(self) -> str:
+        """The engine that runs, or "none" when nothing can track here."""
+        return self.engine if self.usable else "none"
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "engine": self.runs,
+            "engine_requested": self.requested,
+            "engine_usable": self.usable,
+            "engine_reason": self.reason,
+            "engine_remedy": self.remedy,
+            "kernel_writes": self.kernel_writes,
+        }
+
+    def check(self) -> None:
+        """Raise the project's error for an unusable choice."""
+        if self.usable:
+            return
+        if self.misuse:
+            raise InvalidBufferError(self.reason, self.remedy)
+        raise UffdUnavailableError(self.reason, self.remedy)
+
+
 def choose_engine(
-    requested: str = "auto", size: int | None = None, *, fallback: bool = True
-) -> tuple[str, str]:
+    requested: str = "auto",
+    size: int | None = None,
+    *,
+    unit: int = PAGE_SIZE,
+    backing: str = "anonymous",
+    caps: Capabilities | None = None,
+) -> EngineChoice:
     """The engine that ``requested`` resolves to on this machine, and why.
 
-    Never raises for a known name: an engine that cannot run here is
-    returned with the reason (starting "unavailable: "), and
-    ``make_tracker`` raises it when used.  The plugin's header prints both
-    parts.  With ``size``, the answer for a buffer of that many bytes (auto
-    picks hybrid for very big ones).
+    The only place that decides: ``make_tracker``, the plugin (skip,
+    header, JSON, EFAULT hint) and the doctor all ask here.  Never raises
+    for a known name; an engine that cannot run comes back with
+    ``usable=False`` and its reason and remedy (``EngineChoice.check``
+    raises them).  Without ``size`` the answer is the session's: what an
+    ordinary buffer gets.  ``unit`` is the mapping's page size (a huge page
+    for hugetlb), ``backing`` its memory kind.  The rule for ``auto``:
 
-    ``fallback`` lets ``auto`` fall back to ``diff`` where userfaultfd is
-    unusable: that is the session-level choice the plugin makes once and
-    shows in its header.  A ``GuardedBuffer(engine="auto")`` made directly
-    resolves with ``fallback=False`` and raises instead, so library users
-    never lose write-protection without asking for ``engine="diff"``.
+    * a userfaultfd that sees kernel faults: sync (it names the writer);
+      hybrid for buffers of ``AUTO_HYBRID_BYTES`` or more and async for
+      hugetlb, where the kernel has WP_ASYNC;
+    * user-mode only (an unprivileged user with vm.unprivileged_userfaultfd=0
+      and no /dev/userfaultfd) with WP_ASYNC: async for every buffer, since
+      the kernel resolves async faults itself, so kernel writes are recorded
+      and nothing fails; writers are not named;
+    * user-mode only without WP_ASYNC (5.11-6.6): diff, by choice: write
+      protection would make kernel writes fail with EFAULT or come back
+      short, a byte comparison changes nothing the program sees;
+    * no usable userfaultfd: unusable (the plugin skips; ``engine="diff"``
+      must be asked for by name).
     """
-    import sys
-
     from .probe import capabilities
 
     if requested not in ENGINES:
@@ -134,60 +207,207 @@ def choose_engine(
             f"unknown engine {requested!r}", f"use one of: {', '.join(ENGINES)}"
         )
     if requested == "diff":
-        return "diff", "requested; " + _diff_limits()
-    if not sys.platform.startswith("linux"):
-        if requested == "auto" and fallback:
-            return "diff", f"auto: no userfaultfd on {sys.platform}; " + _diff_limits()
-        return (
-            "sync" if requested == "auto" else requested,
-            f"unavailable: userfaultfd exists only on Linux, not {sys.platform}",
+        return EngineChoice(
+            requested,
+            "diff",
+            True,
+            "requested; " + _diff_limits(),
+            "requested: bytes compared at the end; same-value writes and writers not seen",
+            kernel_writes=KERNEL_WRITES_COMPARED,
         )
-    caps = capabilities()
-    if requested == "async":
-        from .async_tracker import async_unavailable
+    if caps is None:
+        caps = capabilities()
+    if not caps.available:
+        return EngineChoice(
+            requested,
+            "sync" if requested == "auto" else requested,
+            False,
+            caps.reason or "userfaultfd is unavailable",
+            "userfaultfd unusable",
+            caps.remedy,
+            KERNEL_WRITES_NONE,
+        )
+    huge = unit != PAGE_SIZE
+    async_reason = _async_unavailable(caps)
+    how = f"userfaultfd write-protect via {caps.open_method}"
+    if requested == "auto":
+        choice = _auto(caps, how, size, huge, async_reason)
+    elif requested == "async":
+        choice = _requested_async(async_reason)
+    else:
+        choice = _requested_sync(requested, caps, how, async_reason)
+    if not choice.usable or choice.engine == "diff":
+        return choice
+    if huge and choice.engine in ("sync", "hybrid"):
+        return EngineChoice(
+            requested,
+            choice.engine,
+            False,
+            f"the {choice.engine} engine cannot track hugetlb buffers yet "
+            "(its handler resolves faults in base pages)",
+            "hugetlb needs the async engine",
+            "use engine='async' (Linux 6.7+) or engine='diff' for hugetlb buffers",
+            KERNEL_WRITES_NONE,
+            misuse=requested != "auto",
+        )
+    if backing != "anonymous" and not caps.has("wp_hugetlbfs_shmem"):
+        return EngineChoice(
+            requested,
+            choice.engine,
+            False,
+            f"write-protecting {backing} memory needs UFFD_FEATURE_WP_HUGETLBFS_SHMEM "
+            "(Linux 5.19+), which this kernel does not offer",
+            f"{backing} needs WP_HUGETLBFS_SHMEM",
+            "use backing='anonymous', or engine='diff' for this buffer",
+            KERNEL_WRITES_NONE,
+        )
+    return choice
 
-        reason = async_unavailable(caps)
-        if reason is not None:
-            return "async", f"unavailable: {reason}"
-        return "async", "requested; WP_ASYNC + PAGEMAP_SCAN: writes never block, writer unknown"
+
+def _auto(
+    caps: Capabilities, how: str, size: int | None, huge: bool, async_reason: str | None
+) -> EngineChoice:
+    big = AUTO_HYBRID_BYTES >> 20
+    if caps.user_mode_only:
+        if async_reason is None:
+            return EngineChoice(
+                "auto",
+                "async",
+                True,
+                f"auto: {how} is user-mode only (under sync, kernel writes would fail) and "
+                "the kernel has WP_ASYNC: the async engine records every write, kernel "
+                f"writes (readinto, recv_into) included; {USER_MODE_ONLY_WRITERS}",
+                "user-mode-only userfaultfd: every write recorded, kernel writes too; "
+                "writers not named",
+                f"to name writers, {FULL_UFFD_FIX}",
+                KERNEL_WRITES_UNNAMED,
+            )
+        return EngineChoice(
+            "auto",
+            "diff",
+            True,
+            f"auto: {how} is user-mode only and the kernel has no WP_ASYNC (Linux 6.7+): "
+            "write-protection would make kernel writes (readinto, recv_into) fail with "
+            "EFAULT or come back short, so the diff engine compares bytes instead: kernel "
+            "writes work and are reported; same-value writes and writer names are not seen; "
+            f"{FULL_UFFD_FIX} to have writes "
+            "write-protected and writers named",
+            "user-mode-only userfaultfd without WP_ASYNC: bytes compared at the end, kernel "
+            "writes work; same-value writes and writers not seen",
+            f"{FULL_UFFD_FIX}, or run Linux 6.7+ (WP_ASYNC: every write recorded)",
+            KERNEL_WRITES_COMPARED,
+        )
+    how += ", kernel faults included"
+    if async_reason is None:
+        if huge:
+            return EngineChoice(
+                "auto",
+                "async",
+                True,
+                f"auto: {how}; hugetlb buffers run async (the sync handler works in base "
+                "pages): every write recorded, writers not named",
+                "hugetlb: every write recorded, writers not named",
+                kernel_writes=KERNEL_WRITES_UNNAMED,
+            )
+        if size is not None and size >= AUTO_HYBRID_BYTES:
+            return EngineChoice(
+                "auto",
+                "hybrid",
+                True,
+                f"auto: {how}; a buffer of {big} MiB or more runs hybrid: its first "
+                "writers named, the rest at async cost",
+                f"a buffer of {big} MiB or more: first writers named, the rest at async cost",
+            )
+        return EngineChoice(
+            "auto",
+            "sync",
+            True,
+            f"auto: {how}; the sync engine names each writer, kernel writes too "
+            f"(hybrid for buffers of {big} MiB or more, async for hugetlb)",
+            f"writers named (hybrid for buffers of {big} MiB or more, async for hugetlb)",
+        )
+    return EngineChoice(
+        "auto",
+        "sync",
+        True,
+        f"auto: {how}; the sync engine names each writer, kernel writes too",
+        "writers named",
+    )
+
+
+def _requested_async(async_reason: str | None) -> EngineChoice:
+    from .async_tracker import ASYNC_REMEDY
+
+    if async_reason is not None:
+        return EngineChoice(
+            "async",
+            "async",
+            False,
+            async_reason,
+            "async needs Linux 6.7+",
+            ASYNC_REMEDY,
+            KERNEL_WRITES_NONE,
+        )
+    return EngineChoice(
+        "async",
+        "async",
+        True,
+        "requested; WP_ASYNC + PAGEMAP_SCAN: writes never block, writer unknown",
+        "requested: every write recorded, writers not named",
+        kernel_writes=KERNEL_WRITES_UNNAMED,
+    )
+
+
+def _requested_sync(
+    requested: str, caps: Capabilities, how: str, async_reason: str | None
+) -> EngineChoice:
+    from .probe import KERNEL_WRITES_REMEDY
+
     if requested == "hybrid":
-        from .async_tracker import async_unavailable
         from .hybrid_tracker import BUDGET
 
-        reason = async_unavailable(caps)
-        if reason is not None:
-            return "hybrid", f"unavailable: {reason}"
-        return "hybrid", (
+        if async_reason is not None:
+            return EngineChoice(
+                "hybrid",
+                "hybrid",
+                False,
+                f"the hybrid engine needs the async engine: {async_reason}",
+                "hybrid needs Linux 6.7+",
+                "use engine='sync' (or auto) on this kernel",
+                KERNEL_WRITES_NONE,
+            )
+        why = (
             f"requested; the first {BUDGET} pages written per buffer are named (sync), "
             "then tracking goes on at async cost"
         )
-    if caps.available:
-        how = f"userfaultfd write-protect via {caps.open_method}"
-        if caps.user_mode_only:
-            how += " (user-mode only: writes made by the kernel are not seen)"
-        if requested == "auto":
-            if async_ok(caps):
-                big = AUTO_HYBRID_BYTES >> 20
-                if size is not None and size >= AUTO_HYBRID_BYTES:
-                    return "hybrid", (
-                        f"auto: {how}; a buffer of {big} MiB or more runs hybrid: "
-                        "its first writers named, the rest at async cost"
-                    )
-                return "sync", (
-                    f"auto: {how}; the sync engine names each writer "
-                    f"(hybrid for buffers of {big} MiB or more)"
-                )
-            return "sync", f"auto: {how}; the sync engine names each writer"
-        return "sync", f"requested; {how}"
-    if requested == "auto" and fallback:
-        return "diff", f"auto: userfaultfd unusable ({caps.reason}); " + _diff_limits()
-    return "sync", f"unavailable: {caps.reason}"
+        summary = "requested: first writers named, the rest at async cost"
+    else:
+        why = f"requested; {how}: the sync engine names each writer"
+        summary = "requested: writers named"
+    if caps.user_mode_only:
+        better = "async" if async_reason is None else "diff"
+        return EngineChoice(
+            requested,
+            requested,
+            True,
+            f"{why}; but this userfaultfd is user-mode only: writes made by the kernel into "
+            "guarded buffers (readinto, recv_into) fail with EFAULT or come back short, "
+            f"unrecorded (auto would run {better} here and change nothing)",
+            "user-mode only: kernel writes (readinto) fail with EFAULT or come back short",
+            KERNEL_WRITES_REMEDY,
+            KERNEL_WRITES_BREAK,
+        )
+    return EngineChoice(requested, requested, True, why + ", kernel writes too", summary)
 
 
 def async_ok(caps: Capabilities) -> bool:
+    return _async_unavailable(caps) is None
+
+
+def _async_unavailable(caps: Capabilities) -> str | None:
     from .async_tracker import async_unavailable
 
-    return async_unavailable(caps) is None
+    return async_unavailable(caps)
 
 
 def _diff_limits() -> str:
@@ -226,7 +446,9 @@ def make_tracker(
     ``stacks`` bounds how many writers are named (None: the default; only
     the sync phase of the sync and hybrid engines names writers).
     """
-    engine = _engine_for(engine, region, backing)
+    choice = choose_engine(engine, region.length, unit=region.unit, backing=backing)
+    choice.check()
+    engine = choice.engine
     if engine == "diff":
         from .diff_tracker import DiffTracker as factory
     elif engine == "async":
@@ -242,39 +464,3 @@ def make_tracker(
         tracker.close()
         raise
     return tracker
-
-
-def _engine_for(requested: str, region: Region, backing: str) -> str:
-    """The engine that tracks ``region``, or a clear error if none can."""
-    from .probe import capabilities
-
-    engine, _ = choose_engine(requested, region.length, fallback=False)
-    if engine == "diff":
-        return engine
-    caps = capabilities()
-    if backing != "anonymous" and caps.available and not caps.has("wp_hugetlbfs_shmem"):
-        raise UffdUnavailableError(
-            f"write-protecting {backing} memory needs UFFD_FEATURE_WP_HUGETLBFS_SHMEM "
-            "(Linux 5.19+), which this kernel does not offer",
-            "use backing='anonymous', or engine='diff' for this buffer",
-        )
-    huge = region.unit != PAGE_SIZE
-    if huge and requested == "auto" and engine in ("sync", "hybrid") and async_ok(caps):
-        # The sync handler works in base pages: hugetlb needs async (6.7+).
-        return "async"
-    if engine == "hybrid":
-        from .async_tracker import async_unavailable
-
-        reason = async_unavailable(caps)
-        if reason is not None:
-            raise UffdUnavailableError(
-                f"the hybrid engine needs the async engine: {reason}",
-                "use engine='sync' (or auto) on this kernel",
-            )
-    if huge and engine in ("sync", "hybrid"):
-        raise InvalidBufferError(
-            f"the {engine} engine cannot track hugetlb buffers yet "
-            "(its handler resolves faults in base pages)",
-            "use engine='async' (Linux 6.7+) or engine='diff' for hugetlb buffers",
-        )
-    return engine
