@@ -267,30 +267,38 @@ def test_hybrid_names_first_writers_then_finds_every_page(
         assert record.exact and record.offset == 5
 
 
+def _full_uffd() -> None:
+    if capabilities().user_mode_only:
+        pytest.skip("user-mode-only userfaultfd: auto runs async or diff (tests/hostile)")
+
+
 def test_choose_engine_auto_prefers_sync(uffd: None) -> None:
-    """auto picks sync where userfaultfd works, and says why."""
-    engine, reason = choose_engine("auto")
-    assert engine == "sync"
-    assert reason.startswith("auto: userfaultfd write-protect via")
+    """auto picks sync where userfaultfd sees kernel faults, and says why."""
+    _full_uffd()
+    choice = choose_engine("auto")
+    assert choice.usable and choice.engine == "sync"
+    assert choice.reason.startswith("auto: userfaultfd write-protect via")
 
 
 def test_choose_engine_auto_big_buffers_run_hybrid(uffd: None) -> None:
     """auto runs buffers of AUTO_HYBRID_BYTES or more hybrid where WP_ASYNC exists."""
     from pytest_uffd_guard.tracking import AUTO_HYBRID_BYTES
 
-    engine, reason = choose_engine("auto", AUTO_HYBRID_BYTES)
+    _full_uffd()
+    choice = choose_engine("auto", AUTO_HYBRID_BYTES)
     if async_unavailable(capabilities()):
-        assert engine == "sync"
+        assert choice.engine == "sync"
     else:
-        assert engine == "hybrid" and "first writers named" in reason
-        assert choose_engine("auto", AUTO_HYBRID_BYTES - PAGE)[0] == "sync"
+        assert choice.engine == "hybrid" and "first writers named" in choice.reason
+        assert choose_engine("auto", AUTO_HYBRID_BYTES - PAGE).engine == "sync"
         with GuardedBuffer(AUTO_HYBRID_BYTES) as buf:
             assert buf.engine == "hybrid"
 
 
 def test_choose_engine_diff_says_its_limits() -> None:
-    engine, reason = choose_engine("diff")
-    assert engine == "diff"
+    choice = choose_engine("diff")
+    engine, reason = choice.engine, choice.reason
+    assert engine == "diff" and choice.usable
     assert "value already there is not seen" in reason and "writer is unknown" in reason
 
 
@@ -300,17 +308,17 @@ def test_choose_engine_rejects_unknown() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_auto_falls_back_to_diff_without_userfaultfd() -> None:
-    """With userfaultfd unusable, the session's auto is diff (explained); buffers
-    run diff when asked by name, and every other engine raises."""
+def test_auto_without_userfaultfd_is_unusable() -> None:
+    """With userfaultfd unusable, auto cannot run (the plugin skips, explained);
+    buffers run diff when asked by name, and every other engine raises."""
     result = run_python(
         """
         import json
         from pytest_uffd_guard import GuardedBuffer, UffdUnavailableError
         from pytest_uffd_guard.tracking import choose_engine
-        out = {"choice": choose_engine("auto")}
-        out["strict"] = choose_engine("auto", fallback=False)
-        with GuardedBuffer(8192, engine=out["choice"][0]) as buf:
+        choice = choose_engine("auto")
+        out = {"choice": [choice.runs, choice.usable, choice.reason]}
+        with GuardedBuffer(8192, engine="diff") as buf:
             buf[5000] = 1
             out["engine"] = buf.engine
             out["offsets"] = [w.offset for w in buf.writes]
@@ -325,10 +333,9 @@ def test_auto_falls_back_to_diff_without_userfaultfd() -> None:
     )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
-    assert out["choice"][0] == "diff"
-    assert "userfaultfd unusable" in out["choice"][1]
+    assert out["choice"][:2] == ["none", False]
+    assert "write-protection" in out["choice"][2]
     assert out["engine"] == "diff" and out["offsets"] == [5000]
-    assert out["strict"][0] == "sync" and out["strict"][1].startswith("unavailable: ")
     for name in ("sync", "async", "auto"):
         assert "write-protection" in out[name]
 
@@ -341,7 +348,8 @@ def test_async_unavailable_before_6_7(uffd: None) -> None:
         import json
         from pytest_uffd_guard import GuardedBuffer, UffdUnavailableError
         from pytest_uffd_guard.tracking import choose_engine
-        out = {"choice": choose_engine("async")}
+        choice = choose_engine("async")
+        out = {"choice": [choice.engine, choice.usable, choice.reason]}
         try:
             GuardedBuffer(4096, engine="async")
         except UffdUnavailableError as exc:
@@ -355,7 +363,8 @@ def test_async_unavailable_before_6_7(uffd: None) -> None:
     out = json.loads(result.stdout)
     assert out["choice"] == [
         "async",
-        "unavailable: this kernel has no UFFD_FEATURE_WP_ASYNC (Linux 6.7+)",
+        False,
+        "this kernel has no UFFD_FEATURE_WP_ASYNC (Linux 6.7+)",
     ]
     assert "WP_ASYNC" in out["error"] and "Fix:" in out["error"]
     assert out["auto"] == "sync"
@@ -417,14 +426,15 @@ def test_first_changes_numpy_matches_byte_diff() -> None:
 
 @pytest.mark.timeout(60)
 def test_not_linux_runs_diff() -> None:
-    """Off Linux (simulated), the session's auto is diff; a buffer needs engine='diff'."""
+    """Off Linux (simulated), auto cannot run (the plugin skips); a buffer needs engine='diff'."""
     result = run_python(
         """
         import sys
         sys.platform = "darwin"
         from pytest_uffd_guard import GuardedBuffer, UnsupportedPlatformError
         from pytest_uffd_guard.tracking import choose_engine
-        print(choose_engine("auto")[1])
+        choice = choose_engine("auto")
+        print(choice.runs, choice.reason)
         with GuardedBuffer(8192, engine="diff") as buf:
             buf[4097] = 1
             print(buf.engine, [w.offset for w in buf.writes])
@@ -436,6 +446,6 @@ def test_not_linux_runs_diff() -> None:
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("auto: no userfaultfd on darwin")
+    assert lines[0] == "none userfaultfd exists only on Linux, not on darwin"
     assert lines[1] == "diff [4097]"
     assert lines[2].startswith("refused: guarded buffers need Linux userfaultfd")

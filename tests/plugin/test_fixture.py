@@ -215,7 +215,8 @@ def test_failing_test_keeps_its_own_error(pytester: pytest.Pytester) -> None:
 def test_user_mode_only_efault_gets_a_hint(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Under UFFD_USER_MODE_ONLY, readinto into a guarded buffer fails with EFAULT: say why."""
+    """Under UFFD_USER_MODE_ONLY with sync asked for by name, readinto into a guarded
+    buffer fails with EFAULT: say why (auto would not run sync there)."""
     from pytest_uffd_guard.plugin import EFAULT_HINT
 
     monkeypatch.setenv("PYTEST_UFFD_GUARD_OPEN", "syscall-user-mode-only")
@@ -228,7 +229,7 @@ def test_user_mode_only_efault_gets_a_hint(
                 f.readinto(buf)
         """
     )
-    result = pytester.runpytest_subprocess()
+    result = pytester.runpytest_subprocess("--uffd-engine=sync")
     if "UNAVAILABLE" in result.stdout.str():
         pytest.skip("no UFFD_USER_MODE_ONLY here")
     result.assert_outcomes(failed=1)

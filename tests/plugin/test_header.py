@@ -56,14 +56,26 @@ def test_header_names_hidden_feature(
 
 @pytest.mark.needs_uffd
 def test_header_user_mode_only(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under UFFD_USER_MODE_ONLY the header warns that kernel writes fail with EFAULT."""
+    """Under UFFD_USER_MODE_ONLY auto avoids sync and says why; sync asked for by
+    name warns that kernel writes fail with EFAULT or come back short."""
     monkeypatch.setenv("PYTEST_UFFD_GUARD_OPEN", "syscall-user-mode-only")
     pytester.makepyfile("def test_nothing():\n    pass\n")
     result = pytester.runpytest_subprocess()
     if "UNAVAILABLE" in result.stdout.str():
         pytest.skip("this kernel has no UFFD_USER_MODE_ONLY")
+    if capabilities().has("wp_async"):
+        expected = (
+            "uffd-guard: engine async (auto), *; user-mode-only userfaultfd: *writers not named"
+        )
+    else:
+        expected = "uffd-guard: engine diff (auto), *; user-mode-only userfaultfd without WP_ASYNC*"
+    result.stdout.fnmatch_lines([expected])
+    result = pytester.runpytest_subprocess("--uffd-engine=sync")
     result.stdout.fnmatch_lines(
-        ["uffd-guard: *; user-mode only: kernel writes (readinto) fail with EFAULT"]
+        [
+            "uffd-guard: engine sync, *; user-mode only: kernel writes (readinto) fail with "
+            "EFAULT or come back short"
+        ]
     )
 
 
