@@ -67,9 +67,23 @@
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
 #endif
+#ifndef UFFD_FEATURE_EVENT_REMOVE
+#define UFFD_FEATURE_EVENT_REMOVE (1 << 3)
+#endif
+#ifndef UFFD_EVENT_REMOVE
+#define UFFD_EVENT_REMOVE 0x15
+#endif
+#ifndef UFFDIO_COPY_MODE_WP
+#define UFFDIO_COPY_MODE_WP ((__u64)1 << 1)
+#endif
+
+/* /proc/self/pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst). */
+#define PM_PRESENT (1ULL << 63)
+#define PM_SWAP (1ULL << 62)
+#define PM_UFFD_WP (1ULL << 57)
 
 /* What became of the attempt to name the writer of one fault (the "attr"
- * field of a record).  Mirrored by attribution.py; append, never renumber. */
+ * field of a record).  Exported to Python (PyInit); append, never renumber. */
 enum {
     ATTR_OFF = 0,        /* capture is off for this buffer or process */
     ATTR_BOUND = 1,      /* the buffer's budget of captures was used up */
@@ -85,8 +99,17 @@ enum {
 #define SYSCALL_USER (-1)
 #define SYSCALL_UNKNOWN (-2)
 
-/* One recorded write fault.  The layout is part of the contract with the
- * Python layer, which unpacks it as RECORD_FORMAT "<QQQIIQiI16s" (64 bytes). */
+/* What a record stands for (its "kind" field).  Exported to Python. */
+enum {
+    KIND_WRITE = 0,     /* a write fault: the first write into a page */
+    KIND_DISCARD = 1,   /* madvise (DONTNEED, FREE, REMOVE) discarded
+                         * [address, address+length): UFFD_EVENT_REMOVE */
+};
+
+/* One recorded write fault or discard.  The layout is part of the contract
+ * with the Python layer, which unpacks it as RECORD_FORMAT
+ * "<QQQIIQiI16sIIQ" (80 bytes) and checks RECORD_SIZE when the engine
+ * starts. */
 struct fault_record {
     uint64_t address;   /* faulting address (exact with EXACT_ADDRESS) */
     uint64_t time_ns;   /* CLOCK_MONOTONIC, same clock as time.monotonic() */
@@ -97,6 +120,9 @@ struct fault_record {
     int32_t syscall;    /* syscall number, SYSCALL_USER or SYSCALL_UNKNOWN */
     uint32_t attr;      /* ATTR_* */
     char comm[16];      /* /proc/self/task/TID/comm at fault time, or "" */
+    uint32_t kind;      /* KIND_* */
+    uint32_t reserved;
+    uint64_t length;    /* KIND_DISCARD: bytes discarded; 0 for a write */
 };
 
 /* A guarded range as the handler sees it: where it is, and its bounded log.
@@ -112,6 +138,19 @@ struct guard {
     uint64_t overflow;
     uint64_t stacks;       /* captures per arming (0: capture off) */
     uint64_t stacks_left;  /* captures this guard may still ask for */
+    /* One bit per unit: a record was made for it since it was last
+     * protected.  Later faults on it (threads blocked on the same page at
+     * once) are counted in `duplicates`, never logged, so they can never
+     * push a first write out of the log.  NULL: log every fault. */
+    uint64_t *bits;       /* allocation holding `recorded` and `pending` */
+    uint64_t *recorded;
+    uint64_t duplicates;
+    /* One bit per unit: discarded by madvise, to re-protect once the
+     * kernel has zapped it (see reprotect_pending).  Handler thread only. */
+    uint64_t *pending;
+    size_t npending;
+    int armed;          /* protected by the last guard_protect call */
+    uint64_t reprotect_deadline;   /* CLOCK_MONOTONIC ns: stop waiting */
 };
 
 /* Naming the writer ("attribution").  While a write fault is pending, the
@@ -141,18 +180,39 @@ static struct attribution {
     uint64_t busy;          /* captures skipped: another was in flight */
 } A = {.fd = -1};
 
-/* The one handler of this process.  `lock` protects `guards` and the
- * counters; it is only ever held for a table lookup or a copy, never across
- * a blocking call, so the handler and Python callers cannot deadlock on it. */
+/* The one handler of this process.
+ *
+ * `lock` protects `guards` and the counters.  It is only ever held for a
+ * table lookup or a copy: never across an ioctl or other call that can
+ * block, and never while calling the Python API.  The last rule is what
+ * keeps a Python caller from deadlocking on itself: any allocation can run
+ * the garbage collector, whose finalizers call guard_remove, which takes
+ * `lock` on the same thread.  So wrappers copy out under the lock and
+ * build Python objects after unlocking.
+ *
+ * `reg_lock` serialises the changes to the table's shape (guard_add,
+ * guard_remove) with the register/unregister ioctls that go with them, and
+ * with the handler's give-up and re-protect passes, which walk the table.
+ * It may be held across those ioctls; it is only taken without the GIL
+ * (or on the handler thread) and never with `lock` held: order is always
+ * reg_lock, then lock.  Nothing that waits for the handler holds it: the
+ * kernel drops mmap_lock before a faulting thread sleeps, so the
+ * UFFDIO_(UN)REGISTER done under it waits for mmap_lock at worst, never
+ * for a blocked writer. */
 static struct handler {
     pthread_mutex_t lock;
+    pthread_mutex_t reg_lock;
     int uffd;           /* owned: closed by stop and in a forked child */
     int stopfd;         /* eventfd that wakes the poll loop to stop */
     pid_t pid;          /* process that started the handler */
     int running;        /* thread started and not yet joined */
     int failed;         /* thread gave up; every range was unregistered */
+    int stopping;       /* handler_stop is under way: release held faults */
     pthread_t thread;
     uint64_t page;      /* base page size */
+    uint64_t features;  /* UFFD_FEATURE_* enabled on uffd */
+    int pagemap;        /* /proc/self/pagemap, or -1 */
+    void *zero_page;    /* H.page zero bytes, source of UFFDIO_COPY */
 
     struct guard *guards;   /* sorted by start, non-overlapping */
     size_t nguards;
@@ -162,14 +222,17 @@ static struct handler {
     uint64_t faults;        /* write faults seen */
     uint64_t unmatched;     /* faults outside every known guard */
     uint64_t errors;        /* resolution errors survived */
-    uint64_t other_events;  /* messages that were not page faults */
+    uint64_t discards;      /* UFFD_EVENT_REMOVE messages seen */
+    uint64_t other_events;  /* unexpected messages (fatal) */
     int debug_fail_after;   /* >0: the Nth next fault is treated as fatal */
     int debug_hold;         /* 1: hold faults unresolved (tests of close) */
     char error[256];        /* why the thread gave up */
 } H = {
     .lock = PTHREAD_MUTEX_INITIALIZER,
+    .reg_lock = PTHREAD_MUTEX_INITIALIZER,
     .uffd = -1,
     .stopfd = -1,
+    .pagemap = -1,
 };
 
 /* ---------------------------------------------------------------- ioctls */
@@ -260,6 +323,30 @@ uffd_writeprotect(int fd, uint64_t start, uint64_t len, int protect)
     return -EAGAIN;
 }
 
+/* Map a write-protected zero page at the none pte `start` (UFFDIO_COPY
+ * with UFFDIO_COPY_MODE_WP): how the handler re-protects a page that
+ * madvise zapped on kernels without WP_UNPOPULATED, where protecting a
+ * none pte does nothing.  -EEXIST: the page is present (use
+ * uffd_writeprotect).  -EAGAIN: an event is queued and unread; the caller
+ * (the handler) reads it and retries.  Unlike touching the page, this can
+ * never fault into our own handler. */
+static int
+uffd_copy_zero_wp(int fd, uint64_t start, uint64_t len, const void *zero)
+{
+    struct uffdio_copy copy = {
+        .dst = start,
+        .src = (uint64_t)(uintptr_t)zero,
+        .len = len,
+        .mode = UFFDIO_COPY_MODE_WP,
+    };
+    for (;;) {
+        if (ioctl(fd, UFFDIO_COPY, &copy) == 0)
+            return 0;
+        if (errno != EINTR)
+            return -errno;
+    }
+}
+
 static int
 uffd_wake(int fd, uint64_t start, uint64_t len)
 {
@@ -313,18 +400,69 @@ find_guard(uint64_t addr)
     return -1;
 }
 
-/* Give up: unregister every guarded range so that no writer can ever block
- * again (unregistering wakes the ones blocked now), and remember why.
- * Runs on the handler thread. Caller holds H.lock. */
+/* Give up: remember why, then unregister every guarded range so that no
+ * writer can ever block again (unregistering wakes the ones blocked now).
+ * `failed` is set first, so no caller starts new work on the fd.  The
+ * ioctls run without H.lock; the table cannot change shape meanwhile
+ * because the caller holds H.reg_lock.  err 0: `what` says it all.
+ * Runs on the handler thread.  Caller holds H.reg_lock, not H.lock. */
 static void
-fail_locked(const char *what, int err)
+fail_reg_held(const char *what, int err)
 {
+    pthread_mutex_lock(&H.lock);
+    if (err)
+        snprintf(H.error, sizeof H.error, "%s: %s", what, strerror(err));
+    else
+        snprintf(H.error, sizeof H.error, "%s", what);
+    H.failed = 1;
+    pthread_mutex_unlock(&H.lock);
     for (size_t i = 0; i < H.nguards; i++) {
         struct guard *g = &H.guards[i];
         uffd_unregister(H.uffd, g->start, g->end - g->start);
     }
-    snprintf(H.error, sizeof H.error, "%s: %s", what, strerror(err));
-    H.failed = 1;
+}
+
+/* fail_reg_held for a caller that holds neither lock. */
+static void
+fail(const char *what, int err)
+{
+    pthread_mutex_lock(&H.reg_lock);
+    fail_reg_held(what, err);
+    pthread_mutex_unlock(&H.reg_lock);
+}
+
+/* Bitmap helpers (one bit per protection unit of a guard). */
+static inline int
+bit_test(const uint64_t *map, size_t k)
+{
+    return (int)((map[k / 64] >> (k % 64)) & 1);
+}
+
+static inline void
+bit_set(uint64_t *map, size_t k)
+{
+    map[k / 64] |= 1ULL << (k % 64);
+}
+
+static inline void
+bit_clear(uint64_t *map, size_t k)
+{
+    map[k / 64] &= ~(1ULL << (k % 64));
+}
+
+/* Forget which units of [start, end) of g were recorded: the next fault on
+ * each is a first write again.  Caller holds H.lock. */
+static void
+clear_recorded_locked(struct guard *g, uint64_t start, uint64_t end)
+{
+    if (!g->recorded)
+        return;
+    if (start < g->start)
+        start = g->start;
+    if (end > g->end)
+        end = g->end;
+    for (uint64_t a = start & ~(g->unit - 1); a < end; a += g->unit)
+        bit_clear(g->recorded, (size_t)((a - g->start) / g->unit));
 }
 
 /* Read a small /proc file of thread tid into buf (NUL-terminated).
@@ -474,17 +612,226 @@ set_record_attr_locked(uint64_t addr, uint64_t seq, uint32_t attr)
         }
 }
 
+/* How long a discarded range waits for the kernel's zap before it is
+ * re-protected anyway (MADV_FREE never zaps; see reprotect_pending). */
+#define REPROTECT_WAIT_NS 1000000000ULL
+
+/* Messages read while the handler was resolving a fault (see pump), to be
+ * handled after the current batch.  Handler thread only. */
+static struct {
+    struct uffd_msg msgs[1024];
+    size_t head, tail;
+    int reprotect;      /* some guard has units pending re-protection */
+} B;
+
+/* B.reprotect as other threads may read it (handler_state). */
+static _Atomic int reprotect_waiting;
+
+/* madvise(MADV_DONTNEED / MADV_FREE / MADV_REMOVE) on a guarded range:
+ * the kernel sends UFFD_EVENT_REMOVE and makes the caller wait until we
+ * read it, then zaps the pages, which drops their write-protection.  Log
+ * a KIND_DISCARD record in every armed guard the range overlaps (the
+ * discarded bytes changed as surely as written ones), forget which of its
+ * units were recorded, and mark them for re-protection once zapped.
+ * Runs on the handler thread: H.lock only, no ioctl. */
+static void
+handle_remove(const struct uffd_msg *msg)
+{
+    uint64_t start = msg->arg.remove.start, end = msg->arg.remove.end;
+    uint64_t now = monotonic_ns();
+    pthread_mutex_lock(&H.lock);
+    H.discards++;
+    atomic_store(&reprotect_waiting, 1);
+    for (size_t i = 0; i < H.nguards; i++) {
+        struct guard *g = &H.guards[i];
+        if (g->end <= start || g->start >= end || !g->armed)
+            continue;
+        uint64_t s = start > g->start ? start : g->start;
+        uint64_t e = end < g->end ? end : g->end;
+        struct fault_record r = {
+            .address = s,
+            .time_ns = now,
+            .seq = ++H.faults,
+            .syscall = SYSCALL_UNKNOWN,
+            .attr = ATTR_OFF,
+            .kind = KIND_DISCARD,
+            .length = e - s,
+        };
+        if (g->count < g->capacity)
+            g->log[g->count++] = r;
+        else
+            g->overflow++;
+        clear_recorded_locked(g, s, e);
+        for (uint64_t a = s & ~(g->unit - 1); a < e; a += g->unit) {
+            size_t k = (size_t)((a - g->start) / g->unit);
+            if (!bit_test(g->pending, k)) {
+                bit_set(g->pending, k);
+                g->npending++;
+            }
+        }
+        g->reprotect_deadline = now + REPROTECT_WAIT_NS;
+        B.reprotect = 1;
+    }
+    pthread_mutex_unlock(&H.lock);
+}
+
+/* Read what the fd holds now without blocking (it is O_NONBLOCK) into the
+ * backlog.  Needed while resolving: the kernel refuses UFFDIO_WRITEPROTECT
+ * and UFFDIO_COPY with EAGAIN while an event is queued and unread
+ * (ctx->mmap_changing), and only this thread reads.  Events are handled
+ * at once (that completes them); faults wait in the backlog.
+ * Runs on the handler thread. */
+static void
+pump(void)
+{
+    size_t room = sizeof B.msgs / sizeof B.msgs[0] - B.tail;
+    if (room == 0)
+        return;
+    ssize_t n = read(H.uffd, &B.msgs[B.tail], room * sizeof B.msgs[0]);
+    if (n <= 0)
+        return;
+    size_t base = B.tail, got = (size_t)n / sizeof B.msgs[0];
+    for (size_t k = 0; k < got; k++) {
+        /* Compacts in place: B.tail <= base + k. */
+        const struct uffd_msg m = B.msgs[base + k];
+        if (m.event == UFFD_EVENT_REMOVE)
+            handle_remove(&m);
+        else
+            B.msgs[B.tail++] = m;
+    }
+}
+
+/* uffd_writeprotect / uffd_copy_zero_wp for the handler thread: on EAGAIN,
+ * read pending events first (see pump). */
+static int
+handler_writeprotect(uint64_t start, uint64_t len, int protect)
+{
+    struct uffdio_writeprotect wp = {
+        .range = {.start = start, .len = len},
+        .mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0,
+    };
+    for (int attempt = 0; attempt < 10000; attempt++) {
+        if (ioctl(H.uffd, UFFDIO_WRITEPROTECT, &wp) == 0)
+            return 0;
+        if (errno != EAGAIN && errno != EINTR)
+            return -errno;
+        pump();
+        sched_yield();
+    }
+    return -EAGAIN;
+}
+
+/* One pagemap entry per base page for [start, start + n pages), into out.
+ * Returns 0, or -1 when pagemap cannot be read (then nothing is known). */
+static int
+pagemap_read(uint64_t start, uint64_t *out, size_t n)
+{
+    if (H.pagemap < 0)
+        return -1;
+    off_t off = (off_t)(start / H.page * sizeof(uint64_t));
+    ssize_t got = pread(H.pagemap, out, n * sizeof *out, off);
+    return got == (ssize_t)(n * sizeof *out) ? 0 : -1;
+}
+
+/* Re-protect the units madvise discarded (handle_remove).  The event
+ * arrives BEFORE the zap (the caller waits only until we read it), so
+ * protecting at once could be undone by the zap.  A unit is re-protected
+ * once /proc/self/pagemap shows it not present: the zap has passed it (a
+ * zapped anonymous pte is none; a never-populated unit keeps its uffd-wp
+ * marker through the zap), or once the guard's deadline has passed
+ * (MADV_FREE keeps the pages).  Without WP_UNPOPULATED protecting a none
+ * pte does nothing, so a write-protected zero page is put there instead
+ * (UFFDIO_COPY_MODE_WP).  Then the unit counts as never recorded.
+ * Leaves B.reprotect set while units still wait.  Runs on the handler thread; takes
+ * H.reg_lock only if free (a Python caller holding it may be waiting for
+ * us to read an event: try again next tick). */
+static void
+reprotect_pending(void)
+{
+    if (pthread_mutex_trylock(&H.reg_lock) != 0)
+        return;
+    /* handle_remove (called from pump during this pass) sets it again. */
+    B.reprotect = 0;
+    int more = 0;
+    uint64_t now = monotonic_ns();
+    for (size_t i = 0; i < H.nguards; i++) {
+        struct guard *g = &H.guards[i];
+        if (!g->npending)
+            continue;
+        /* guard_protect holds reg_lock: `armed` is stable here. */
+        pthread_mutex_lock(&H.lock);
+        int armed = g->armed;
+        pthread_mutex_unlock(&H.lock);
+        int late = now >= g->reprotect_deadline;
+        size_t units = (size_t)((g->end - g->start) / g->unit);
+        uint64_t entries[512];
+        for (size_t k0 = 0; k0 < units && g->npending; k0 += 512) {
+            size_t n = units - k0 < 512 ? units - k0 : 512;
+            int any = 0;
+            for (size_t k = k0; k < k0 + n && !any; k++)
+                any = bit_test(g->pending, k);
+            if (!any)
+                continue;
+            int known = armed && pagemap_read(g->start + k0 * g->unit, entries, n) == 0;
+            for (size_t k = k0; k < k0 + n; k++) {
+                if (!bit_test(g->pending, k))
+                    continue;
+                uint64_t a = g->start + k * g->unit;
+                uint64_t e = known ? entries[k - k0] : PM_PRESENT;
+                if (armed) {
+                    /* Present, or a uffd-wp marker (a swap-type pte): not
+                     * zapped yet.  A zapped anonymous pte is none. */
+                    if ((e & (PM_PRESENT | PM_SWAP)) && !late) {
+                        more = 1;
+                        continue;
+                    }
+                    int rc = -EEXIST;
+                    if (!(e & PM_PRESENT) && !(H.features & UFFD_FEATURE_WP_UNPOPULATED)) {
+                        for (int attempt = 0; attempt < 10000; attempt++) {
+                            rc = uffd_copy_zero_wp(H.uffd, a, g->unit, H.zero_page);
+                            if (rc != -EAGAIN)
+                                break;
+                            pump();
+                            sched_yield();
+                        }
+                    }
+                    if (rc == -EEXIST)
+                        rc = handler_writeprotect(a, g->unit, 1);
+                    pthread_mutex_lock(&H.lock);
+                    if (rc < 0 && rc != -ENOENT)
+                        H.errors++;
+                    clear_recorded_locked(g, a, a + g->unit);
+                    pthread_mutex_unlock(&H.lock);
+                }
+                bit_clear(g->pending, k);
+                g->npending--;
+            }
+        }
+    }
+    pthread_mutex_unlock(&H.reg_lock);
+    if (more)
+        B.reprotect = 1;
+}
+
 /* Handle one message.  Returns 0 to go on, -1 when the thread must stop.
  * Runs on the handler thread: no Python API, no allocation. */
 static int
 handle_message(const struct uffd_msg *msg)
 {
+    if (msg->event == UFFD_EVENT_REMOVE) {
+        handle_remove(msg);
+        return 0;
+    }
     if (msg->event != UFFD_EVENT_PAGEFAULT) {
-        /* We enable no non-cooperative events; count and go on. */
+        /* We enable no other event: a message we do not understand means
+         * we do not understand the kernel.  Free every writer, say why. */
+        char what[96];
         pthread_mutex_lock(&H.lock);
         H.other_events++;
         pthread_mutex_unlock(&H.lock);
-        return 0;
+        snprintf(what, sizeof what, "unexpected userfaultfd event %#x", (unsigned)msg->event);
+        fail(what, 0);
+        return -1;
     }
     uint64_t addr = msg->arg.pagefault.address;
     uint64_t unit = H.page;
@@ -506,12 +853,18 @@ handle_message(const struct uffd_msg *msg)
         struct guard *g = &H.guards[i];
         unit = g->unit;
         uint64_t page = addr & ~(unit - 1);
+        size_t unit_index = (size_t)((page - g->start) / unit);
         uint64_t token = atomic_load(&A.token);
         if (token != 0 && atomic_load(&A.done) != token
                 && (uint32_t)atomic_load(&A.tid) == r.tid && A.page == page) {
             /* The thread we signalled faulted again on the same page:
              * the signal woke it before the page was resolved (or, in a
              * system call, the kernel retried).  One write, one record. */
+            record = 0;
+        } else if (g->recorded && bit_test(g->recorded, unit_index)) {
+            /* Another thread blocked on a page already recorded since it
+             * was protected: one record per page per arming. */
+            g->duplicates++;
             record = 0;
         } else if (!A.enabled) {
             r.attr = ATTR_OFF;
@@ -523,14 +876,16 @@ handle_message(const struct uffd_msg *msg)
             g->stacks_left--;
             capture = 1;
         }
+        if (record && g->recorded)
+            bit_set(g->recorded, unit_index);
     } else {
         H.unmatched++;
     }
     if (H.debug_fail_after > 0 && --H.debug_fail_after == 0) {
         if (record)
             store_record_locked(&r);
-        fail_locked("injected handler error (test)", ECANCELED);
         pthread_mutex_unlock(&H.lock);
+        fail("injected handler error (test)", ECANCELED);
         return -1;
     }
     int hold = H.debug_hold;
@@ -566,13 +921,13 @@ handle_message(const struct uffd_msg *msg)
         struct timespec ms = {0, 1000000};
         nanosleep(&ms, NULL);
         pthread_mutex_lock(&H.lock);
-        hold = H.debug_hold && find_guard(addr) >= 0;
+        hold = H.debug_hold && !H.stopping && find_guard(addr) >= 0;
         pthread_mutex_unlock(&H.lock);
     }
 
     /* Round down ourselves: without EXACT_ADDRESS some kernels report the
      * exact address anyway, and the ioctl wants an aligned range. */
-    int rc = uffd_writeprotect(H.uffd, start, unit, 0);
+    int rc = handler_writeprotect(start, unit, 0);
     if (capture && !early && attribution_signal(&r, start) < 0) {
         pthread_mutex_lock(&H.lock);
         set_record_attr_locked(addr, r.seq, ATTR_FAILED);
@@ -587,14 +942,13 @@ handle_message(const struct uffd_msg *msg)
     pthread_mutex_lock(&H.lock);
     if (rc != -ENOENT)
         H.errors++;
+    pthread_mutex_unlock(&H.lock);
     if (wrc != 0 && rc != -ENOENT) {
         /* Neither un-protect nor wake worked: this writer would hang.
          * Unregistering everything is the last way to free it. */
-        fail_locked("cannot resolve write fault", -rc);
-        pthread_mutex_unlock(&H.lock);
+        fail("cannot resolve write fault", -rc);
         return -1;
     }
-    pthread_mutex_unlock(&H.lock);
     return 0;
 }
 
@@ -647,50 +1001,60 @@ handler_main(void *arg)
             {.fd = H.uffd, .events = POLLIN},
             {.fd = H.stopfd, .events = POLLIN},
         };
-        if (poll(fds, 2, -1) < 0) {
+        /* While discarded units wait for their zap, wake every ms. */
+        if (poll(fds, 2, B.reprotect ? 1 : -1) < 0) {
             if (errno == EINTR)
                 continue;
-            pthread_mutex_lock(&H.lock);
-            fail_locked("poll", errno);
-            pthread_mutex_unlock(&H.lock);
+            fail("poll", errno);
             return NULL;
         }
         if (fds[1].revents)
             return NULL;
         if (fds[0].revents & (POLLERR | POLLHUP | POLLNVAL)) {
-            pthread_mutex_lock(&H.lock);
-            fail_locked("userfaultfd reported an error condition", EIO);
-            pthread_mutex_unlock(&H.lock);
+            fail("userfaultfd reported an error condition", EIO);
             return NULL;
         }
-        ssize_t n = read(H.uffd, msgs, sizeof msgs);
-        if (n < 0) {
-            if (errno == EAGAIN || errno == EINTR)
-                continue;
-            pthread_mutex_lock(&H.lock);
-            fail_locked("read", errno);
-            pthread_mutex_unlock(&H.lock);
-            return NULL;
-        }
-        if (n % (ssize_t)sizeof msgs[0] != 0) {
-            pthread_mutex_lock(&H.lock);
-            fail_locked("short read from userfaultfd", EIO);
-            pthread_mutex_unlock(&H.lock);
-            return NULL;
-        }
-        for (ssize_t k = 0; k < n / (ssize_t)sizeof msgs[0]; k++)
-            if (handle_message(&msgs[k]) < 0)
+        if (fds[0].revents & POLLIN) {
+            ssize_t n = read(H.uffd, msgs, sizeof msgs);
+            if (n < 0 && errno != EAGAIN && errno != EINTR) {
+                fail("read", errno);
                 return NULL;
+            }
+            if (n > 0 && n % (ssize_t)sizeof msgs[0] != 0) {
+                fail("short read from userfaultfd", EIO);
+                return NULL;
+            }
+            for (ssize_t k = 0; n > 0 && k < n / (ssize_t)sizeof msgs[0]; k++)
+                if (handle_message(&msgs[k]) < 0)
+                    return NULL;
+        }
+        /* Faults read while resolving others (pump), oldest first. */
+        while (B.head < B.tail)
+            if (handle_message(&B.msgs[B.head++]) < 0)
+                return NULL;
+        B.head = B.tail = 0;
+        if (B.reprotect)
+            reprotect_pending();
+        atomic_store(&reprotect_waiting, B.reprotect);
     }
 }
 
 /* -------------------------------------------------- fork and lifecycle */
 
 static void
+free_guard(struct guard *g)
+{
+    free(g->log);
+    free(g->bits);
+    g->log = NULL;
+    g->bits = g->recorded = g->pending = NULL;
+}
+
+static void
 free_guards(void)
 {
     for (size_t i = 0; i < H.nguards; i++)
-        free(H.guards[i].log);
+        free_guard(&H.guards[i]);
     free(H.guards);
     H.guards = NULL;
     H.nguards = H.guards_cap = 0;
@@ -701,18 +1065,35 @@ free_guards(void)
  * close its copy of the fd: it refers to the *parent's* memory, and as long
  * as any process holds it, closing it in the parent would not release the
  * parent's registrations. */
-static void atfork_prepare(void) { pthread_mutex_lock(&H.lock); }
-static void atfork_parent(void) { pthread_mutex_unlock(&H.lock); }
+static void
+atfork_prepare(void)
+{
+    pthread_mutex_lock(&H.reg_lock);
+    pthread_mutex_lock(&H.lock);
+}
+
+static void
+atfork_parent(void)
+{
+    pthread_mutex_unlock(&H.lock);
+    pthread_mutex_unlock(&H.reg_lock);
+}
+
 static void
 atfork_child(void)
 {
     pthread_mutex_init(&H.lock, NULL);
+    pthread_mutex_init(&H.reg_lock, NULL);
     if (H.uffd >= 0)
         close(H.uffd);
     if (H.stopfd >= 0)
         close(H.stopfd);
-    H.uffd = H.stopfd = -1;
-    H.running = H.failed = 0;
+    if (H.pagemap >= 0)
+        close(H.pagemap);
+    H.uffd = H.stopfd = H.pagemap = -1;
+    H.running = H.failed = H.stopping = 0;
+    B.head = B.tail = 0;
+    B.reprotect = 0;
     H.pid = 0;
     free_guards();
     H.error[0] = '\0';
@@ -728,17 +1109,25 @@ atfork_child(void)
 
 /* Stop the thread and release everything.  Every range is unregistered
  * first, so that nothing can block between now and the close.
- * Caller must not hold H.lock. */
+ * Caller holds neither lock. */
 static void
 handler_stop(void)
 {
     if (H.pid != getpid())
         return;
+    pthread_mutex_lock(&H.reg_lock);
     pthread_mutex_lock(&H.lock);
-    for (size_t i = 0; i < H.nguards; i++)
+    /* A fault held by _debug(hold=1) is let go: the thread must get back
+     * to its poll loop to see the stop request. */
+    H.stopping = 1;
+    H.debug_hold = 0;
+    int failed = H.failed;
+    pthread_mutex_unlock(&H.lock);
+    /* Without H.lock (see struct handler); reg_lock keeps the table. */
+    for (size_t i = 0; i < H.nguards && !failed; i++)
         uffd_unregister(H.uffd, H.guards[i].start,
                         H.guards[i].end - H.guards[i].start);
-    pthread_mutex_unlock(&H.lock);
+    pthread_mutex_unlock(&H.reg_lock);
     if (H.running) {
         uint64_t one = 1;
         if (write(H.stopfd, &one, sizeof one) < 0) {
@@ -748,17 +1137,22 @@ handler_stop(void)
         pthread_join(H.thread, NULL);
         H.running = 0;
     }
+    /* reg_lock too: a guard_remove under way must not see its guard go. */
+    pthread_mutex_lock(&H.reg_lock);
     pthread_mutex_lock(&H.lock);
     free_guards();
     if (H.uffd >= 0)
         close(H.uffd);
     if (H.stopfd >= 0)
         close(H.stopfd);
-    H.uffd = H.stopfd = -1;
+    if (H.pagemap >= 0)
+        close(H.pagemap);
+    H.uffd = H.stopfd = H.pagemap = -1;
     H.pid = 0;
-    H.failed = 0;
+    H.failed = H.stopping = 0;
     H.error[0] = '\0';
     pthread_mutex_unlock(&H.lock);
+    pthread_mutex_unlock(&H.reg_lock);
 }
 
 /* ------------------------------------------------------ Python wrappers */
@@ -945,35 +1339,60 @@ diff_runs_py(PyObject *self, PyObject *args)
 }
 
 PyDoc_STRVAR(handler_start_doc,
-"handler_start(fd, page_size)\n\n"
+"handler_start(fd, page_size, features=0)\n\n"
 "Start this process's fault-handler thread on fd, which the handler now\n"
-"owns (it is closed by handler_stop, or in a forked child).");
+"owns (it is closed by handler_stop, or in a forked child).  features are\n"
+"the UFFD_FEATURE_* bits enabled on fd at UFFDIO_API: with\n"
+"FEATURE_EVENT_REMOVE, madvise discards are recorded and re-protected.");
 
 static PyObject *
 handler_start_py(PyObject *self, PyObject *args)
 {
     int fd;
-    unsigned long long page;
-    if (!PyArg_ParseTuple(args, "iK:handler_start", &fd, &page))
+    unsigned long long page, features = 0;
+    if (!PyArg_ParseTuple(args, "iK|K:handler_start", &fd, &page, &features))
         return NULL;
     if (H.pid == getpid()) {
         PyErr_SetString(PyExc_RuntimeError, "handler already started in this process");
         return NULL;
     }
+    if (page == 0 || (page & (page - 1))) {
+        PyErr_SetString(PyExc_ValueError, "page_size must be a power of two");
+        return NULL;
+    }
+    if (!H.zero_page || H.page != page) {
+        /* Kept for the life of the process (one page). */
+        void *zero = mmap(NULL, page, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (zero == MAP_FAILED)
+            return raise_errno(-errno, "mmap");
+        if (H.zero_page)
+            munmap(H.zero_page, H.page);
+        H.zero_page = zero;
+    }
     int stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (stopfd < 0)
         return raise_errno(-errno, "eventfd");
+    /* Unreadable pagemap: discarded ranges are re-protected on the
+     * deadline only (reprotect_pending). */
+    int pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
     pthread_mutex_lock(&H.lock);
     H.uffd = fd;
     H.stopfd = stopfd;
+    H.pagemap = pagemap;
     H.page = page;
-    H.failed = 0;
+    H.features = features;
+    H.failed = H.stopping = 0;
     H.error[0] = '\0';
+    H.faults = H.unmatched = H.errors = H.discards = H.other_events = 0;
     pthread_mutex_unlock(&H.lock);
+    B.head = B.tail = 0;
+    B.reprotect = 0;
     int rc = pthread_create(&H.thread, NULL, handler_main, NULL);
     if (rc != 0) {
         close(stopfd);
-        H.uffd = H.stopfd = -1;
+        if (pagemap >= 0)
+            close(pagemap);
+        H.uffd = H.stopfd = H.pagemap = -1;
         return raise_errno(-rc, "pthread_create");
     }
     H.running = 1;
@@ -1011,17 +1430,22 @@ owned_fd(void)
 }
 
 PyDoc_STRVAR(guard_add_doc,
-"guard_add(start, length, unit, capacity, stacks=0) -> (id, range_ioctls)\n\n"
+"guard_add(start, length, unit, capacity, stacks=0, every_fault=False)\n"
+"    -> (id, range_ioctls)\n\n"
 "Register [start, start+length) with the handler's fd in write-protect\n"
 "mode and add it to the handler's table, with a log of `capacity` records;\n"
 "the writers of its first `stacks` faults are named (see\n"
-"attribution_setup).  The range is not protected yet.");
+"attribution_setup).  One record per unit per protection unless\n"
+"every_fault: later faults on a recorded unit are only counted\n"
+"(duplicates).  The range is not protected yet.");
 
 static PyObject *
 guard_add_py(PyObject *self, PyObject *args)
 {
     unsigned long long start, len, unit, capacity, stacks = 0;
-    if (!PyArg_ParseTuple(args, "KKKK|K:guard_add", &start, &len, &unit, &capacity, &stacks))
+    int every = 0;
+    if (!PyArg_ParseTuple(args, "KKKK|Kp:guard_add", &start, &len, &unit, &capacity, &stacks,
+                          &every))
         return NULL;
     if (len == 0 || unit == 0 || (unit & (unit - 1)) || start % unit || len % unit) {
         PyErr_SetString(PyExc_ValueError, "range must be non-empty and unit-aligned");
@@ -1030,41 +1454,63 @@ guard_add_py(PyObject *self, PyObject *args)
     int fd = owned_fd();
     if (fd < 0)
         return NULL;
+    size_t words = (size_t)((len / unit + 63) / 64);
     struct fault_record *log = calloc(capacity ? capacity : 1, sizeof *log);
-    if (!log)
-        return PyErr_NoMemory();
-
-    uint64_t ioctls = 0;
-    int rc = uffd_register_wp(fd, start, len, &ioctls);
-    if (rc < 0) {
+    /* recorded, then pending: one allocation. */
+    uint64_t *bits = calloc(2 * words, sizeof *bits);
+    if (!log || !bits) {
         free(log);
-        return raise_errno(rc, "UFFDIO_REGISTER");
+        free(bits);
+        return PyErr_NoMemory();
     }
 
-    pthread_mutex_lock(&H.lock);
-    if (H.nguards == H.guards_cap) {
-        size_t cap = H.guards_cap ? H.guards_cap * 2 : 16;
-        struct guard *g = realloc(H.guards, cap * sizeof *g);
-        if (!g) {
-            pthread_mutex_unlock(&H.lock);
-            uffd_unregister(fd, start, len);
-            free(log);
-            return PyErr_NoMemory();
+    uint64_t ioctls = 0, id = 0;
+    int rc = 0, failed = 0, nomem = 0;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&H.reg_lock);
+    rc = uffd_register_wp(fd, start, len, &ioctls);
+    if (rc == 0) {
+        pthread_mutex_lock(&H.lock);
+        failed = H.failed;
+        if (!failed && H.nguards == H.guards_cap) {
+            size_t cap = H.guards_cap ? H.guards_cap * 2 : 16;
+            struct guard *g = realloc(H.guards, cap * sizeof *g);
+            if (g) {
+                H.guards = g;
+                H.guards_cap = cap;
+            } else {
+                nomem = 1;
+            }
         }
-        H.guards = g;
-        H.guards_cap = cap;
+        if (!failed && !nomem) {
+            size_t pos = 0;
+            while (pos < H.nguards && H.guards[pos].start < start)
+                pos++;
+            memmove(&H.guards[pos + 1], &H.guards[pos], (H.nguards - pos) * sizeof *H.guards);
+            id = ++H.next_id;
+            H.guards[pos] = (struct guard){
+                .id = id, .start = start, .end = start + len, .unit = unit,
+                .log = log, .capacity = capacity, .stacks = stacks, .stacks_left = stacks,
+                .bits = bits, .recorded = every ? NULL : bits, .pending = bits + words,
+            };
+            H.nguards++;
+        }
+        pthread_mutex_unlock(&H.lock);
+        /* The handler gave up meanwhile (and unregistered what it knew). */
+        if (failed || nomem)
+            uffd_unregister(fd, start, len);
     }
-    size_t pos = 0;
-    while (pos < H.nguards && H.guards[pos].start < start)
-        pos++;
-    memmove(&H.guards[pos + 1], &H.guards[pos], (H.nguards - pos) * sizeof *H.guards);
-    uint64_t id = ++H.next_id;
-    H.guards[pos] = (struct guard){
-        .id = id, .start = start, .end = start + len, .unit = unit,
-        .log = log, .capacity = capacity, .stacks = stacks, .stacks_left = stacks,
-    };
-    H.nguards++;
-    pthread_mutex_unlock(&H.lock);
+    pthread_mutex_unlock(&H.reg_lock);
+    Py_END_ALLOW_THREADS
+    if (rc < 0 || failed || nomem) {
+        free(log);
+        free(bits);
+        if (rc < 0)
+            return raise_errno(rc, "UFFDIO_REGISTER");
+        if (nomem)
+            return PyErr_NoMemory();
+        return owned_fd() < 0 ? NULL : PyErr_Format(PyExc_RuntimeError, "fault handler stopped");
+    }
     return Py_BuildValue("(KK)", (unsigned long long)id, (unsigned long long)ioctls);
 }
 
@@ -1081,7 +1527,8 @@ guard_index(uint64_t id)
 PyDoc_STRVAR(guard_protect_doc,
 "guard_protect(id, protect, start=0, length=0)\n\n"
 "Write-protect (or un-protect and wake) the guard's range, or a part of\n"
-"it given as offset and length from the guard's start.");
+"it given as offset and length from the guard's start.  Protecting makes\n"
+"the next fault on each unit a first write again (see guard_add).");
 
 static PyObject *
 guard_protect_py(PyObject *self, PyObject *args)
@@ -1093,30 +1540,70 @@ guard_protect_py(PyObject *self, PyObject *args)
     int fd = owned_fd();
     if (fd < 0)
         return NULL;
+    long i;
+    int rc = 0;
+    Py_BEGIN_ALLOW_THREADS
+    /* reg_lock: the handler's re-protect pass never runs in between. */
+    pthread_mutex_lock(&H.reg_lock);
     pthread_mutex_lock(&H.lock);
-    long i = guard_index(id);
-    uint64_t start = i >= 0 ? H.guards[i].start : 0;
-    uint64_t end = i >= 0 ? H.guards[i].end : 0;
+    i = guard_index(id);
+    uint64_t start = 0, end = 0;
+    if (i >= 0) {
+        struct guard *g = &H.guards[i];
+        start = g->start;
+        end = g->end;
+        if (len == 0)
+            len = end - start - off;
+        if (protect) {
+            /* Before protecting: a fault that sneaks in between is then
+             * recorded (a duplicate at worst), never skipped. */
+            clear_recorded_locked(g, start + off, start + off + len);
+            g->armed = 1;
+        } else if (off == 0 && len == end - start) {
+            g->armed = 0;
+        }
+    }
     pthread_mutex_unlock(&H.lock);
+    if (i >= 0)
+        rc = uffd_writeprotect(fd, start + off, len, protect);
+    pthread_mutex_unlock(&H.reg_lock);
+    Py_END_ALLOW_THREADS
     if (i < 0) {
         PyErr_SetString(PyExc_KeyError, "unknown guard");
         return NULL;
     }
-    if (len == 0)
-        len = end - start - off;
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = uffd_writeprotect(fd, start + off, len, protect);
-    Py_END_ALLOW_THREADS
     if (rc < 0)
         return raise_errno(rc, "UFFDIO_WRITEPROTECT");
     Py_RETURN_NONE;
 }
 
+/* A guard's log and counters, copied out under H.lock. */
+struct taken {
+    struct fault_record *records;   /* malloc'ed, or NULL */
+    size_t count;
+    uint64_t overflow;
+    uint64_t duplicates;
+};
+
+/* Build the (records, overflow, duplicates) answer and free t. */
+static PyObject *
+taken_result(struct taken *t)
+{
+    PyObject *blob = PyBytes_FromStringAndSize(t->records ? (const char *)t->records : "",
+                                               (Py_ssize_t)(t->count * sizeof *t->records));
+    free(t->records);
+    t->records = NULL;
+    if (!blob)
+        return NULL;
+    return Py_BuildValue("(NKK)", blob, (unsigned long long)t->overflow,
+                         (unsigned long long)t->duplicates);
+}
+
 PyDoc_STRVAR(guard_drain_doc,
-"guard_drain(id) -> (records, overflow)\n\n"
+"guard_drain(id) -> (records, overflow, duplicates)\n\n"
 "Take the guard's recorded faults as packed bytes (RECORD_SIZE each, see\n"
-"struct fault_record) and the number that did not fit; both are reset.");
+"struct fault_record), the number that did not fit and the number of\n"
+"repeated faults on already-recorded units; all are reset.");
 
 static PyObject *
 guard_drain_py(PyObject *self, PyObject *args)
@@ -1124,28 +1611,35 @@ guard_drain_py(PyObject *self, PyObject *args)
     unsigned long long id;
     if (!PyArg_ParseTuple(args, "K:guard_drain", &id))
         return NULL;
+    struct taken t = {0};
+    int nomem = 0;
+    /* Copy out under the lock, build the bytes after (see struct handler). */
     pthread_mutex_lock(&H.lock);
     long i = H.pid == getpid() ? guard_index(id) : -1;
-    if (i < 0) {
-        pthread_mutex_unlock(&H.lock);
-        return Py_BuildValue("(yK)", "", 0ULL);
-    }
-    struct guard *g = &H.guards[i];
-    PyObject *blob = PyBytes_FromStringAndSize((const char *)g->log,
-                                               (Py_ssize_t)(g->count * sizeof *g->log));
-    unsigned long long overflow = g->overflow;
-    if (blob) {
-        g->count = 0;
-        g->overflow = 0;
+    if (i >= 0) {
+        struct guard *g = &H.guards[i];
+        if (g->count) {
+            t.records = malloc(g->count * sizeof *g->log);
+            nomem = t.records == NULL;
+        }
+        if (!nomem) {
+            if (g->count)
+                memcpy(t.records, g->log, g->count * sizeof *g->log);
+            t.count = g->count;
+            t.overflow = g->overflow;
+            t.duplicates = g->duplicates;
+            g->count = 0;
+            g->overflow = g->duplicates = 0;
+        }
     }
     pthread_mutex_unlock(&H.lock);
-    if (!blob)
-        return NULL;
-    return Py_BuildValue("(NK)", blob, overflow);
+    if (nomem)
+        return PyErr_NoMemory();
+    return taken_result(&t);
 }
 
 PyDoc_STRVAR(guard_remove_doc,
-"guard_remove(id) -> (records, overflow)\n\n"
+"guard_remove(id) -> (records, overflow, duplicates)\n\n"
 "Unregister the guard's range (waking any writer blocked in it), drop it\n"
 "from the table and return what its log still held.  Safe to call after a\n"
 "fork or after the handler failed: then it only forgets the guard.");
@@ -1159,31 +1653,51 @@ guard_remove_py(PyObject *self, PyObject *args)
     int rc = 0;
     struct guard g = {0};
     Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&H.reg_lock);
     pthread_mutex_lock(&H.lock);
     long i = H.pid == getpid() ? guard_index(id) : -1;
-    if (i >= 0) {
+    int unregister = i >= 0 && !H.failed;
+    if (i >= 0)
         g = H.guards[i];
-        memmove(&H.guards[i], &H.guards[i + 1], (H.nguards - i - 1) * sizeof *H.guards);
-        H.nguards--;
-        /* Unregistering wakes every writer blocked in the range; after
-         * this no new record can arrive for it. */
-        if (!H.failed)
-            rc = uffd_unregister(H.uffd, g.start, g.end - g.start);
-    }
     pthread_mutex_unlock(&H.lock);
+    /* Unregistering wakes every writer blocked in the range; after this
+     * no new fault can arrive for it.  Faults already queued are still
+     * filed under the guard: it leaves the table only afterwards.  The
+     * ioctl runs without H.lock; reg_lock keeps anyone from registering
+     * the range anew in between. */
+    if (unregister)
+        rc = uffd_unregister(H.uffd, g.start, g.end - g.start);
+    if (i >= 0) {
+        /* Still there: only reg_lock holders change the table's shape. */
+        pthread_mutex_lock(&H.lock);
+        i = guard_index(id);
+        if (i >= 0) {
+            g = H.guards[i];
+            memmove(&H.guards[i], &H.guards[i + 1], (H.nguards - i - 1) * sizeof *H.guards);
+            H.nguards--;
+        } else {
+            g = (struct guard){0};
+        }
+        pthread_mutex_unlock(&H.lock);
+    }
+    pthread_mutex_unlock(&H.reg_lock);
     Py_END_ALLOW_THREADS
-    PyObject *blob = PyBytes_FromStringAndSize(g.log ? (const char *)g.log : "",
-                                               (Py_ssize_t)(g.count * sizeof *g.log));
-    free(g.log);
-    if (!blob)
-        return NULL;
+    struct taken t = {.count = g.count, .overflow = g.overflow, .duplicates = g.duplicates};
+    t.records = g.log;
+    g.log = NULL;
+    free_guard(&g);
+    if (t.count == 0) {
+        free(t.records);
+        t.records = NULL;
+    }
+    PyObject *result = taken_result(&t);
     /* ENOMEM/ENOENT/EINVAL here mean the mapping is already gone: nothing
      * is registered any more, which is what we wanted. */
-    if (rc < 0 && rc != -ENOENT && rc != -ENOMEM && rc != -EINVAL) {
-        Py_DECREF(blob);
+    if (result && rc < 0 && rc != -ENOENT && rc != -ENOMEM && rc != -EINVAL) {
+        Py_DECREF(result);
         return raise_errno(rc, "UFFDIO_UNREGISTER");
     }
-    return Py_BuildValue("(NK)", blob, (unsigned long long)g.overflow);
+    return result;
 }
 
 PyDoc_STRVAR(guard_set_stacks_doc,
@@ -1305,32 +1819,70 @@ attribution_enable_py(PyObject *self, PyObject *args)
 
 PyDoc_STRVAR(handler_state_doc,
 "handler_state() -> dict\n\n"
-"running, failed, error, faults, unmatched, errors, other_events, guards,\n"
+"running, failed, error, faults, unmatched, errors, discards (madvise\n"
+"events), other_events, guards, features (enabled at start),\n"
+"reprotect_pending (madvise-discarded pages not yet protected again),\n"
 "attribution (set up in this process), captures (signals sent), busy\n"
 "(captures skipped while another was in flight), capture_in_flight.");
 
 static PyObject *
 handler_state_py(PyObject *self, PyObject *noargs)
 {
+    /* Copy out under the lock, build the dict after: an allocation can run
+     * the GC, whose finalizers take H.lock (see struct handler). */
     pthread_mutex_lock(&H.lock);
     int mine = H.pid == getpid();
-    PyObject *d = Py_BuildValue(
-        "{s:O,s:O,s:s,s:K,s:K,s:K,s:K,s:n,s:O,s:K,s:K,s:K}",
-        "running", mine && H.running && !H.failed ? Py_True : Py_False,
-        "failed", mine && H.failed ? Py_True : Py_False,
-        "error", mine ? H.error : "",
-        "faults", (unsigned long long)(mine ? H.faults : 0),
-        "unmatched", (unsigned long long)(mine ? H.unmatched : 0),
-        "errors", (unsigned long long)(mine ? H.errors : 0),
-        "other_events", (unsigned long long)(mine ? H.other_events : 0),
-        "guards", (Py_ssize_t)(mine ? H.nguards : 0),
-        "attribution", A.enabled ? Py_True : Py_False,
-        "captures", (unsigned long long)A.captures,
-        "busy", (unsigned long long)A.busy,
-        "capture_in_flight", (unsigned long long)(
-            atomic_load(&A.done) != atomic_load(&A.token) ? atomic_load(&A.token) : 0));
+    int running = mine && H.running && !H.failed, failed = mine && H.failed;
+    char error[sizeof H.error];
+    memcpy(error, mine ? H.error : "", mine ? sizeof error : 1);
+    error[sizeof error - 1] = '\0';
+    unsigned long long faults = mine ? H.faults : 0, unmatched = mine ? H.unmatched : 0,
+                       errors = mine ? H.errors : 0, discards = mine ? H.discards : 0,
+                       other = mine ? H.other_events : 0, features = mine ? H.features : 0;
+    Py_ssize_t guards = mine ? (Py_ssize_t)H.nguards : 0;
+    int attribution = A.enabled;
+    int reprotect = mine && atomic_load(&reprotect_waiting);
+    unsigned long long captures = A.captures, busy = A.busy;
+    unsigned long long in_flight =
+        atomic_load(&A.done) != atomic_load(&A.token) ? atomic_load(&A.token) : 0;
     pthread_mutex_unlock(&H.lock);
-    return d;
+    return Py_BuildValue(
+        "{s:O,s:O,s:s,s:K,s:K,s:K,s:K,s:K,s:n,s:K,s:O,s:O,s:K,s:K,s:K}",
+        "running", running ? Py_True : Py_False,
+        "failed", failed ? Py_True : Py_False,
+        "error", error,
+        "faults", faults,
+        "unmatched", unmatched,
+        "errors", errors,
+        "discards", discards,
+        "other_events", other,
+        "guards", guards,
+        "features", features,
+        "reprotect_pending", reprotect ? Py_True : Py_False,
+        "attribution", attribution ? Py_True : Py_False,
+        "captures", captures,
+        "busy", busy,
+        "capture_in_flight", in_flight);
+}
+
+PyDoc_STRVAR(handler_failure_doc,
+"handler_failure() -> str or None\n\n"
+"Why this process's handler gave up, or None while it runs (or never\n"
+"started).  Cheap: for checking before every use of a guard.");
+
+static PyObject *
+handler_failure_py(PyObject *self, PyObject *noargs)
+{
+    char error[sizeof H.error];
+    pthread_mutex_lock(&H.lock);
+    int failed = H.pid == getpid() && H.failed;
+    if (failed)
+        memcpy(error, H.error, sizeof error);
+    pthread_mutex_unlock(&H.lock);
+    if (!failed)
+        Py_RETURN_NONE;
+    error[sizeof error - 1] = '\0';
+    return PyUnicode_FromString(error);
 }
 
 PyDoc_STRVAR(debug_doc,
@@ -1363,6 +1915,7 @@ static PyMethodDef methods[] = {
     {"handler_start", handler_start_py, METH_VARARGS, handler_start_doc},
     {"handler_stop", handler_stop_py, METH_NOARGS, handler_stop_doc},
     {"handler_state", handler_state_py, METH_NOARGS, handler_state_doc},
+    {"handler_failure", handler_failure_py, METH_NOARGS, handler_failure_doc},
     {"guard_add", guard_add_py, METH_VARARGS, guard_add_doc},
     {"guard_protect", guard_protect_py, METH_VARARGS, guard_protect_doc},
     {"guard_drain", guard_drain_py, METH_VARARGS, guard_drain_doc},
@@ -1405,6 +1958,20 @@ PyInit__uffd(void)
     ADD_INT(m, "PAGEFAULT_FLAG_WRITE", UFFD_PAGEFAULT_FLAG_WRITE);
     ADD_INT(m, "PAGEFAULT_FLAG_WP", UFFD_PAGEFAULT_FLAG_WP);
     ADD_INT(m, "RECORD_SIZE", sizeof(struct fault_record));
+    ADD_INT(m, "FEATURE_EVENT_REMOVE", UFFD_FEATURE_EVENT_REMOVE);
+    ADD_INT(m, "KIND_WRITE", KIND_WRITE);
+    ADD_INT(m, "KIND_DISCARD", KIND_DISCARD);
+    ADD_INT(m, "ATTR_OFF", ATTR_OFF);
+    ADD_INT(m, "ATTR_BOUND", ATTR_BOUND);
+    ADD_INT(m, "ATTR_SIGNALLED", ATTR_SIGNALLED);
+    ADD_INT(m, "ATTR_BUSY", ATTR_BUSY);
+    ADD_INT(m, "ATTR_BLOCKED", ATTR_BLOCKED);
+    ADD_INT(m, "ATTR_NO_TID", ATTR_NO_TID);
+    ADD_INT(m, "ATTR_FAILED", ATTR_FAILED);
+    if (PyModule_AddObject(m, "SYSCALL_USER", PyLong_FromLong(SYSCALL_USER)) < 0)
+        goto error;
+    if (PyModule_AddObject(m, "SYSCALL_UNKNOWN", PyLong_FromLong(SYSCALL_UNKNOWN)) < 0)
+        goto error;
     ADD_INT(m, "SIGRTMIN", SIGRTMIN);
     ADD_INT(m, "SIGRTMAX", SIGRTMAX);
     if (pthread_atfork(atfork_prepare, atfork_parent, atfork_child) != 0) {

@@ -3,8 +3,13 @@
 One engine per process: one userfaultfd, one native handler thread, any
 number of guarded ranges.  It starts on the first guarded buffer (importing
 the package opens nothing), restarts in a forked child that creates buffers
-of its own, and stops at interpreter exit after unregistering every range so
-that no writer can be left blocked.
+of its own, and stops at interpreter exit: every tracked buffer first takes
+its last records (so an unclosed buffer's ``writes`` stay whole), then every
+range is unregistered so that no writer can be left blocked.
+
+Where the kernel offers ``UFFD_FEATURE_EVENT_REMOVE`` the engine asks for
+it on top of the probe's features: ``madvise`` discarding guarded pages is
+then recorded, and the pages protected again (see ``_uffd.c``).
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from .errors import UffdUnavailableError
 from .memory import PAGE_SIZE
-from .probe import Capabilities, capabilities, open_for
+from .probe import FEATURES, Capabilities, capabilities, open_for
+from .records import core_mismatch
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -69,10 +75,19 @@ class Engine:
             caps = capabilities()
             if not caps.available:
                 raise UffdUnavailableError(caps.reason or "userfaultfd is unavailable", caps.remedy)
+            mismatch = core_mismatch(self.core)
+            if mismatch is not None:
+                raise UffdUnavailableError(
+                    mismatch,
+                    "rebuild the extension: `pip install --force-reinstall --no-binary "
+                    "pytest-uffd-guard pytest-uffd-guard` (or, in a checkout, "
+                    "`python setup.py build_ext --inplace`)",
+                )
+            features = self.features(caps)
             fd = open_for(caps, "userfaultfd")
             try:
-                self.core.api(fd, caps.enabled_features)
-                self.core.handler_start(fd, PAGE_SIZE)
+                self.core.api(fd, features)
+                self.core.handler_start(fd, PAGE_SIZE, features)
             except (OSError, RuntimeError) as exc:
                 os.close(fd)
                 raise UffdUnavailableError(f"starting the fault handler failed: {exc}") from exc
@@ -83,6 +98,21 @@ class Engine:
                 self._atexit_registered = True
             return caps
 
+    @staticmethod
+    def features(caps: Capabilities) -> int:
+        """The UFFD_FEATURE_* bits the handler's fd asks for."""
+        bits = caps.enabled_features
+        if caps.has("event_remove"):
+            bits |= FEATURES["event_remove"]
+        return bits
+
+    def failure(self) -> str | None:
+        """Why this process's handler gave up, if it did (cheap)."""
+        if self._pid != os.getpid():
+            return None
+        failure: str | None = self.core.handler_failure()
+        return failure
+
     def track(self, buffer: Tracked) -> None:
         with self._lock:
             self._tracked.add(buffer)
@@ -92,7 +122,11 @@ class Engine:
             self._tracked.discard(buffer)
 
     def stop(self) -> None:
-        """Stop tracking everything, free any blocked writer, stop the thread."""
+        """Stop tracking everything, free any blocked writer, stop the thread.
+
+        Runs at interpreter exit (atexit): each buffer still tracked takes
+        its last records first, so ``writes`` read later are whole.
+        """
         with self._lock:
             if self._pid != os.getpid():
                 return

@@ -23,8 +23,26 @@ def _short_path(path: str) -> str:
 
 
 #: Layout of one record as the C core packs it (struct fault_record).
-RECORD_FORMAT = "<QQQIIQiI16s"
+RECORD_FORMAT = "<QQQIIQiI16sIIQ"
 RECORD_SIZE = struct.calcsize(RECORD_FORMAT)
+
+#: What a record stands for (its ``kind``); the C core's KIND_* values.
+KIND_WRITE = 0
+KIND_DISCARD = 1
+KIND_NAMES = {KIND_WRITE: "write", KIND_DISCARD: "discard"}
+
+
+def core_mismatch(core: object) -> str | None:
+    """Why the C extension ``core`` does not speak this module's record
+    layout, or None when it does (checked when the engine starts)."""
+    theirs = getattr(core, "RECORD_SIZE", None)
+    kinds = (getattr(core, "KIND_WRITE", None), getattr(core, "KIND_DISCARD", None))
+    if theirs != RECORD_SIZE or kinds != (KIND_WRITE, KIND_DISCARD):
+        return (
+            f"the C extension pytest_uffd_guard._uffd packs {theirs}-byte records, "
+            f"the Python package expects {RECORD_SIZE}: they come from different versions"
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -77,6 +95,13 @@ class WriteRecord:
     stack_captured: bool = False
     stack_note: str | None = None
     thread_comm: str | None = None
+    #: ``"write"``, or ``"discard"``: a ``madvise`` (``MADV_DONTNEED``,
+    #: ``MADV_FREE`` or ``MADV_REMOVE``) discarded bytes ``offset`` to
+    #: ``offset + length - 1`` (they read as zeros now; the kernel does not
+    #: say which thread called it).  Tracking goes on.
+    kind: str = "write"
+    #: Bytes discarded (``kind == "discard"``); 0 for a write.
+    length: int = 0
 
     @property
     def page_offset(self) -> int:
@@ -122,13 +147,28 @@ class RawFault:
     #: What became of the capture (attribution.ATTR_*).
     attr: int = 0
     comm: str = ""
+    #: KIND_WRITE or KIND_DISCARD.
+    kind: int = KIND_WRITE
+    #: Bytes discarded (KIND_DISCARD).
+    length: int = 0
 
 
 def unpack_faults(blob: bytes) -> Iterator[RawFault]:
     """Unpack the C core's packed records."""
-    for address, time_ns, seq, tid, flags, dump_offset, syscall, attr, comm in struct.iter_unpack(
-        RECORD_FORMAT, blob
-    ):
+    for (
+        address,
+        time_ns,
+        seq,
+        tid,
+        flags,
+        dump_offset,
+        syscall,
+        attr,
+        comm,
+        kind,
+        _reserved,
+        length,
+    ) in struct.iter_unpack(RECORD_FORMAT, blob):
         yield RawFault(
             address,
             time_ns,
@@ -139,4 +179,6 @@ def unpack_faults(blob: bytes) -> Iterator[RawFault]:
             syscall,
             attr,
             comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
+            kind,
+            length,
         )

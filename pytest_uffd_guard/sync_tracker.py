@@ -11,23 +11,27 @@ from __future__ import annotations
 import os
 import weakref
 from contextlib import suppress
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import attribution
 from .attribution import thread_names
 from .engine import ENGINE
+from .errors import UffdUnavailableError
 from .memory import PAGE_SIZE
-from .records import WriteRecord, unpack_faults
+from .records import KIND_DISCARD, KIND_NAMES, WriteRecord, unpack_faults
 from .tracking import KernelTracked
 
 if TYPE_CHECKING:
     from .tracking import Region
 
-#: Records kept per buffer beyond one per page (duplicates from threads
-#: that fault on the same page at once, re-protection by unprotected()).
+#: Records kept per buffer beyond one per page: the C core logs each page
+#: once per protection (later faults on it are counted as duplicates), so
+#: the slack is for madvise discards and re-protection by unprotected().
 RECORD_SLACK = 64
-#: Upper bound on the default per-buffer log (32 bytes a record).
+#: Upper bound on the default per-buffer log (80 bytes a record).
 MAX_DEFAULT_RECORDS = 1 << 20
+
+DISCARD_NOTE = "madvise discarded these bytes; the kernel does not say which thread called it"
 
 
 def _release_guard(gid: int) -> None:
@@ -50,6 +54,9 @@ class SyncTracker(KernelTracked):
         self._pid = os.getpid()
         self._stopped: str | None = None
         self.overflow = 0
+        #: Faults on pages already recorded since they were protected
+        #: (threads blocked on one page at once): counted, not recorded.
+        self.duplicates = 0
         pages = length // PAGE_SIZE
         capacity = (
             max_records
@@ -61,12 +68,47 @@ class SyncTracker(KernelTracked):
         # Why writers cannot be named in this process, if they cannot.
         self._stack_note = attribution.ensure_started() if self._stacks else None
         budget = self._stacks if self._stack_note is None else 0
-        self._gid: int = ENGINE.core.guard_add(address, length, PAGE_SIZE, capacity, budget)[0]
+        core = ENGINE.core
+        self._gid, ioctls = core.guard_add(address, length, PAGE_SIZE, capacity, budget)
+        # The register mask, not UFFDIO_API, says whether this range can be
+        # write-protected (the probe checked anonymous memory only).
+        if not ioctls & (1 << int(core.IOCTL_WRITEPROTECT_BIT)):
+            core.guard_remove(self._gid)
+            raise UffdUnavailableError(
+                f"UFFDIO_REGISTER did not grant UFFDIO_WRITEPROTECT for this buffer's memory "
+                f"(range ioctls {ioctls:#x}): this kernel cannot write-protect it",
+                "use backing='anonymous' (or a newer kernel for shmem/hugetlb), "
+                "or engine='diff' for this buffer",
+            )
+        # atexit=False: at exit the engine detaches (drains) every tracker
+        # before it stops; an exit-time finalizer would drop the records.
         self._finalizer = weakref.finalize(self, _release_guard, self._gid)
+        self._finalizer.atexit = False
         self._wp_unpopulated = caps.has("wp_unpopulated")
         self._exact = caps.has("exact_address")
         self._pending: list[WriteRecord] = []
         ENGINE.track(self)
+
+    @property
+    def stopped(self) -> str | None:
+        reason = super().stopped
+        if reason is None:
+            failure = ENGINE.failure()
+            if failure is not None:
+                # The handler gave up (and unregistered every range): keep
+                # what was recorded, stop tracking, say why.
+                self._detach(f"the fault handler stopped: {failure}")
+                reason = self._stopped
+        return reason
+
+    def _call(self, name: str, *args: Any) -> Any:
+        """A core call on this guard; a handler that gave up meanwhile
+        becomes TrackingStoppedError, not the core's RuntimeError."""
+        try:
+            return getattr(ENGINE.core, name)(self._gid, *args)
+        except RuntimeError:
+            self._check()  # raises TrackingStoppedError if the handler gave up
+            raise
 
     def arm(self) -> None:
         self._check()
@@ -77,25 +119,29 @@ class SyncTracker(KernelTracked):
             core.populate(self._address, self._length, PAGE_SIZE)
         if self._stack_note is None:
             # Each arming names the writers of its own first writes.
-            core.guard_set_stacks(self._gid, self._stacks)
-        core.guard_protect(self._gid, True)
+            self._call("guard_set_stacks", self._stacks)
+        self._call("guard_protect", True)
 
     def pause(self) -> None:
         if self.stopped is None:
-            ENGINE.core.guard_protect(self._gid, False)
+            self._call("guard_protect", False)
 
     def resume(self) -> None:
         if self.stopped is None:
-            ENGINE.core.guard_protect(self._gid, True)
+            # Take the records first: re-protecting makes every page a
+            # first write again, and the log must have room for them.
+            self._take(*self._call("guard_drain"))
+            self._call("guard_protect", True)
 
     def drain(self) -> list[WriteRecord]:
         if self.stopped is None:
-            self._take(*ENGINE.core.guard_drain(self._gid))
+            self._take(*self._call("guard_drain"))
         records, self._pending = self._pending, []
         return records
 
     def discard(self) -> None:
         self.drain()
+        self.duplicates = 0
 
     def close(self) -> list[WriteRecord]:
         self._finalizer.detach()
@@ -109,13 +155,29 @@ class SyncTracker(KernelTracked):
     def _detach(self, reason: str) -> None:
         """Called by the engine when the handler stops: keep what we have."""
         if self._stopped is None:
-            self._take(*ENGINE.core.guard_drain(self._gid))
             self._stopped = reason
+            self._take(*ENGINE.core.guard_drain(self._gid))
 
-    def _take(self, blob: bytes, overflow: int) -> None:
+    def _take(self, blob: bytes, overflow: int, duplicates: int = 0) -> None:
         self.overflow += overflow
+        self.duplicates += duplicates
         names = thread_names() if blob else {}
         for raw in unpack_faults(blob):
+            if raw.kind == KIND_DISCARD:
+                self._pending.append(
+                    WriteRecord(
+                        offset=raw.address - self._address,
+                        exact=True,
+                        thread_id=None,
+                        thread_name=None,
+                        time=raw.time_ns / 1e9,
+                        seq=raw.seq,
+                        stack_note=DISCARD_NOTE,
+                        kind=KIND_NAMES[raw.kind],
+                        length=raw.length,
+                    )
+                )
+                continue
             self._pending.append(
                 WriteRecord(
                     offset=raw.address - self._address,
