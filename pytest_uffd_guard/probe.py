@@ -77,6 +77,11 @@ FEATURE_NOTES: dict[str, tuple[str, str]] = {
     ),
     "wp_hugetlbfs_shmem": ("5.19", "shmem and hugetlb buffers cannot be guarded"),
     "wp_async": ("6.7", "no asynchronous tracking (PAGEMAP_SCAN)"),
+    "event_remove": (
+        "4.11",
+        "madvise() discarding guarded pages is not seen, and those pages lose "
+        "their write-protection",
+    ),
 }
 
 KERNEL_WRITES_REMEDY = (
