@@ -11,6 +11,11 @@ first changed byte.
 
 What it cannot tell: the writer (thread, time, stack) and the order of the
 writes; records are ``exact=False`` with no thread.  Linux 6.7+.
+
+Threads: the engine and each tracker keep their state under a lock (not the
+GIL: the ioctls release it, and free-threaded Python has none), so buffers
+may be used from several threads at once and one buffer's records may be
+read from several threads; each written page is reported once.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import threading
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
-from .diff_tracker import PageLog, first_changes
+from .diff_tracker import ForkSafeLock, PageLog, first_changes
 from .errors import UffdUnavailableError
 from .pagemap import Pagemap
 from .probe import FEATURES, Capabilities, capabilities, open_for
@@ -28,6 +33,8 @@ from .records import WriteRecord
 from .tracking import KernelTracked
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from .tracking import Region
 
 ASYNC_REMEDY = (
@@ -49,16 +56,20 @@ class AsyncEngine:
     """This process's async userfaultfd and pagemap fds, opened on first use."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = ForkSafeLock(threading.Lock)
         self._pid = 0
         self.fd = -1
         self.features = 0
         self.pagemap: Pagemap | None = None
 
-    def start(self) -> Capabilities:
+    def start(self) -> tuple[int, Pagemap]:
+        """This process's async userfaultfd and pagemap, opened if needed.
+
+        Raises UffdUnavailableError when the kernel cannot run the engine.
+        """
         with self._lock:
-            if self._pid == os.getpid():
-                return capabilities()
+            if self._pid == os.getpid() and self.pagemap is not None:
+                return self.fd, self.pagemap
             if self._pid:
                 # A forked child: the inherited fds speak for the parent's
                 # memory; drop them without touching the parent's ranges.
@@ -82,7 +93,7 @@ class AsyncEngine:
                     f"setting up the async engine failed: {exc.strerror or exc}", ASYNC_REMEDY
                 ) from exc
             self.fd, self.features, self.pagemap, self._pid = fd, features, pagemap, os.getpid()
-            return caps
+            return fd, pagemap
 
     def _forget(self) -> None:
         with suppress(OSError):
@@ -107,15 +118,14 @@ class AsyncTracker(KernelTracked):
         from . import _uffd
 
         self._core = _uffd
-        ASYNC.start()
-        self._fd = ASYNC.fd
-        self._pagemap = ASYNC.pagemap
+        self._fd, self._pagemap = ASYNC.start()
         address, length = region.address, region.length
         self._address = address
         self._length = length
         self._snapshot = region.snapshot
         self._unit = region.unit
         self._pid = os.getpid()
+        self._lock = ForkSafeLock()
         self._log = PageLog(max_records)
         self._paused = True
         self._stopped: str | None = None
@@ -135,58 +145,83 @@ class AsyncTracker(KernelTracked):
 
     @property
     def overflow(self) -> int:
-        return self._log.overflow
+        with self._lock:
+            return self._log.overflow
 
     @overflow.setter
     def overflow(self, value: int) -> None:
-        self._log.overflow = value
+        with self._lock:
+            self._log.overflow = value
 
     def _protect(self, protect: bool) -> None:
         self._core.writeprotect(self._fd, self._address, self._length, protect)
 
     def arm(self) -> None:
-        self._check()
-        # WP_ASYNC implies WP_UNPOPULATED: untouched pages get a marker, so
-        # nothing needs to be faulted in first.
-        self._protect(True)
-        self._paused = False
-
-    def pause(self) -> None:
-        if self.stopped is None and not self._paused:
-            # Collect first: un-protected pages all read as "written".
-            self._collect()
-            self._protect(False)
-            self._paused = True
-
-    def resume(self) -> None:
-        if self.stopped is None and self._paused:
+        with self._lock:
+            self._check()
+            # WP_ASYNC implies WP_UNPOPULATED: untouched pages get a marker, so
+            # nothing needs to be faulted in first.
             self._protect(True)
             self._paused = False
 
+    def pause(self) -> None:
+        with self._lock:
+            if self.stopped is None and not self._paused:
+                # Collect first: un-protected pages all read as "written".
+                self._collect()
+                self._protect(False)
+                self._paused = True
+
+    def resume(self) -> None:
+        with self._lock:
+            if self.stopped is None and self._paused:
+                self._protect(True)
+                self._paused = False
+
     def drain(self) -> list[WriteRecord]:
-        self._collect()
-        return self._log.take()
+        with self._lock:
+            self._collect()
+            return self._log.take()
 
     def discard(self) -> None:
-        self._log.reset()
+        with self._lock:
+            self._log.reset()
 
     def close(self) -> list[WriteRecord]:
-        if self.stopped is None:
-            self._collect()
-            with suppress(OSError):
-                self._core.unregister(self._fd, self._address, self._length)
-        self._stopped = self._stopped or "closed"
-        self._paused = True
-        return self._log.take()
+        with self._lock:
+            if self.stopped is None:
+                self._collect()
+                with suppress(OSError):
+                    self._core.unregister(self._fd, self._address, self._length)
+            self._stopped = self._stopped or "closed"
+            self._paused = True
+            return self._log.take()
+
+    def mark_reported(self, pages: Iterable[int]) -> None:
+        """Treat ``pages`` (offsets) as reported already (hybrid: the pages
+        its sync phase recorded)."""
+        with self._lock:
+            self._log.reported.update(pages)
+
+    def add_found(self, offsets: dict[int, int]) -> None:
+        """Report pages found another way: ``{page: first changed byte}``
+        (hybrid: the pages written while it moved between fds)."""
+        with self._lock:
+            self._log.add(offsets, offsets)
 
     def _collect(self) -> None:
-        if self._paused or self.stopped is not None or self._pagemap is None:
+        """Turn the pages PAGEMAP_SCAN reports written into records; the
+        caller holds the lock."""
+        if self._paused or self.stopped is not None:
             return
-        start, end = self._address, self._address + self._length
-        written: list[int] = []
-        for first, last in self._pagemap.written(start, end):
-            written.extend(range(first - start, last - start, self._unit))
-        new = [page for page in written if page not in self._log.reported]
+        start, length, unit = self._address, self._length, self._unit
+        written: set[int] = set()
+        for first, last in self._pagemap.written(start, start + length):
+            # Whole units inside the buffer only, whatever the kernel said.
+            low = max(0, first - start)
+            high = min(length, last - start)
+            written.update(range(low - low % unit, high, unit))
+        new = sorted(written - self._log.reported)
         if not new:
             return
         offsets: dict[int, int] = {}
@@ -195,14 +230,10 @@ class AsyncTracker(KernelTracked):
         # page start.
         run_start = prev = new[0]
         for page in [*new[1:], None]:
-            if page is not None and page == prev + self._unit:
+            if page is not None and page == prev + unit:
                 prev = page
                 continue
-            offsets.update(
-                first_changes(
-                    self._address, self._snapshot, run_start, prev + self._unit, self._unit
-                )
-            )
+            offsets.update(first_changes(start, self._snapshot, run_start, prev + unit, unit))
             if page is not None:
                 run_start = prev = page
         self._log.add(new, offsets)

@@ -9,15 +9,17 @@ writer (thread, time, stack) is unknown.  Records are therefore
 ``exact=False`` with no thread.
 
 The page-walking helpers here are shared with the async engine, which uses
-them to place each written page's record on its first changed byte.
+them to place each written page's record on its first changed byte, and so
+is ``ForkSafeLock``, the lock of every Python-side tracker.
 """
 
 from __future__ import annotations
 
-import itertools
+import os
+import threading
 import time
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Protocol
 
 from .records import WriteRecord
 
@@ -30,8 +32,49 @@ LIMITS = (
     "that stores the value already there is not seen and the writer is unknown"
 )
 
-#: Sequence numbers of records made in Python (async and diff engines).
-_seq = itertools.count(1)
+_seq_lock = threading.Lock()
+_seq_next = 1
+
+
+def _seqs(n: int) -> range:
+    """``n`` fresh sequence numbers for records made in Python (async and
+    diff engines); a lock, not the GIL, keeps them unique across threads."""
+    global _seq_next
+    with _seq_lock:
+        first = _seq_next
+        _seq_next += n
+    return range(first, first + n)
+
+
+class _Lock(Protocol):
+    def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+class ForkSafeLock:
+    """A lock that a forked child gets afresh.
+
+    A lock held by another thread of the parent at ``fork()`` (the hybrid
+    watcher mid-poll, a thread reading ``.writes``) would stay held for
+    ever in the child, where that thread does not exist; its buffers'
+    ``close()`` would hang (issue 9 item 4).  The child's first use makes a
+    new lock instead.  Re-entrant by default.
+    """
+
+    def __init__(self, factory: Callable[[], _Lock] = threading.RLock) -> None:
+        self._factory = factory
+        self._pid = os.getpid()
+        self._lock = factory()
+
+    def __enter__(self) -> ForkSafeLock:
+        if self._pid != os.getpid():
+            self._lock, self._pid = self._factory(), os.getpid()
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
 
 
 def diff_runs(a: int, b: int, length: int) -> list[tuple[int, int]]:
@@ -144,7 +187,7 @@ def page_record(offset: int, now: float | None = None) -> WriteRecord:
         thread_id=None,
         thread_name=None,
         time=time.monotonic() if now is None else now,
-        seq=next(_seq),
+        seq=_seqs(1)[0],
     )
 
 
@@ -162,18 +205,21 @@ def page_records(offsets: list[int], now: float) -> list[WriteRecord]:
     fields = dict(template.__dict__)
     new = object.__new__
     records = []
-    for offset in offsets:
+    for offset, seq in zip(offsets, _seqs(len(offsets))):
         record = new(WriteRecord)
         values = record.__dict__
         values.update(fields)
         values["offset"] = offset
-        values["seq"] = next(_seq)
+        values["seq"] = seq
         records.append(record)
     return records
 
 
 class PageLog:
-    """Pages already reported and records waiting to be drained."""
+    """Pages already reported and records waiting to be drained.
+
+    Not locked itself: its tracker holds its lock around every use.
+    """
 
     def __init__(self, capacity: int | None) -> None:
         self.capacity = capacity
@@ -213,43 +259,52 @@ class DiffTracker:
         self._length = region.length
         self._snapshot = region.snapshot
         self._unit = region.unit
+        self._lock = ForkSafeLock()
         self._log = PageLog(max_records)
         self._paused = True
         self._closed = False
 
     @property
     def overflow(self) -> int:
-        return self._log.overflow
+        with self._lock:
+            return self._log.overflow
 
     @overflow.setter
     def overflow(self, value: int) -> None:
-        self._log.overflow = value
+        with self._lock:
+            self._log.overflow = value
 
     @property
     def stopped(self) -> str | None:
         return "closed" if self._closed else None
 
     def arm(self) -> None:
-        self._paused = False
+        with self._lock:
+            self._paused = False
 
     def pause(self) -> None:
-        self._collect()
-        self._paused = True
+        with self._lock:
+            self._collect()
+            self._paused = True
 
     def resume(self) -> None:
-        self._paused = False
+        with self._lock:
+            self._paused = False
 
     def drain(self) -> list[WriteRecord]:
-        self._collect()
-        return self._log.take()
+        with self._lock:
+            self._collect()
+            return self._log.take()
 
     def discard(self) -> None:
-        self._log.reset()
+        with self._lock:
+            self._log.reset()
 
     def close(self) -> list[WriteRecord]:
-        self._collect()
-        self._closed = True
-        return self._log.take()
+        with self._lock:
+            self._collect()
+            self._closed = True
+            return self._log.take()
 
     def _collect(self) -> None:
         if self._paused or self._closed:

@@ -6,11 +6,11 @@ and async at once.  It is sync first, then async:
 
 1. The buffer starts on the sync engine: each first write into a page
    faults, and the handler names the writer (thread, exact byte).
-2. A watcher thread (one per process, waking every ``POLL_SECONDS``) drains
-   the sync records of hybrid buffers.  When a buffer has used its fault
-   budget (``BUDGET`` pages), it is moved to the async engine:
-   unregister from the sync fd (any writer blocked in a fault goes on),
-   register on the WP_ASYNC fd, write-protect every page.
+2. A watcher thread drains the sync records of hybrid buffers every
+   ``POLL_SECONDS``.  When a buffer has used its fault budget (``BUDGET``
+   pages), it is moved to the async engine: unregister from the sync fd
+   (any writer blocked in a fault goes on), register on the WP_ASYNC fd,
+   write-protect every page.
 3. Between the unregister and the new protection there is a window in
    which a write is seen by no fd.  Right after protecting, a byte diff
    against the snapshot reports every page that changed and was not yet
@@ -23,19 +23,33 @@ and async at once.  It is sync first, then async:
 
 The budget is enforced by polling, so a buffer may record a few hundred
 sync faults past it (one poll interval of faults).  Linux 6.7+ (WP_ASYNC).
+
+The watcher (one thread per process, started on demand, in a forked child
+too) polls only while some hybrid buffer is armed on the sync engine; with
+none it sleeps without a timeout, and it ends when no hybrid buffer is
+left.  Between polls it holds no reference to any buffer, so a buffer that
+is dropped unclosed is freed like any other and its sync guard leaves the
+handler's table.  During a poll it holds the buffer itself (``Region.owner``),
+so the memory cannot be unmapped while it is switched.  A failure while
+polling one buffer is that buffer's alone: it is kept in ``switch_error``
+(and warned about), the buffer stays on the sync engine - every write still
+recorded and named, at sync cost - and the other buffers go on.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import queue
 import threading
-import time
+import warnings
 import weakref
+from collections.abc import Callable
+from contextlib import suppress
 from typing import TYPE_CHECKING
 
 from .async_tracker import AsyncTracker
-from .diff_tracker import first_changes, page_record
-from .errors import UffdGuardError
+from .diff_tracker import ForkSafeLock, first_changes, page_record
 from .records import WriteRecord
 from .sync_tracker import SyncTracker
 
@@ -44,39 +58,106 @@ if TYPE_CHECKING:
 
 #: Sync faults (pages) per buffer before it moves to the async engine.
 BUDGET = 1024
-#: How often the watcher checks hybrid buffers.
+#: How often the watcher checks hybrid buffers that are armed on sync.
 POLL_SECONDS = 0.005
+#: Name of the watcher thread.
+THREAD_NAME = "uffd-guard-hybrid"
 
 
 class _Watcher:
-    """One daemon thread per process that moves buffers over their budget."""
+    """The thread that moves hybrid buffers over their budget; see the
+    module docstring for its lifecycle."""
 
     def __init__(self) -> None:
+        self._reset()
+        if hasattr(os, "register_at_fork"):
+            # A lock held by the parent's watcher at fork stays held in the
+            # child, and the thread itself does not exist there.
+            os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
         self._lock = threading.Lock()
-        self._trackers: weakref.WeakSet[HybridTracker] = weakref.WeakSet()
-        self._pid = 0
-        self._wake = threading.Event()
+        self._refs: dict[int, weakref.ref[HybridTracker]] = {}
+        self._keys = itertools.count()
+        #: Wake-ups.  SimpleQueue.put is safe from a weakref callback (no
+        #: lock that the thread running the callback could already hold).
+        self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
 
-    def add(self, tracker: HybridTracker) -> None:
+    def add(self, tracker: HybridTracker) -> int | None:
+        """Watch ``tracker`` (weakly); its key, or None if no thread could start."""
         with self._lock:
-            if self._pid != os.getpid():
-                self._trackers = weakref.WeakSet()
-                self._pid = os.getpid()
-                threading.Thread(target=self._run, name="uffd-guard-hybrid", daemon=True).start()
-            self._trackers.add(tracker)
+            key = next(self._keys)
+            refs, wake = self._refs, self._wake
 
-    def remove(self, tracker: HybridTracker) -> None:
+            def gone(_: object) -> None:  # the tracker was garbage-collected
+                refs.pop(key, None)
+                wake.put(None)
+
+            refs[key] = weakref.ref(tracker, gone)
+            if self._thread is None:
+                thread = threading.Thread(
+                    target=self._run, args=(wake,), name=THREAD_NAME, daemon=True
+                )
+                try:
+                    thread.start()
+                except RuntimeError:  # no more threads (ulimit -u, memory)
+                    del refs[key]
+                    return None
+                self._thread = thread
+        wake.put(None)
+        return key
+
+    def remove(self, key: int | None) -> None:
         with self._lock:
-            self._trackers.discard(tracker)
+            if key is not None and self._refs.pop(key, None) is not None:
+                self._wake.put(None)
 
-    def _run(self) -> None:
-        pid = os.getpid()
-        while self._pid == pid:
-            time.sleep(POLL_SECONDS)
+    def wake(self) -> None:
+        """A buffer may need polling again (armed, resumed)."""
+        self._wake.put(None)
+
+    def _run(self, wake: queue.SimpleQueue[None]) -> None:
+        while True:
             with self._lock:
-                trackers = list(self._trackers)
-            for tracker in trackers:
-                tracker.poll()
+                if wake is not self._wake:
+                    return
+                refs = list(self._refs.values())
+                if not refs:
+                    self._thread = None
+                    return
+            busy = False
+            for ref in refs:
+                busy = _poll(ref) or busy
+            del refs
+            with suppress(queue.Empty):
+                wake.get(timeout=POLL_SECONDS if busy else None)
+            with suppress(queue.Empty):
+                while True:
+                    wake.get_nowait()
+
+
+def _poll(ref: weakref.ref[HybridTracker]) -> bool:
+    """Poll one tracker; whether it still needs polling.  Never raises."""
+    tracker = ref()
+    if tracker is None:
+        return False
+    owner = None
+    try:
+        if tracker._owner is not None:
+            owner = tracker._owner()
+            if owner is None:  # the buffer is being freed
+                return False
+        return tracker.poll()
+    except Exception as exc:
+        with suppress(Exception):
+            tracker.poll_failed(exc)
+        return False
+    finally:
+        # The tracker first: if the buffer dies with our reference, it
+        # must free its tracker (and the sync guard) before its memory.
+        del tracker
+        del owner
 
 
 WATCHER = _Watcher()
@@ -97,26 +178,33 @@ class HybridTracker:
         self._max_records = max_records
         self._snapshot = region.snapshot
         self._unit = region.unit
-        self._lock = threading.RLock()
+        #: A weak reference to the buffer that owns the memory, if given.
+        self._owner: Callable[[], object | None] | None = getattr(region, "owner", None)
+        self._lock = ForkSafeLock()
         self._pending: list[WriteRecord] = []
         self._seen: set[int] = set()
         self._paused = True
+        self._closed = False
         self._base_overflow = 0
         self._kept = 0
+        self._lost: str | None = None
         self._sync: SyncTracker | None = self._new_sync()
         self._async: AsyncTracker | None = None
         #: How many times this buffer moved to async (for tests and reports).
         self.switches = 0
-        #: Why the move to async failed, if it did (the buffer stayed sync).
+        #: Why the buffer cannot move to async, if it cannot (it stays sync).
         self.switch_error: str | None = None
-        WATCHER.add(self)
+        self._key = WATCHER.add(self)
+        if self._key is None:
+            self._fail("the hybrid watcher thread could not start")
 
     def _new_sync(self) -> SyncTracker:
         return SyncTracker(self._region, max_records=self._max_records, stacks=self._stacks)
 
     @property
     def phase(self) -> str:
-        return "sync" if self._sync is not None else "async"
+        with self._lock:
+            return "sync" if self._sync is not None else "async"
 
     @property
     def _current(self) -> SyncTracker | AsyncTracker:
@@ -126,16 +214,19 @@ class HybridTracker:
 
     @property
     def overflow(self) -> int:
-        return self._base_overflow + self._current.overflow
+        with self._lock:
+            return self._base_overflow + self._current.overflow
 
     @overflow.setter
     def overflow(self, value: int) -> None:
-        self._base_overflow = value
-        self._current.overflow = 0
+        with self._lock:
+            self._base_overflow = value
+            self._current.overflow = 0
 
     @property
     def stopped(self) -> str | None:
-        return self._current.stopped
+        with self._lock:
+            return self._lost or self._current.stopped
 
     def arm(self) -> None:
         with self._lock:
@@ -148,6 +239,7 @@ class HybridTracker:
             self._kept = 0
             self._current.arm()
             self._paused = False
+        WATCHER.wake()
 
     def pause(self) -> None:
         with self._lock:
@@ -159,6 +251,7 @@ class HybridTracker:
         with self._lock:
             self._current.resume()
             self._paused = False
+        WATCHER.wake()
 
     def drain(self) -> list[WriteRecord]:
         with self._lock:
@@ -173,22 +266,58 @@ class HybridTracker:
             self._kept = 0
 
     def close(self) -> list[WriteRecord]:
-        WATCHER.remove(self)
+        WATCHER.remove(self._key)
         with self._lock:
+            self._closed = True
             self._keep(self._current.close())
             self._paused = True
             records, self._pending = self._pending, []
             return records
 
-    def poll(self) -> None:
-        """Watcher: drain sync records; move to async when over budget."""
+    def poll(self) -> bool:
+        """Watcher: drain sync records; move to async when over budget.
+
+        Returns whether the buffer still needs polling.  The caller keeps
+        the buffer (the memory) alive meanwhile.
+        """
         with self._lock:
-            sync = self._sync
-            if sync is None or self._paused or sync.stopped is not None or self.switch_error:
-                return
+            if not self._watched():
+                return False
             self._take()
             if len(self._seen) >= BUDGET:
                 self._switch()
+            return self._watched()
+
+    def poll_failed(self, exc: BaseException) -> None:
+        """Watcher: polling this buffer raised; keep it sync from now on."""
+        with self._lock:
+            self._fail(f"the hybrid watcher failed on it ({type(exc).__name__}: {exc})")
+
+    def _watched(self) -> bool:
+        sync = self._sync
+        return (
+            sync is not None
+            and not self._paused
+            and not self._closed
+            and self.switch_error is None
+            and sync.stopped is None
+        )
+
+    def _fail(self, why: str) -> None:
+        """Keep the first reason the buffer cannot move to async, and say it."""
+        if self.switch_error is not None:
+            return
+        self.switch_error = (
+            f"{why}; the buffer stays on the sync engine "
+            "(every write still recorded and named, at sync cost)"
+        )
+        # Never let -W error turn this into a failure of the watcher.
+        with suppress(Exception):
+            warnings.warn(
+                f"pytest-uffd-guard: hybrid buffer at {self._address:#x}: {self.switch_error}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def _take(self) -> None:
         self._keep(self._current.drain())
@@ -204,36 +333,49 @@ class HybridTracker:
             self._pending.append(record)
 
     def _switch(self) -> None:
-        sync, self._sync = self._sync, None
+        """Move to the async fd.  The caller holds the lock and the buffer."""
+        sync = self._sync
         assert sync is not None
         # Unregister: a writer blocked in a fault goes on, unrecorded; the
         # diff below finds what it wrote.
         self._keep(sync.close())
         self._base_overflow += sync.overflow
         max_records = self._max_records
+        tracker: AsyncTracker | None = None
         try:
             tracker = AsyncTracker(
                 self._region,
                 max_records=None if max_records is None else max(0, max_records - self._kept),
             )
-            tracker._log.reported |= self._seen
+            tracker.mark_reported(self._seen)
             tracker.arm()
-        except (OSError, UffdGuardError) as exc:
-            # Stay sync (budget lifted): the pages already written keep no
-            # protection, the diff below still reports them.
-            self.switch_error = str(exc)
-            self._sync = sync = self._new_sync()
-            sync.arm()
-            self._report_window(set())
+        except Exception as exc:
+            if tracker is not None:
+                tracker.close()
+            self._stay_sync(f"moving it to the async engine failed ({exc})")
             return
-        self._async = tracker
+        self._sync, self._async = None, tracker
         self.switches += 1
-        self._report_window(tracker._log.reported)
+        self._report_window()
 
-    def _report_window(self, already: set[int]) -> None:
+    def _stay_sync(self, why: str) -> None:
+        """Back on a fresh sync guard after a failed switch (budget lifted):
+        the pages already written keep no protection, the diff still
+        reports them."""
+        self._fail(why)
+        try:
+            self._sync = self._new_sync()
+            self._sync.arm()
+        except Exception as exc:
+            self._lost = f"the hybrid engine could not move it to async nor back to sync ({exc})"
+            return
+        self._take()
+        self._report_window()
+
+    def _report_window(self) -> None:
         """Pages that changed while no fd protected them, as records."""
         changed = first_changes(self._address, self._snapshot, 0, self._length, self._unit)
         if self._async is not None:
-            self._async._log.add(changed, changed)
+            self._async.add_found(changed)
             return
         self._keep([page_record(changed[page]) for page in sorted(set(changed) - self._seen)])

@@ -12,6 +12,12 @@ Layouts (``include/uapi/linux/fs.h``)::
                          category_anyof_mask, return_mask; }      // 96 bytes
     struct page_region { u64 start, end, categories; }           // 24 bytes
 
+Thread safety: ``fcntl.ioctl`` releases the GIL, so scans from several
+threads run at once.  Each scan fills a result vector of its own (a shared
+one let concurrent scans read each other's regions, issue 9 item 1), and
+every region the kernel returns is clipped to the range asked about, so a
+caller never walks memory outside it.
+
 The request number ``_IOWR('f', 16, struct pm_scan_arg)`` is ``0xC0606610``
 with the generic ``_IOC`` encoding (x86, arm64, riscv); powerpc, mips, sparc
 and alpha encode ioctls differently, so it is computed here.
@@ -62,7 +68,6 @@ class Pagemap:
 
     def __init__(self, path: str = "/proc/self/pagemap") -> None:
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        self._vec = (ctypes.c_uint64 * (3 * VEC_LEN))()
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -88,11 +93,14 @@ class Pagemap:
     ) -> Iterator[tuple[int, int, int]]:
         """Yield ``(start, end, categories)`` regions of ``[start, end)``.
 
+        Every region yielded lies within ``[start, end)`` and is not empty.
         Raises OSError with the kernel's errno (ENOTTY or EINVAL before 6.7).
         """
         import fcntl
 
-        vec_address = ctypes.addressof(self._vec)
+        # Per call, never shared: the ioctl runs without the GIL.
+        vec = (ctypes.c_uint64 * (3 * VEC_LEN))()
+        vec_address = ctypes.addressof(vec)
         while start < end:
             arg = bytearray(
                 _ARG.pack(
@@ -112,8 +120,14 @@ class Pagemap:
             )
             count = fcntl.ioctl(self.fd, PAGEMAP_SCAN, arg, True)
             walk_end = _ARG.unpack(arg)[4]
-            raw = bytes(self._vec)[: count * _REGION.size]
-            yield from _REGION.iter_unpack(raw)
+            count = max(0, min(count, VEC_LEN))
+            raw = ctypes.string_at(vec_address, count * _REGION.size)
+            for first, last, categories in _REGION.iter_unpack(raw):
+                # Trust nothing outside what was asked: the callers diff
+                # memory at these addresses.
+                first, last = max(first, start), min(last, end)
+                if first < last:
+                    yield first, last, categories
             if walk_end <= start:  # no progress: never loop forever
                 break
             start = walk_end
