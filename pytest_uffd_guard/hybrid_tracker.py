@@ -179,7 +179,7 @@ class HybridTracker:
         self._snapshot = region.snapshot
         self._unit = region.unit
         #: A weak reference to the buffer that owns the memory, if given.
-        self._owner: Callable[[], object | None] | None = getattr(region, "owner", None)
+        self._owner: Callable[[], object | None] | None = region.owner
         self._lock = ForkSafeLock()
         self._pending: list[WriteRecord] = []
         self._seen: set[int] = set()

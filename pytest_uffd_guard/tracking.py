@@ -34,7 +34,8 @@ New engines implement the same protocol and are picked in ``make_tracker``.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from .errors import InvalidBufferError, TrackingStoppedError, UffdUnavailableError
@@ -430,6 +431,10 @@ class Region:
     snapshot: int
     #: Page size of the mapping (a huge page for hugetlb).
     unit: int = PAGE_SIZE
+    #: A weak reference to the object that owns the memory: a background
+    #: thread (the hybrid watcher) holds the owner while it works on the
+    #: region, so the memory cannot be unmapped under it.
+    owner: Callable[[], object | None] | None = field(default=None, compare=False, repr=False)
 
 
 def make_tracker(
