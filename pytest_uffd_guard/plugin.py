@@ -18,18 +18,28 @@ next phase starts clean.  Only findings of the call phase can fail a test.
 
 from __future__ import annotations
 
-import inspect
-import mmap
 import sys
-from collections.abc import Generator, Iterator, Sequence
-from contextlib import suppress
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Generator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from . import report
-from .report import ALLOWED, FORBIDDEN, REPORTED, ChangeInfo, Finding, Range, WriteInfo
+from . import harvest, report
+from .fixture import GuardedBufferFactory, guarded_buffer, new_buffer
+from .jsonfile import JSON_FAILED, JSON_WRITTEN, check_path, os_error_text, write_json
+from .marker import (
+    BAD_MARKER,
+    MARKER,
+    UNGUARDABLE,
+    UNKNOWN_ARGUMENT,
+    Unguardable,
+    guarded_copy,
+    marked_arguments,
+    marker_help,
+    release,
+)
+from .report import Finding
 from .settings import (
     DOCTOR_HELP,
     DOCTOR_OPTION,
@@ -51,42 +61,35 @@ from .settings import (
     SettingsError,
     resolve,
 )
+from .state import (
+    FIXTURE,
+    REQUIRED_SUFFIX,
+    UNAVAILABLE_PREFIX,
+    Entry,
+    is_worker,
+    item_state,
+    item_state_key,
+    settings_key,
+)
+from .verdict import Range
 
 if TYPE_CHECKING:
     from .guard import GuardedBuffer
     from .records import WriteRecord
     from .tracking import EngineChoice
 
-__all__ = ["GuardedBufferFactory", "guarded_buffer"]
+__all__ = [
+    "BAD_MARKER",
+    "UNGUARDABLE",
+    "UNKNOWN_ARGUMENT",
+    "GuardedBufferFactory",
+    "guarded_buffer",
+]
 
-MARKER = "readonly_buffer"
-FIXTURE = "guarded_buffer"
 #: Name of the manager object in pytest's plugin manager.
 MANAGER_NAME = "uffd_guard_manager"
 
-#: Start of the skip reason (and error) when userfaultfd cannot be used.
-UNAVAILABLE_PREFIX = "uffd-guard unavailable"
-#: Added to the message when --uffd-require turned the skip into an error.
-REQUIRED_SUFFIX = f"(error because of {REQUIRE_OPTION} / {REQUIRE_INI})"
-#: Setup error for a marker argument whose type cannot be guarded.
-UNGUARDABLE = (
-    "@pytest.mark.readonly_buffer cannot guard argument {argname!r} of type {type}: "
-    "only numpy.ndarray and memoryview arguments can be swapped for a guarded copy"
-)
-#: Setup error when a memoryview's format or shape cannot be rebuilt.
-UNCASTABLE = (
-    "@pytest.mark.readonly_buffer cannot rebuild memoryview argument {argname!r} "
-    "(format {format!r}, shape {shape}) over a guarded copy: {error}"
-)
-UNGUARDABLE_FIX = (
-    "make the fixture or parameter a memoryview (memoryview(data)) or a numpy array, "
-    "or build the buffer with the guarded_buffer fixture"
-)
-#: Setup error when the marker names an argument the test does not take.
-UNKNOWN_ARGUMENT = (
-    "@pytest.mark.readonly_buffer names {argname!r}, which is not an argument of {test}"
-)
-BAD_MARKER = "invalid @pytest.mark.readonly_buffer on {test}: {problem}"
+manager_key = pytest.StashKey["Manager"]()
 
 #: Added to a test that failed with EFAULT while the uffd is user-mode only.
 EFAULT_HINT = (
@@ -101,76 +104,6 @@ STATUS_WORD = "WRITTEN"
 
 #: Added to the skip reason when the default engine finds no userfaultfd.
 DIFF_HINT = f"or run with {ENGINE_OPTION}=diff to compare bytes instead (weaker: see docs)"
-
-PAGE_SIZE = mmap.PAGESIZE
-
-
-def readonly_buffer(*argnames: str, allow: Sequence[Any] = ()) -> None:
-    """Swap the named test arguments (numpy arrays, memoryviews) for guarded
-    copies before the call and fail the test if it writes into them, even
-    under --uffd-report; writes into the byte ranges of allow (slices or
-    (start, stop) pairs) are reported but allowed."""
-
-
-def _marker_help() -> str:
-    """The marker's --markers line, built from readonly_buffer's signature."""
-    parameters = inspect.signature(readonly_buffer).parameters.values()
-    signature = ", ".join(str(p.replace(annotation=inspect.Parameter.empty)) for p in parameters)
-    doc = " ".join((readonly_buffer.__doc__ or "").split())
-    return (
-        f"{MARKER}({signature}): {doc} "
-        "Example: @pytest.mark.readonly_buffer('frame', allow=[slice(0, 4)]). "
-        "See docs/user-guide.md"
-    )
-
-
-# ------------------------------------------------------------ state
-
-
-@dataclass
-class Entry:
-    """A buffer guarded for one test, and the rules that apply to it."""
-
-    buffer: GuardedBuffer
-    readonly: bool
-    origin: str
-    from_marker: bool = False
-    allow: tuple[Range, ...] = ()
-    done: bool = False
-    stopped_seen: str | None = None
-
-
-@dataclass
-class ItemState:
-    """Per-test state, in ``item.stash[item_state_key]``."""
-
-    entries: list[Entry] = field(default_factory=list)
-    #: Marker arguments swapped for guarded copies: argname -> original.
-    swapped: dict[str, Any] = field(default_factory=dict)
-    #: The guarded views handed to the test, dropped before closing.
-    views: dict[str, Any] = field(default_factory=dict)
-    #: Arguments named by readonly_buffer markers, validated at setup.
-    marked: list[MarkedArgument] = field(default_factory=list)
-    #: Findings of the phases reported so far.
-    findings: list[Finding] = field(default_factory=list)
-    counter: int = 0
-
-
-settings_key = pytest.StashKey[Settings]()
-manager_key = pytest.StashKey["Manager"]()
-item_state_key = pytest.StashKey[ItemState]()
-
-
-def item_state(item: pytest.Item) -> ItemState:
-    state = item.stash.get(item_state_key, None)
-    if state is None:
-        state = item.stash[item_state_key] = ItemState()
-    return state
-
-
-def is_worker(config: pytest.Config) -> bool:
-    """True in a pytest-xdist worker: the controller writes the reports."""
-    return hasattr(config, "workerinput")
 
 
 def engine_request(config: pytest.Config) -> str:
@@ -297,8 +230,13 @@ def get_settings(config: pytest.Config) -> Settings:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", _marker_help())
+    config.addinivalue_line("markers", marker_help())
     settings = get_settings(config)
+    if settings.report_json is not None and not is_worker(config):
+        try:
+            check_path(settings.report_json, settings.report_json_source)
+        except SettingsError as exc:
+            raise pytest.UsageError(str(exc)) from None
     config.stash[settings_key] = settings
     manager = Manager(config, settings)
     config.stash[manager_key] = manager
@@ -357,57 +295,6 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return lines
 
 
-# ------------------------------------------------------------ fixture
-
-
-class GuardedBufferFactory(Protocol):
-    """Type of the ``guarded_buffer`` fixture's value."""
-
-    def __call__(
-        self, source: Any, *, name: str | None = None, readonly: bool = True
-    ) -> GuardedBuffer: ...
-
-
-def _new_buffer(item: pytest.Item, source: Any, name: str) -> GuardedBuffer:
-    """A GuardedBuffer, or the test skipped (or failed) if uffd is missing."""
-    from .errors import UffdUnavailableError
-    from .guard import GuardedBuffer
-
-    settings = item.config.stash[settings_key]
-    try:
-        return GuardedBuffer(source, name=name, engine=settings.engine, stacks=settings.stacks)
-    except UffdUnavailableError as exc:
-        text = " ".join(f"{UNAVAILABLE_PREFIX}: {exc.cause}; fix: {exc.remedy}".split())
-        if item.config.stash[settings_key].require:
-            pytest.fail(f"{text} {REQUIRED_SUFFIX}", pytrace=False)
-        pytest.skip(text)
-
-
-@pytest.fixture
-def guarded_buffer(request: pytest.FixtureRequest) -> Iterator[GuardedBufferFactory]:
-    """Factory of guarded buffers: ``guarded_buffer(4096)``,
-    ``guarded_buffer(b"data", name="frame", readonly=False)``.
-
-    A read-only buffer (the default) fails the test when the test's call
-    writes into it; a ``readonly=False`` buffer only reports writes.  The
-    buffers are closed at teardown.
-    """
-    item = request.node
-    assert isinstance(item, pytest.Item)
-    state = item_state(item)
-
-    def factory(source: Any, *, name: str | None = None, readonly: bool = True) -> GuardedBuffer:
-        state.counter += 1
-        buffer = _new_buffer(item, source, name if name is not None else f"buffer-{state.counter}")
-        state.entries.append(Entry(buffer=buffer, readonly=bool(readonly), origin=FIXTURE))
-        return buffer
-
-    yield factory
-    for entry in state.entries:
-        if entry.origin == FIXTURE:
-            entry.buffer.close()
-
-
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
     result = yield
@@ -416,124 +303,6 @@ def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
     if state is not None and state.marked:
         item.config.stash[manager_key].swap(item)
     return result
-
-
-# ------------------------------------------------------------ marker
-
-
-@dataclass(frozen=True)
-class MarkedArgument:
-    argname: str
-    allow: tuple[Any, ...]
-
-
-def _allow_items(value: Any) -> tuple[Any, ...]:
-    """``allow=`` as a tuple of range specs: one slice/pair, or many."""
-    if isinstance(value, slice):
-        return (value,)
-    if (
-        isinstance(value, tuple)
-        and len(value) == 2
-        and all(isinstance(v, int) or v is None for v in value)
-    ):
-        return (value,)
-    try:
-        return tuple(value)
-    except TypeError:
-        raise ValueError(f"allow={value!r} is neither a range nor a sequence of ranges") from None
-
-
-def marked_arguments(item: pytest.Item) -> list[MarkedArgument]:
-    """The arguments the item's readonly_buffer markers name, validated.
-
-    A marker on the function must name arguments of the test; one on a
-    class or module applies to the tests that take those arguments.
-    """
-    fixturenames = set(getattr(item, "fixturenames", ()))
-    result: dict[str, list[Any]] = {}
-    for node, mark in item.iter_markers_with_node(MARKER):
-        unknown = set(mark.kwargs) - {"allow"}
-        if unknown:
-            problem = f"unknown keyword {', '.join(sorted(unknown))} (only allow= is accepted)"
-            pytest.fail(BAD_MARKER.format(test=item.nodeid, problem=problem), pytrace=False)
-        if not mark.args:
-            problem = "name at least one argument, e.g. readonly_buffer('data')"
-            pytest.fail(BAD_MARKER.format(test=item.nodeid, problem=problem), pytrace=False)
-        for argname in mark.args:
-            if not isinstance(argname, str):
-                problem = f"argument names must be strings, got {argname!r}"
-                pytest.fail(BAD_MARKER.format(test=item.nodeid, problem=problem), pytrace=False)
-        if len(set(mark.args)) != len(mark.args):
-            problem = f"an argument is named twice in {mark.args!r}"
-            pytest.fail(BAD_MARKER.format(test=item.nodeid, problem=problem), pytrace=False)
-        try:
-            allow = _allow_items(mark.kwargs.get("allow", ()))
-        except ValueError as exc:
-            pytest.fail(BAD_MARKER.format(test=item.nodeid, problem=exc), pytrace=False)
-        for argname in mark.args:
-            if argname not in fixturenames:
-                if node is item:
-                    pytest.fail(
-                        UNKNOWN_ARGUMENT.format(argname=argname, test=item.nodeid), pytrace=False
-                    )
-                continue
-            result.setdefault(argname, []).extend(allow)
-    return [MarkedArgument(name, tuple(allow)) for name, allow in result.items()]
-
-
-class Unguardable(Exception):
-    """A marker argument of a type that has no guarded twin."""
-
-
-def guarded_copy(value: Any, argname: str, item: pytest.Item) -> tuple[GuardedBuffer, Any]:
-    """A guarded buffer holding a copy of ``value`` and a view of it of the
-    same type (numpy.ndarray: dtype, shape; memoryview: format, shape)."""
-    numpy = sys.modules.get("numpy")
-    if numpy is not None and isinstance(value, numpy.ndarray):
-        if type(value) is not numpy.ndarray or value.dtype.hasobject or value.nbytes == 0:
-            what = (
-                f"{type(value).__module__}.{type(value).__qualname__} "
-                f"(dtype {value.dtype}, {value.nbytes} bytes)"
-            )
-            raise Unguardable(
-                UNGUARDABLE.format(argname=argname, type=what)
-                + "; pass a plain, non-empty numpy.ndarray without Python objects"
-            )
-        # Keep Fortran order: guard the transposed (C-ordered) array.
-        fortran = bool(value.flags.f_contiguous and not value.flags.c_contiguous)
-        source = numpy.ascontiguousarray(value.T if fortran else value)
-        buffer = _new_buffer(item, source, argname)
-        array = numpy.frombuffer(buffer, dtype=value.dtype).reshape(source.shape)
-        return buffer, (array.T if fortran else array)
-    if isinstance(value, memoryview):
-        if value.nbytes == 0:
-            raise Unguardable(
-                UNGUARDABLE.format(argname=argname, type="memoryview (empty)")
-                + "; there is nothing to guard in an empty buffer"
-            )
-        buffer = _new_buffer(item, value.tobytes(), argname)
-        try:
-            view = memoryview(buffer)
-            if value.format != "B" or value.ndim != 1:
-                view = view.cast(value.format, list(value.shape or ()))  # type: ignore[call-overload]
-        except (TypeError, ValueError) as exc:
-            buffer.close()
-            raise Unguardable(
-                UNCASTABLE.format(
-                    argname=argname, format=value.format, shape=value.shape, error=exc
-                )
-                + "; use a numpy array for this layout"
-            ) from None
-        return buffer, view
-    raise Unguardable(
-        UNGUARDABLE.format(argname=argname, type=type(value).__qualname__) + f"; {UNGUARDABLE_FIX}"
-    )
-
-
-def _release(view: Any) -> None:
-    if isinstance(view, memoryview):
-        with suppress(BufferError):  # the test kept a view of it; close() copes
-            view.release()
 
 
 # ------------------------------------------------------------ manager
@@ -546,6 +315,9 @@ class Manager:
         self.config = config
         self.settings = settings
         self.findings: list[Finding] = []
+        #: Where the JSON report was written, or why it could not be.
+        self.json_written: Path | None = None
+        self.json_error: str | None = None
 
     # -- setup: availability, marker swap
 
@@ -578,7 +350,9 @@ class Manager:
             value = funcargs[arg.argname]
             problem: str | None = None
             try:
-                buffer, view = guarded_copy(value, arg.argname, item)
+                buffer, view = guarded_copy(
+                    value, arg.argname, lambda source, name: new_buffer(item, source, name)
+                )
             except Unguardable as exc:
                 problem = str(exc)
             if problem is not None:  # outside the except: no chained traceback
@@ -595,6 +369,7 @@ class Manager:
                     origin=f"{MARKER}:{arg.argname}",
                     from_marker=True,
                     allow=allow,
+                    element=harvest.element_of(view),
                 )
             )
             state.swapped[arg.argname] = value
@@ -618,7 +393,7 @@ class Manager:
                 funcargs[argname] = original
         state.swapped.clear()
         for view in state.views.values():
-            _release(view)
+            release(view)
         state.views.clear()
         for entry in state.entries:
             entry.buffer.close()
@@ -705,15 +480,15 @@ class Manager:
             closed = buffer.closed
             records = buffer.writes
             overflowed = buffer.overflowed
-            changes = buffer.changes(preview=report.PREVIEW_BYTES)
             stopped = buffer.stopped_reason
             if closed:
                 entry.done = True
             new_stop = stopped if stopped != entry.stopped_seen else None
             entry.stopped_seen = stopped
-            if not records and not changes and not overflowed and new_stop is None:
+            finding = self.judge(item, entry, phase, records, overflowed, new_stop)
+            if finding is None:
                 continue
-            findings.append(self.judge(item, entry, phase, records, changes, overflowed, new_stop))
+            findings.append(finding)
             if not closed and buffer.tracking:
                 buffer.protect()
         return findings
@@ -724,85 +499,61 @@ class Manager:
         entry: Entry,
         phase: str,
         records: list[WriteRecord],
-        changes: Sequence[Any],
         overflowed: int,
         stopped: str | None,
-    ) -> Finding:
-        """Give each write and changed range its status; call our hooks."""
+    ) -> Finding | None:
+        """Give each write and changed run its status (``harvest.judge``,
+        linear in both) and call our hooks; None when nothing happened."""
         hook = self.config.hook
-        enforced = (
-            entry.readonly
+        rules = harvest.Rules(
+            readonly=entry.readonly,
+            enforced=entry.readonly
             and phase == "call"
-            and (entry.from_marker or not self.settings.report_only)
+            and (entry.from_marker or not self.settings.report_only),
+            allow=entry.allow,
+            element=entry.element,
         )
-        cut = report.PREVIEW_BYTES
-        spans = [(c.offset, c.offset + c.length) for c in changes]
-        writes: list[WriteInfo] = []
-        for record in records:
-            status = REPORTED
-            if entry.readonly:
-                page = record.offset - record.offset % PAGE_SIZE
-                in_page = report.spans_in_page(spans, page, PAGE_SIZE)
-                allowed = hook.pytest_uffd_write_allowed(
-                    config=self.config,
-                    item=item,
-                    buffer=entry.buffer,
-                    record=record,
-                    changes=in_page,
-                    phase=phase,
-                )
-                if allowed:
-                    status = ALLOWED
-                elif enforced:
-                    status = FORBIDDEN
-            writes.append(WriteInfo.from_record(record, status))
-        infos = []
-        for change, (start, stop) in zip(changes, spans):
-            status = REPORTED
-            if entry.readonly:
-                mine = [
-                    w
-                    for w in writes
-                    if w.offset - w.offset % PAGE_SIZE < stop
-                    and w.offset - w.offset % PAGE_SIZE + PAGE_SIZE > start
-                ]
-                if report.covered(start, stop, entry.allow) or (
-                    mine and all(w.status == ALLOWED for w in mine)
-                ):
-                    status = ALLOWED
-                elif enforced:
-                    status = FORBIDDEN
-            infos.append(
-                ChangeInfo(
-                    change.offset,
-                    change.length,
-                    change.before[:cut].hex(),
-                    change.after[:cut].hex(),
-                    status,
-                )
+        buffer = entry.buffer
+
+        def ask(record: WriteRecord, changes: list[Range]) -> bool | None:
+            return hook.pytest_uffd_write_allowed(  # type: ignore[no-any-return]
+                config=self.config,
+                item=item,
+                buffer=buffer,
+                record=record,
+                changes=changes,
+                phase=phase,
             )
-        for record, info in zip(records, writes):
+
+        def tell(record: WriteRecord, status: str) -> None:
             hook.pytest_uffd_write(
                 config=self.config,
                 item=item,
-                buffer=entry.buffer,
+                buffer=buffer,
                 record=record,
                 phase=phase,
-                status=info.status,
+                status=status,
             )
-        return Finding(
+
+        # Asking costs a hook call and the page's runs per write: skip it
+        # when only our own implementation would answer, and it has no allow=.
+        others = [i for i in hook.pytest_uffd_write_allowed.get_hookimpls() if i.plugin is not self]
+        finding = harvest.judge(
+            buffer,
+            records,
+            rules,
+            ask if others or entry.allow else None,
+            tell if hook.pytest_uffd_write.get_hookimpls() else None,
+            overflowed,
+            stopped,
             nodeid=item.nodeid,
             phase=phase,
-            buffer=entry.buffer.name,
-            size=len(entry.buffer),
             origin=entry.origin,
-            readonly=entry.readonly,
-            writes=tuple(writes),
-            changes=tuple(infos),
-            overflowed=overflowed,
-            stopped=stopped,
-            allow=entry.allow,
+            test_file=str(item.path),
         )
+        if not records and not finding.n_changes and not overflowed and stopped is None:
+            return None
+        return finding
 
     @pytest.hookimpl(trylast=True)
     def pytest_uffd_write_allowed(
@@ -813,9 +564,7 @@ class Manager:
         entry = next((e for e in state.entries if e.buffer is buffer), None) if state else None
         if entry is None or not entry.allow:
             return None
-        if report.write_in_ranges(record.offset, record.exact, changes, PAGE_SIZE, entry.allow):
-            return True
-        return None
+        return harvest.allowed_by_ranges(record, changes, entry.allow)
 
     # -- reports: status letter, collection, session summary
 
@@ -833,14 +582,17 @@ class Manager:
             self.findings.append(Finding.from_dict(data))
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if not self.settings.report_terminal or is_worker(self.config):
+        if is_worker(self.config):
             return
-        limit = None if self.config.get_verbosity() > 0 else 50
-        terminalreporter.write_sep("=", report.SUMMARY_TITLE)
-        for line in report.summary_lines(self.findings, limit):
-            terminalreporter.write_line(line)
-        if self.settings.report_json is not None:
-            terminalreporter.write_line(f"JSON report written to {self.settings.report_json}")
+        if self.settings.report_terminal:
+            limit = None if self.config.get_verbosity() > 0 else report.SUMMARY_ROWS
+            terminalreporter.write_sep("=", report.SUMMARY_TITLE)
+            for line in report.summary_lines(self.findings, limit):
+                terminalreporter.write_line(line)
+        if self.json_error is not None:
+            terminalreporter.write_line(self.json_error, red=True, bold=True)
+        elif self.json_written is not None:
+            terminalreporter.write_line(JSON_WRITTEN.format(path=self.json_written))
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
@@ -858,5 +610,13 @@ class Manager:
             "available": caps.available,
             "capabilities": caps.as_dict(),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(report.json_document(self.findings, header), encoding="utf-8")
+        try:
+            write_json(path, report.json_document(self.findings, header))
+        except OSError as exc:
+            # Issue 9, item 12: a clear line in the summary and a failing
+            # exit code, not a traceback that hides the test results.
+            self.json_error = JSON_FAILED.format(path=path, error=os_error_text(exc))
+            if session.exitstatus == pytest.ExitCode.OK:
+                session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
+        else:
+            self.json_written = path

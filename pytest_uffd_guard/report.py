@@ -1,30 +1,29 @@
-"""Presentation: findings about guarded buffers as plain data, tables and JSON.
+"""Presentation: findings about guarded buffers as tables, sections and JSON.
 
 Everything here is a pure function of plain data (ints, strings, lists): no
 pytest, no kernel, no GuardedBuffer.  The plugin turns what a buffer saw in
-one test phase into a :class:`Finding`; this module decides what is allowed
-by byte ranges, and lays findings out for a failed test, for the end-of-run
-terminal section and for the JSON report.
-
-A finding travels on pytest's reports as ``Finding.to_dict()`` so that it
-survives the trip from a pytest-xdist worker to the controller.
+one test phase into a :class:`~pytest_uffd_guard.findings.Finding` (see
+``harvest.py``, with the verdict from ``verdict.py``); this module lays
+findings out for a failed test, for the end-of-run terminal section, for
+junitxml and for the JSON report.  Every table is bounded in rows and in
+cell width, and says how much it left out (issue 9, items 11 and 19).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-#: Version of the JSON report's layout; bumped on any incompatible change.
-JSON_SCHEMA = "pytest-uffd-guard/report"
-JSON_VERSION = 1
+from .findings import ChangeInfo, Finding, WriteInfo
+from .verdict import ALLOWED, FORBIDDEN, REPORTED, Block, Range, Ranges, covered
+from .verdict import write_in_ranges as _write_in_ranges
 
-#: Status of a write or of a changed range.
-FORBIDDEN = "forbidden"  # fails the test
-ALLOWED = "allowed"  # into a read-only buffer, but allowed (allow=, or a hook)
-REPORTED = "reported"  # shown only: writable buffer, setup/teardown, report-only mode
+#: Version of the JSON report's layout; bumped on any incompatible change.
+#: Version 2 (issue 9, item 11): writes and changes are bounded lists with
+#: exact totals beside them, plus coalesced blocks.
+JSON_SCHEMA = "pytest-uffd-guard/report"
+JSON_VERSION = 2
 
 #: Bytes of each changed run kept in a finding (before and after).
 PREVIEW_BYTES = 32
@@ -32,6 +31,10 @@ PREVIEW_BYTES = 32
 CELL_BYTES = 8
 #: Rows of each table shown in a failure or the terminal section without -v.
 ROW_LIMIT = 10
+#: Characters of a table cell before it is elided.
+CELL_WIDTH = 100
+#: Rows of the end-of-session terminal section without -v.
+SUMMARY_ROWS = 50
 
 #: Title of the section added to a test's report.
 SECTION_TITLE = "uffd-guard writes"
@@ -42,182 +45,21 @@ SUMMARY_TITLE = "uffd-guard report"
 #: Said in the terminal section when nothing was written.
 NOTHING_WRITTEN = "no writes into guarded buffers"
 
-Range = tuple[int, int]
-
-
-@dataclass(frozen=True)
-class WriteInfo:
-    """One recorded write (the first into its page), as plain data."""
-
-    offset: int
-    exact: bool
-    thread_id: int | None
-    thread_name: str | None
-    status: str = REPORTED
-    #: One line naming the writer (thread, system call, innermost user frame).
-    description: str | None = None
-    #: The writer's Python stack, innermost first: (filename, lineno, function).
-    stack: tuple[tuple[str, int, str], ...] = ()
-    #: The innermost frames that are neither the plugin's nor the stdlib's.
-    user_stack: tuple[str, ...] = ()
-    syscall: str | None = None
-    has_python: bool | None = None
-    stack_note: str | None = None
-    thread_comm: str | None = None
-
-    @classmethod
-    def from_record(cls, record: Any, status: str) -> WriteInfo:
-        """Plain data from a ``WriteRecord`` (its writer named where captured)."""
-        from .attribution import describe_writer, user_frames
-
-        return cls(
-            offset=record.offset,
-            exact=record.exact,
-            thread_id=record.thread_id,
-            thread_name=record.thread_name,
-            status=status,
-            description=describe_writer(record),
-            stack=tuple((f.filename, f.lineno, f.function) for f in record.stack),
-            user_stack=tuple(str(f) for f in user_frames(record, 3)),
-            syscall=record.syscall,
-            has_python=record.has_python,
-            stack_note=record.stack_note,
-            thread_comm=record.thread_comm,
-        )
-
-    def writer(self) -> str:
-        """The writer in one line: the thread, and where it wrote from if known."""
-        return self.description or self.thread_label()
-
-    def thread_label(self) -> str:
-        if self.thread_id is None:
-            return "unknown thread"
-        if self.thread_name is None:
-            # The thread ended before the write was read, or is not Python's.
-            return f"tid {self.thread_id} (name unknown)"
-        return f"{self.thread_name} (tid {self.thread_id})"
-
-
-@dataclass(frozen=True)
-class ChangeInfo:
-    """One run of changed bytes; ``before``/``after`` hex, maybe a preview."""
-
-    offset: int
-    length: int
-    before: str
-    after: str
-    status: str = REPORTED
-
-    @property
-    def truncated(self) -> bool:
-        return len(self.after) // 2 < self.length
-
-    @property
-    def stop(self) -> int:
-        return self.offset + self.length
-
-
-@dataclass(frozen=True)
-class Finding:
-    """What one guarded buffer saw during one phase of one test."""
-
-    nodeid: str
-    phase: str
-    buffer: str
-    size: int
-    origin: str
-    readonly: bool
-    writes: tuple[WriteInfo, ...] = ()
-    changes: tuple[ChangeInfo, ...] = ()
-    overflowed: int = 0
-    stopped: str | None = None
-    allow: tuple[Range, ...] = field(default=())
-
-    @property
-    def failed(self) -> bool:
-        return any(w.status == FORBIDDEN for w in self.writes) or any(
-            c.status == FORBIDDEN for c in self.changes
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "nodeid": self.nodeid,
-            "phase": self.phase,
-            "buffer": self.buffer,
-            "size": self.size,
-            "origin": self.origin,
-            "readonly": self.readonly,
-            "failed": self.failed,
-            "allow": [list(r) for r in self.allow],
-            "writes": [
-                {
-                    "offset": w.offset,
-                    "exact": w.exact,
-                    "thread_id": w.thread_id,
-                    "thread_name": w.thread_name,
-                    "status": w.status,
-                    "writer": w.description,
-                    "syscall": w.syscall,
-                    "has_python": w.has_python,
-                    "thread_comm": w.thread_comm,
-                    "stack": [{"filename": f, "lineno": n, "function": fn} for f, n, fn in w.stack],
-                    "stack_note": w.stack_note,
-                    "user_stack": list(w.user_stack),
-                }
-                for w in self.writes
-            ],
-            "changes": [
-                {
-                    "offset": c.offset,
-                    "length": c.length,
-                    "before": c.before,
-                    "after": c.after,
-                    "truncated": c.truncated,
-                    "status": c.status,
-                }
-                for c in self.changes
-            ],
-            "overflowed": self.overflowed,
-            "stopped": self.stopped,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Finding:
-        return cls(
-            nodeid=data["nodeid"],
-            phase=data["phase"],
-            buffer=data["buffer"],
-            size=data["size"],
-            origin=data["origin"],
-            readonly=data["readonly"],
-            allow=tuple((int(a), int(b)) for a, b in data.get("allow", ())),
-            writes=tuple(
-                WriteInfo(
-                    w["offset"],
-                    w["exact"],
-                    w["thread_id"],
-                    w["thread_name"],
-                    w["status"],
-                    description=w.get("writer"),
-                    stack=tuple(
-                        (f["filename"], f["lineno"], f["function"]) for f in w.get("stack", ())
-                    ),
-                    user_stack=tuple(w.get("user_stack", ())),
-                    syscall=w.get("syscall"),
-                    has_python=w.get("has_python"),
-                    stack_note=w.get("stack_note"),
-                    thread_comm=w.get("thread_comm"),
-                )
-                for w in data["writes"]
-            ),
-            changes=tuple(
-                ChangeInfo(c["offset"], c["length"], c["before"], c["after"], c["status"])
-                for c in data["changes"]
-            ),
-            overflowed=data.get("overflowed", 0),
-            stopped=data.get("stopped"),
-        )
-
+__all__ = [
+    "ALLOWED",
+    "FORBIDDEN",
+    "REPORTED",
+    "ChangeInfo",
+    "Finding",
+    "WriteInfo",
+    "covered",
+    "failure_sentence",
+    "finding_section",
+    "json_document",
+    "normalize_range",
+    "property_items",
+    "summary_lines",
+]
 
 # ------------------------------------------------------------ byte ranges
 
@@ -250,18 +92,6 @@ def normalize_range(item: Any, size: int | None = None) -> Range:
     return (start, stop)
 
 
-def covered(start: int, stop: int, ranges: Iterable[Range]) -> bool:
-    """True if every byte of ``[start, stop)`` lies in one of ``ranges``."""
-    position = start
-    for a, b in sorted(ranges):
-        if a > position:
-            break
-        position = max(position, b)
-        if position >= stop:
-            return True
-    return position >= stop
-
-
 def spans_in_page(spans: Sequence[Range], page_start: int, page_size: int) -> list[Range]:
     """The parts of ``spans`` that fall inside one page."""
     page_stop = page_start + page_size
@@ -277,17 +107,7 @@ def write_in_ranges(
 ) -> bool:
     """Whether a write lies inside ``ranges``: its offset (when exact) and
     every byte changed in its page (``spans``)."""
-    if not ranges:
-        return False
-    page = offset - offset % page_size
-    spans = list(spans)
-    if exact:
-        spans.append((offset, offset + 1))
-    elif not spans:
-        # Page granularity and nothing changed: the page meeting a range is
-        # all that can be known.
-        return any(a < page + page_size and b > page for a, b in ranges)
-    return all(covered(a, b, ranges) for a, b in spans)
+    return _write_in_ranges(offset, exact, spans, page_size, Ranges(ranges))
 
 
 # ------------------------------------------------------------ formatting
@@ -301,15 +121,27 @@ def shorten_hex(hexdata: str, length: int, limit: int = CELL_BYTES) -> str:
     return shown
 
 
+def elide(text: str, width: int = CELL_WIDTH) -> str:
+    """``text`` cut to ``width`` characters in the middle (the end of a
+    path or a writer's location is the part that tells), marked with "…"."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return text[:head] + "…" + text[len(text) - (width - 1 - head) :]
+
+
 def change_cell(change: ChangeInfo) -> str:
     before = shorten_hex(change.before, change.length)
     return f"{before} → {shorten_hex(change.after, change.length)}"
 
 
-def _limited(rows: list[list[Any]], limit: int | None) -> tuple[list[list[Any]], int]:
-    if limit is None or len(rows) <= limit:
-        return rows, 0
-    return rows[:limit], len(rows) - limit
+def block_where(block: Block, finding: Finding) -> str:
+    """A block in words: elements of an array, or a byte range."""
+    if block.first_element is not None and finding.element:
+        if block.first_element == block.last_element:
+            return f"element {block.first_element} of {finding.element}"
+        return f"elements {block.first_element}..{block.last_element} of {finding.element}"
+    return f"bytes {block.offset}..{block.stop - 1}"
 
 
 def _table(rows: list[list[Any]], headers: Sequence[str]) -> str:
@@ -318,43 +150,107 @@ def _table(rows: list[list[Any]], headers: Sequence[str]) -> str:
     return tabulate(rows, headers=list(headers), tablefmt="simple", disable_numparse=True)
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {status}" for status, n in counts.items())
+
+
 def failure_sentence(findings: Sequence[Finding]) -> str:
     """The one-line ``longrepr`` of a test failed by writes."""
     failed = [f for f in findings if f.failed]
     names = ", ".join(sorted({repr(f.buffer) for f in failed}))
-    writes = sum(1 for f in failed for w in f.writes if w.status == FORBIDDEN)
-    ranges = sum(1 for f in failed for c in f.changes if c.status == FORBIDDEN)
+    writes = sum(f.write_counts().get(FORBIDDEN, 0) for f in failed)
+    ranges = sum(f.change_counts().get(FORBIDDEN, 0) for f in failed)
     return (
         f"{FAILURE_PREFIX}: {names} ({_plural(writes, 'write')}, "
         f"{_plural(ranges, 'changed range')}); see the {SECTION_TITLE!r} section"
     )
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+def _stack_groups(
+    findings: Sequence[Finding], full: bool
+) -> list[tuple[Finding, list[WriteInfo], tuple[str, ...]]]:
+    """Writes of each buffer grouped by where they came from, in order."""
+    groups: dict[tuple[Any, ...], tuple[Finding, list[WriteInfo], tuple[str, ...]]] = {}
+    for f in findings:
+        for w in f.writes:
+            if full:
+                lines = tuple(f"{name}:{line} in {func}" for name, line, func in w.stack)
+                if w.runner_frames:
+                    lines += (f"... {w.runner_frames} frames of pytest's machinery",)
+            else:
+                lines = w.where or w.user_stack
+            if not lines:
+                continue
+            key = (f.buffer, f.phase, w.syscall, w.thread_name, lines)
+            if key not in groups:
+                groups[key] = (f, [], lines)
+            groups[key][1].append(w)
+    return list(groups.values())
 
 
 def _stack_lines(findings: Sequence[Finding], full: bool, limit: int | None) -> list[str]:
-    """Where each named write came from: the innermost user frames, or with
-    ``full`` the whole stack, innermost first."""
+    """Where the named writes came from, each distinct stack once with the
+    writes it made (``full``: every frame but pytest's, innermost first)."""
     lines: list[str] = []
-    shown = 0
-    for f in findings:
-        for w in f.writes:
-            frames = (
-                [f"{name}:{line} in {func}" for name, line, func in w.stack]
-                if full
-                else list(w.user_stack)
-            )
-            if not frames:
-                continue
-            if limit is not None and shown >= limit:
-                return [*lines, "...more stacks (use -v to see all)"]
-            shown += 1
-            what = f" during system call {w.syscall}" if w.syscall else ""
-            lines.append(f"{f.buffer} offset {w.offset}{what}, innermost first:")
-            lines.extend(f"    {frame}" for frame in frames)
+    groups = _stack_groups(findings, full)
+    for shown, (f, writes, frames) in enumerate(groups):
+        if limit is not None and shown >= limit:
+            lines.append(f"...and {len(groups) - shown} more stacks (use -v to see all)")
+            break
+        offsets = ", ".join(str(w.offset) for w in writes[:8])
+        if len(writes) > 8:
+            offsets += f", … (+{len(writes) - 8})"
+        what = f" during system call {writes[0].syscall}" if writes[0].syscall else ""
+        count = f"{len(writes)} writes at offsets" if len(writes) > 1 else "offset"
+        lines.append(f"{f.buffer} {count} {offsets}{what}, innermost first:")
+        lines.extend(f"    {frame}" for frame in frames)
     return lines
+
+
+def _change_parts(findings: Sequence[Finding], limit: int | None) -> list[str]:
+    """The changed-bytes tables: the runs (bounded) and, when not all of
+    them are shown, the runs coalesced into blocks with exact totals."""
+    rows = [
+        [f.buffer, f.phase, c.offset, c.length, change_cell(c), c.status]
+        for f in findings
+        for c in f.changes
+    ]
+    total = sum(f.n_changes for f in findings)
+    if not total:
+        return []
+    shown = rows if limit is None else rows[:limit]
+    parts: list[str] = []
+    if total > len(shown):
+        block_rows = [
+            [f.buffer, f.phase, block_where(b, f), b.runs, b.changed, b.status]
+            for f in findings
+            for b in f.blocks
+        ]
+        shown_blocks = block_rows if limit is None else block_rows[:limit]
+        parts.append("changed bytes, coalesced:")
+        headers = ["buffer", "phase", "where", "runs", "bytes changed", "status"]
+        parts.append(_table(shown_blocks, headers))
+        hidden = sum(f.blocks_total for f in findings) - len(shown_blocks)
+        if hidden > 0:
+            parts.append(f"...and {hidden} more blocks")
+        parts.extend(
+            f"{f.buffer!r} {f.phase}: {_plural(f.n_changes, 'changed run')}, "
+            f"{f.n_changed_bytes} bytes changed in all ({_counts(f.change_counts())})"
+            for f in findings
+            if f.n_changes
+        )
+    parts.append("changed bytes:" if len(shown) == total else "changed bytes, first runs:")
+    parts.append(_table(shown, ["buffer", "phase", "offset", "length", "before → after", "status"]))
+    if total > len(shown):
+        more = f"...and {total - len(shown)} more changed ranges"
+        if len(rows) > len(shown):
+            more += f" (use -v to see {'all' if len(rows) == total else len(rows)})"
+        parts.append(more)
+    return parts
 
 
 def finding_section(
@@ -362,37 +258,34 @@ def finding_section(
 ) -> str:
     """The titled section of a test's report: changed bytes, writes, and
     where the named writes came from (``full_stacks``: every frame)."""
-    change_rows = [
-        [f.buffer, f.phase, c.offset, c.length, change_cell(c), c.status]
-        for f in findings
-        for c in f.changes
-    ]
+    parts = _change_parts(findings, limit)
     write_rows = [
         [
             f.buffer,
             f.phase,
             w.offset if w.exact else f"{w.offset} (page)",
-            w.writer(),
+            w.writer() if full_stacks else elide(w.writer()),
             w.status,
         ]
         for f in findings
         for w in f.writes
     ]
-    parts: list[str] = []
-    change_rows, hidden_changes = _limited(change_rows, limit)
-    write_rows, hidden_writes = _limited(write_rows, limit)
-    if change_rows:
-        parts.append("changed bytes:")
-        parts.append(
-            _table(change_rows, ["buffer", "phase", "offset", "length", "before → after", "status"])
-        )
-        if hidden_changes:
-            parts.append(f"...and {hidden_changes} more changed ranges (use -v to see all)")
-    if write_rows:
+    total_writes = sum(f.n_writes for f in findings)
+    if total_writes:
+        shown = write_rows if limit is None else write_rows[:limit]
         parts.append("writes (first write into each page):")
-        parts.append(_table(write_rows, ["buffer", "phase", "offset", "writer", "status"]))
-        if hidden_writes:
-            parts.append(f"...and {hidden_writes} more writes (use -v to see all)")
+        if shown:
+            parts.append(_table(shown, ["buffer", "phase", "offset", "writer", "status"]))
+        if total_writes > len(shown):
+            counts = "; ".join(
+                f"{f.buffer!r} {f.phase}: {_counts(f.write_counts())}"
+                for f in findings
+                if f.n_writes
+            )
+            more = f"...and {total_writes - len(shown)} more writes ({counts})"
+            if limit is not None and len(write_rows) > len(shown):
+                more += " (use -v to see more)"
+            parts.append(more)
         stacks = _stack_lines(findings, full_stacks, limit)
         if stacks:
             parts.append("writers' Python stacks:" if full_stacks else "written from:")
@@ -405,35 +298,67 @@ def finding_section(
     return "\n".join(parts)
 
 
+def _summary_ranges(f: Finding) -> str:
+    if f.n_changes > len(f.changes) or (f.blocks and len(f.blocks) < f.n_changes):
+        shown = ", ".join(block_where(b, f) for b in f.blocks[:2])
+        more = f" (+{f.blocks_total - 2} blocks)" if f.blocks_total > 2 else ""
+        return f"{f.n_changes} runs, {f.n_changed_bytes} B: {shown}{more}"
+    ranges = ", ".join(f"{c.offset}+{c.length}" for c in f.changes[:4])
+    if f.n_changes > 4:
+        ranges += f", …(+{f.n_changes - 4})"
+    return ranges
+
+
+def _summary_writers(f: Finding) -> str:
+    """The first writer, and how many others (only writers with a known
+    location count when there are any: the rest are the same threads past
+    the bound on named writers)."""
+    named = [w for w in f.writes if w.where] or list(f.writes)
+    writers: list[str] = []
+    for w in named:
+        if w.writer() not in writers:
+            writers.append(w.writer())
+    if not writers:
+        return "-"
+    text = elide(writers[0])
+    if len(writers) > 1:
+        text += f" (+{_plural(len(writers) - 1, 'other writer')})"
+    return text
+
+
 def summary_lines(findings: Sequence[Finding], limit: int | None = None) -> list[str]:
     """Lines of the end-of-session terminal section (without its title)."""
     rows = []
     for f in findings:
-        ranges = ", ".join(f"{c.offset}+{c.length}" for c in f.changes[:4])
-        if len(f.changes) > 4:
-            ranges += f", …(+{len(f.changes) - 4})"
-        writers = sorted({w.writer() for w in f.writes})
         verdict = "FAILED" if f.failed else ("allowed" if _all_allowed(f) else "reported")
         rows.append(
-            [f.nodeid, f.phase, f.buffer, ranges or "-", ", ".join(writers) or "-", verdict]
+            [
+                elide(f.nodeid),
+                f.phase,
+                elide(f.buffer, 30),
+                elide(_summary_ranges(f), 60) or "-",
+                _summary_writers(f),
+                verdict,
+            ]
         )
     if not rows:
         return [NOTHING_WRITTEN]
-    shown, hidden = _limited(rows, limit)
+    shown = rows if limit is None else rows[:limit]
     lines = _table(shown, ["test", "phase", "buffer", "changed (offset+length)", "writer", ""])
     out = lines.splitlines()
-    if hidden:
-        out.append(f"...and {hidden} more buffers written (use -v to see all)")
+    if len(rows) > len(shown):
+        out.append(f"...and {len(rows) - len(shown)} more buffers written (use -v to see all)")
     return out
 
 
 def _all_allowed(finding: Finding) -> bool:
-    statuses = {w.status for w in finding.writes} | {c.status for c in finding.changes}
+    statuses = set(finding.write_counts()) | set(finding.change_counts())
     return statuses == {ALLOWED}
 
 
 def property_items(findings: Iterable[Finding]) -> list[tuple[str, str]]:
-    """``(name, value)`` pairs for ``user_properties`` (junitxml shows them)."""
+    """``(name, value)`` pairs for ``user_properties`` (junitxml shows them):
+    the writes and runs kept in detail, and a count of the rest."""
     items = []
     for f in findings:
         for w in f.writes:
@@ -442,7 +367,10 @@ def property_items(findings: Iterable[Finding]) -> list[tuple[str, str]]:
                     "uffd_write",
                     f"{f.buffer} {f.phase} offset={w.offset}{'' if w.exact else '(page)'} "
                     f"thread={w.thread_label()} status={w.status}"
-                    + (f" from={w.user_stack[0]}" if w.user_stack else ""),
+                    + (f" syscall={w.syscall}" if w.syscall else "")
+                    + (f" kind={w.kind}" if w.kind else "")
+                    + (f" from={w.where[-1]}" if w.where else "")
+                    + (f" stack_note={w.stack_note}" if w.stack_note and not w.stack else ""),
                 )
             )
         for c in f.changes:
@@ -451,6 +379,15 @@ def property_items(findings: Iterable[Finding]) -> list[tuple[str, str]]:
                     "uffd_change",
                     f"{f.buffer} {f.phase} offset={c.offset} length={c.length} "
                     f"before={c.before} after={c.after} status={c.status}",
+                )
+            )
+        if f.n_writes > len(f.writes) or f.n_changes > len(f.changes):
+            items.append(
+                (
+                    "uffd_totals",
+                    f"{f.buffer} {f.phase} writes={f.n_writes} ({_counts(f.write_counts())}) "
+                    f"changed_runs={f.n_changes} ({_counts(f.change_counts())}) "
+                    f"changed_bytes={f.n_changed_bytes}",
                 )
             )
     return items
@@ -464,4 +401,4 @@ def json_document(findings: Sequence[Finding], header: dict[str, Any]) -> str:
         **header,
         "findings": [f.to_dict() for f in findings],
     }
-    return json.dumps(document, indent=2, sort_keys=False) + "\n"
+    return json.dumps(document, indent=1, sort_keys=False) + "\n"

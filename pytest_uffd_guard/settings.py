@@ -6,7 +6,7 @@ never drift; validators name the bad value and where it came from.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,8 @@ class Settings:
     require: bool = False
     engine: str = "auto"
     stacks: int | None = None
+    #: Where the JSON path came from, for messages about it.
+    report_json_source: str = field(default="", compare=False)
 
     @property
     def report_only(self) -> bool:
@@ -139,10 +141,11 @@ def resolve(
     command line and from the ini file's directory in the ini file.
     """
     if cli_report is not None:
-        where = f"the command line ({REPORT_OPTION})"
-        terminal, json_path = parse_report(cli_report, where, invocation_dir)
+        where = f"from the command line ({REPORT_OPTION})"
+        terminal, json_path = parse_report(cli_report, where[5:], invocation_dir)
     else:
-        terminal, json_path = parse_report(ini_report or "", f"the ini key {REPORT_INI}", ini_dir)
+        where = f"from the ini key {REPORT_INI}"
+        terminal, json_path = parse_report(ini_report or "", where[5:], ini_dir)
     if cli_require is not None:
         require = cli_require
     else:
@@ -164,4 +167,5 @@ def resolve(
         require=require,
         engine=engine,
         stacks=stacks,
+        report_json_source=where,
     )

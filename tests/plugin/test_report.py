@@ -85,7 +85,7 @@ def test_term_and_json_together(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(WRITING_TEST)
     result = pytester.runpytest_subprocess("--uffd-report=term,json:r.json")
     result.stdout.fnmatch_lines(
-        [f"*{SUMMARY_TITLE}*", "*test_writes*frame*", "JSON report written to *r.json"]
+        [f"*{SUMMARY_TITLE}*", "*test_writes*frame*", "uffd-guard: JSON report written to *r.json"]
     )
     assert (pytester.path / "r.json").exists()
 

@@ -1,0 +1,127 @@
+"""The ``guarded_buffer`` fixture: a factory of guarded buffers for one test.
+
+Its buffers are entries of the test's state (``state.py``); the plugin's
+manager harvests them after each phase and closes them at teardown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Protocol
+
+import pytest
+
+from . import harvest
+from .state import (
+    FIXTURE,
+    REQUIRED_SUFFIX,
+    UNAVAILABLE_PREFIX,
+    Entry,
+    item_state,
+    settings_key,
+)
+
+if TYPE_CHECKING:
+    from .guard import GuardedBuffer
+
+#: Error of the fixture for a name that is not a str.
+BAD_NAME = "guarded_buffer(name=...) must be a str, got {type} {value!r}"
+
+
+class GuardedBufferFactory(Protocol):
+    """Type of the ``guarded_buffer`` fixture's value."""
+
+    def __call__(
+        self,
+        source: Any,
+        *,
+        name: str | None = None,
+        readonly: bool = True,
+        engine: str | None = None,
+        backing: str | None = None,
+        stacks: int | None = None,
+        max_records: int | None = None,
+    ) -> GuardedBuffer: ...
+
+
+def new_buffer(item: pytest.Item, source: Any, name: str, **options: Any) -> GuardedBuffer:
+    """A GuardedBuffer, or the test skipped (or failed) if uffd is missing.
+
+    ``options`` are GuardedBuffer's keywords; ``engine`` and ``stacks``
+    default to the session's settings (issue 9, item 16).
+    """
+    from .errors import UffdUnavailableError
+    from .guard import GuardedBuffer
+
+    settings = item.config.stash[settings_key]
+    kwargs: dict[str, Any] = {"engine": settings.engine, "stacks": settings.stacks}
+    kwargs.update({k: v for k, v in options.items() if v is not None})
+    try:
+        return GuardedBuffer(source, name=name, **kwargs)
+    except UffdUnavailableError as exc:
+        text = " ".join(f"{UNAVAILABLE_PREFIX}: {exc.cause}; fix: {exc.remedy}".split())
+        if item.config.stash[settings_key].require:
+            pytest.fail(f"{text} {REQUIRED_SUFFIX}", pytrace=False)
+        pytest.skip(text)
+
+
+@pytest.fixture
+def guarded_buffer(request: pytest.FixtureRequest) -> Iterator[GuardedBufferFactory]:
+    """Factory of guarded buffers: ``guarded_buffer(4096)``,
+    ``guarded_buffer(b"data", name="frame", readonly=False)``.
+
+    A read-only buffer (the default) fails the test when the test's call
+    writes into it; a ``readonly=False`` buffer only reports writes.
+    ``engine=``, ``backing=``, ``stacks=`` and ``max_records=`` are passed
+    to ``GuardedBuffer`` and win over ``--uffd-engine``/``--uffd-stacks``.
+    The buffers are closed at teardown.
+    """
+    item = request.node
+    assert isinstance(item, pytest.Item)
+    state = item_state(item)
+
+    def factory(
+        source: Any,
+        *,
+        name: str | None = None,
+        readonly: bool = True,
+        engine: str | None = None,
+        backing: str | None = None,
+        stacks: int | None = None,
+        max_records: int | None = None,
+    ) -> GuardedBuffer:
+        __tracebackhide__ = True
+        if name is not None and not isinstance(name, str):
+            from .errors import InvalidBufferError
+
+            raise InvalidBufferError(
+                BAD_NAME.format(type=type(name).__name__, value=name),
+                "pass a str, e.g. name='frame' (decode bytes first)",
+            )
+        state.counter += 1
+        buffer = new_buffer(
+            item,
+            source,
+            name if name is not None else f"buffer-{state.counter}",
+            engine=engine,
+            backing=backing,
+            stacks=stacks,
+            max_records=max_records,
+        )
+        state.entries.append(
+            Entry(
+                buffer=buffer,
+                readonly=bool(readonly),
+                origin=FIXTURE,
+                element=harvest.element_of(source),
+            )
+        )
+        return buffer
+
+    yield factory
+    for entry in state.entries:
+        if entry.origin == FIXTURE:
+            entry.buffer.close()
+
+
+__all__ = ["BAD_NAME", "GuardedBufferFactory", "guarded_buffer", "new_buffer"]
