@@ -221,7 +221,7 @@ def _doctor(nobody: Nobody, env: dict[str, str]) -> dict[str, object]:
 
 
 def _header(result: subprocess.CompletedProcess[str]) -> str:
-    lines = [line for line in result.stdout.splitlines() if line.startswith("uffd-guard: ")]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("uffd-guard: engine ")]
     assert len(lines) == 1, result.stdout
     return lines[0]
 
