@@ -85,6 +85,42 @@ def test_fork_while_a_thread_is_inside_a_buffer_method(uffd: None, method: str) 
     assert result.stdout.split() == ["hung", "0"]
 
 
+@pytest.mark.timeout(60)
+def test_forksafe_lock_is_free_in_the_child_unless_the_forker_holds_it() -> None:
+    """Issue 9 item 4: ForkSafeLock, the lock the other modules can adopt:
+    held by another thread at fork, it is free in the child; held by the
+    forking thread, it stays held and is released normally."""
+    result = run_python(
+        """
+        import os, threading
+        from pytest_uffd_guard.forksafe import ForkSafeLock
+        other, mine = ForkSafeLock(), ForkSafeLock()
+        held, release = threading.Event(), threading.Event()
+        def hold():
+            with other:
+                held.set()
+                release.wait()
+        t = threading.Thread(target=hold)
+        t.start()
+        held.wait()
+        with mine:
+            pid = os.fork()
+            if pid == 0:
+                ok = other.acquire(timeout=5)
+                mine.release()  # the forking thread still owns it
+                ok = ok and mine.acquire(timeout=5)
+                os._exit(0 if ok else 3)
+        _, status = os.waitpid(pid, 0)
+        release.set()
+        t.join()
+        print(os.waitstatus_to_exitcode(status))
+        """,
+        timeout=50,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0"
+
+
 # ---------------------------------------------- item 6: protect() vs writers
 
 
