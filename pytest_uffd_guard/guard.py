@@ -153,6 +153,8 @@ def _check_choice(value: object, what: str, choices: tuple[str, ...]) -> str:
             f"{what} must be a str, got {type(value).__name__} {_show.repr(value)}",
             f"use one of: {', '.join(choices)}",
         )
+    if value not in choices:
+        raise InvalidBufferError(f"unknown {what} {value!r}", f"use one of: {', '.join(choices)}")
     return value
 
 
