@@ -5,6 +5,9 @@
 ``shmem``
     a memfd (tmpfs) mapped shared: what shared-memory transports use.
     Write-protecting it needs ``UFFD_FEATURE_WP_HUGETLBFS_SHMEM`` (5.19+).
+    The memfd is mapped over a placeholder mapping and closed at once, so a
+    shmem buffer holds no file descriptor (``mmap.mmap(fd)`` would keep a
+    duplicate open until garbage collection: issue 9 item 15).
 ``hugetlb``
     a memfd on hugetlbfs (``MFD_HUGETLB``): pages of ``Hugepagesize``
     (2 MiB on x86_64), which must be reserved (``vm.nr_hugepages``).  The
@@ -13,13 +16,15 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import mmap
 import os
 import sys
 from dataclasses import dataclass
 
 from .errors import BufferAllocationError, InvalidBufferError, UffdUnavailableError
-from .memory import PAGE_SIZE, round_up
+from .memory import PAGE_SIZE, resource_error, round_up
 
 BACKINGS = ("anonymous", "shmem", "hugetlb")
 
@@ -40,6 +45,8 @@ class Mapping:
     length: int
     flags: int
     unit: int
+    #: Map anonymous memory first, then ``overlay`` the fd over it (shmem).
+    overlay: bool = False
 
 
 def meminfo() -> dict[str, int]:
@@ -82,6 +89,11 @@ def hugetlb_unavailable(size: int = 1) -> str | None:
 
 
 def check_backing(backing: str) -> None:
+    if not isinstance(backing, str):
+        raise InvalidBufferError(
+            f"backing must be a str, got {type(backing).__name__} {backing!r:.60}",
+            f"use one of: {', '.join(BACKINGS)}",
+        )
     if backing not in BACKINGS:
         raise InvalidBufferError(
             f"unknown backing {backing!r}", f"use one of: {', '.join(BACKINGS)}"
@@ -110,8 +122,10 @@ def open_mapping(backing: str, size: int, name: str) -> Mapping:
         flags |= MFD_HUGETLB
     length = round_up(size, unit)
     try:
-        fd = os.memfd_create(f"uffd-guard:{name}", flags)
+        fd = os.memfd_create(_memfd_name(name), flags)
     except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            raise resource_error(exc, f"creating the memfd of a {backing} buffer") from exc
         raise UffdUnavailableError(
             f"memfd_create for backing={backing!r} failed: {exc.strerror}",
             HUGETLB_REMEDY if backing == "hugetlb" else "use backing='anonymous'",
@@ -125,5 +139,44 @@ def open_mapping(backing: str, size: int, name: str) -> Mapping:
             HUGETLB_REMEDY if backing == "hugetlb" else "guard a smaller buffer",
         ) from exc
     # hugetlb mappings must cover whole huge pages (munmap of a partial one
-    # fails); shmem maps just the size, like anonymous memory.
-    return Mapping(fd, length if backing == "hugetlb" else size, mmap.MAP_SHARED, unit)
+    # fails) and need an address aligned to one, which only the kernel's
+    # own choice gives: they are mapped from the fd directly (and keep it).
+    # shmem maps just the size, like anonymous memory, over a placeholder.
+    if backing == "hugetlb":
+        return Mapping(fd, length, mmap.MAP_SHARED, unit)
+    return Mapping(fd, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, unit, overlay=True)
+
+
+def _memfd_name(name: str) -> str:
+    """memfd names are at most 249 bytes and cannot hold NUL."""
+    raw = f"uffd-guard:{name}".replace("\0", "?").encode("utf-8", "replace")[:240]
+    return raw.decode("utf-8", "ignore")
+
+
+MAP_FIXED = 0x10  # the same value on every Linux architecture CPython runs on
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def overlay(address: int, length: int, fd: int) -> None:
+    """Map ``fd`` shared over ``[address, address + length)`` (MAP_FIXED).
+
+    The placeholder there is replaced atomically; the caller owns the range
+    and closes ``fd`` afterwards (the mapping keeps the file, not the fd).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    result = libc.mmap(address, length, prot, mmap.MAP_SHARED | MAP_FIXED, fd, 0)
+    if result is None or result == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    if result != address:  # pragma: no cover - MAP_FIXED either maps there or fails
+        raise OSError(errno.EINVAL, "MAP_FIXED mapped elsewhere")

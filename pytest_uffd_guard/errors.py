@@ -44,3 +44,13 @@ class BufferClosedError(UffdGuardError, ValueError):
 
 class TrackingStoppedError(UffdGuardError):
     """The fault handler gave up, so this buffer is no longer tracked."""
+
+
+class ResourceLimitError(BufferAllocationError):
+    """A process or system limit stopped a guarded buffer.
+
+    Open files (``ulimit -n``, the system file table) or memory mappings
+    (``vm.max_map_count``); the message names the limit and its value.  A
+    subclass of :class:`BufferAllocationError`, so one ``except`` catches
+    every "could not make the buffer".
+    """

@@ -10,25 +10,30 @@ A snapshot taken when the buffer is armed gives the exact bytes changed.
 
 from __future__ import annotations
 
+import errno
 import mmap
+import numbers
+import operator
 import os
+import reprlib
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any, Union
 
-from .backing import open_mapping
+from .backing import open_mapping, overlay
 from .errors import (
     BufferAllocationError,
     BufferClosedError,
     InvalidBufferError,
     TrackingStoppedError,
+    UffdGuardError,
     UnsupportedPlatformError,
 )
-from .memory import PAGE_SIZE, address_of, anonymous_map, copy, round_up
+from .forksafe import ForkSafeLock
+from .memory import PAGE_SIZE, address_of, anonymous_map, copy, resource_error, round_up
 from .records import Change, WriteRecord
-from .tracking import Region, Tracker, make_tracker
+from .tracking import ENGINES, Region, Tracker, make_tracker
 
 Source = Union[int, bytes, bytearray, memoryview, Any]
 
@@ -36,8 +41,14 @@ Source = Union[int, bytes, bytearray, memoryview, Any]
 #: beyond it only a preview of each run is kept.
 KEEP_AT_CLOSE = 1 << 20
 PREVIEW_AT_CLOSE = 64
+#: Largest ``max_records`` accepted (32 bytes a record: 128 GiB of log).
+MAX_RECORDS = 1 << 32
+#: ``stacks`` beyond this means "every write" (the C core counts in 64 bits).
+MAX_STACKS = 1 << 32
 
 _names = iter(range(1, sys.maxsize))
+_show = reprlib.Repr()
+_show.maxstring = _show.maxother = 60
 
 
 def _diff_runs(a: int, b: int, length: int) -> list[tuple[int, int]]:
@@ -45,6 +56,33 @@ def _diff_runs(a: int, b: int, length: int) -> list[tuple[int, int]]:
     from .diff_tracker import diff_runs
 
     return diff_runs(a, b, length)
+
+
+def _is_numpy(obj: object, kind: str) -> bool:
+    """isinstance(obj, numpy.<kind>) without importing numpy."""
+    numpy = sys.modules.get("numpy")
+    return numpy is not None and isinstance(obj, getattr(numpy, kind, ()))
+
+
+def _is_bool(value: object) -> bool:
+    return isinstance(value, bool) or _is_numpy(value, "bool_")
+
+
+def _count(value: object, what: str, remedy: str, *, maximum: int) -> int:
+    """``value`` as an int in ``0..maximum`` (any integer-like), or a clear error."""
+    if _is_bool(value):
+        raise InvalidBufferError(f"{what} must be an int, got the bool {value!r}", remedy)
+    try:
+        number = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise InvalidBufferError(
+            f"{what} must be an int, got {type(value).__name__} {_show.repr(value)}", remedy
+        ) from None
+    if number < 0:
+        raise InvalidBufferError(f"{what} must be >= 0, got {number}", remedy)
+    if number > maximum:
+        raise InvalidBufferError(f"{what} {number} is too large (at most {maximum})", remedy)
+    return number
 
 
 def _source_view(source: Source) -> memoryview:
@@ -68,11 +106,34 @@ def _source_view(source: Source) -> memoryview:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
-def _check_size(size: int) -> int:
-    if isinstance(size, bool):
+def _parse_source(source: Source) -> tuple[int, memoryview | None]:
+    """The buffer's size, and the view to copy in (None for a size).
+
+    A size is any integer-like (``int``, ``numpy.int64``: ``operator.index``);
+    numpy scalars expose a buffer too, and must not be guarded as 8 bytes of
+    data.  A numpy *array* is data, even a 0-d one.
+    """
+    if _is_numpy(source, "ndarray"):
+        view = _source_view(source)
+        return _check_size(view.nbytes), view
+    if _is_bool(source):
         raise InvalidBufferError(
             "a bool is not a size", "pass the size in bytes as an int, e.g. GuardedBuffer(4096)"
         )
+    if isinstance(source, numbers.Number) or hasattr(type(source), "__index__"):
+        try:
+            size = operator.index(source)  # type: ignore[arg-type]
+        except TypeError:
+            raise InvalidBufferError(
+                f"size must be an int, got {type(source).__name__} {_show.repr(source)}",
+                "pass the size in bytes as an int, e.g. GuardedBuffer(int(n))",
+            ) from None
+        return _check_size(size), None
+    view = _source_view(source)
+    return _check_size(view.nbytes), view
+
+
+def _check_size(size: int) -> int:
     if size <= 0:
         raise InvalidBufferError(
             f"a guarded buffer needs at least one byte, got size {size}",
@@ -86,6 +147,36 @@ def _check_size(size: int) -> int:
     return size
 
 
+def _check_choice(value: object, what: str, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str):
+        raise InvalidBufferError(
+            f"{what} must be a str, got {type(value).__name__} {_show.repr(value)}",
+            f"use one of: {', '.join(choices)}",
+        )
+    if value not in choices:
+        raise InvalidBufferError(f"unknown {what} {value!r}", f"use one of: {', '.join(choices)}")
+    return value
+
+
+def _check_name(name: object) -> str | None:
+    if name is None or isinstance(name, str):
+        return name
+    hint = "decode it first, e.g. name=raw.decode()" if isinstance(name, bytes) else "pass a str"
+    raise InvalidBufferError(
+        f"name must be a str, got {type(name).__name__} {_show.repr(name)}", hint
+    )
+
+
+def _errno_of(exc: BaseException) -> int | None:
+    """The errno of ``exc`` or of the OSError it was raised from."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return seen.errno
+        seen = seen.__cause__
+    return None
+
+
 class GuardedBuffer(mmap.mmap):
     """A zero-filled (or copied-in) buffer whose writes are recorded.
 
@@ -94,10 +185,14 @@ class GuardedBuffer(mmap.mmap):
     tracking from the moment it is returned.  Reads never fault.
     ``stacks=N`` names the writer (Python stack, system call, thread) of the
     first N writes of each arming (default ``attribution.DEFAULT_STACKS``;
-    0 turns it off).
+    0 turns it off).  Sizes and counts take any integer-like
+    (``numpy.int64`` too); anything else is an ``InvalidBufferError``.
 
     Raises :class:`~pytest_uffd_guard.errors.UffdUnavailableError` when the
-    machine cannot guard memory, with the cause and the fix.
+    machine cannot guard memory, with the cause and the fix, and
+    :class:`~pytest_uffd_guard.errors.BufferAllocationError` (or its
+    subclass ``ResourceLimitError``) when memory or a limit (``ulimit -v``,
+    ``ulimit -n``, ``vm.max_map_count``) stops it.
 
     ``engine`` is ``"auto"`` (sync, or hybrid for very big buffers),
     ``"sync"``, ``"async"``, ``"hybrid"`` or ``"diff"`` (no userfaultfd: a
@@ -112,6 +207,9 @@ class GuardedBuffer(mmap.mmap):
     backing: str
     _size: int
     _unit: int
+    _source: memoryview | None
+    _max_records: int | None
+    _stacks: int | None
 
     def __new__(
         cls,
@@ -123,41 +221,61 @@ class GuardedBuffer(mmap.mmap):
         backing: str = "anonymous",
         stacks: int | None = None,
     ) -> GuardedBuffer:
+        # Everything is checked before anything is mapped.
+        engine = _check_choice(engine, "engine", ENGINES)
         # Only the diff engine, asked for by name, runs off Linux.
         if not sys.platform.startswith("linux") and engine != "diff":
             raise UnsupportedPlatformError(
                 f"guarded buffers need Linux userfaultfd; this is {sys.platform}",
                 "run on Linux; the pytest plugin skips guarded tests elsewhere",
             )
-        if isinstance(source, int):
-            size = _check_size(source)
-        elif isinstance(source, float):
-            raise InvalidBufferError(
-                f"size must be an int, got float {source!r}", "pass the size in bytes as an int"
+        size, view = _parse_source(source)
+        name = _check_name(name)
+        if max_records is not None:
+            max_records = _count(
+                max_records,
+                "max_records",
+                "pass how many records to keep, e.g. max_records=1000",
+                maximum=MAX_RECORDS,
             )
-        else:
-            size = _check_size(_source_view(source).nbytes)
+        if stacks is not None:
+            stacks = min(
+                _count(
+                    stacks,
+                    "stacks",
+                    "pass how many writes should have their writer named; 0 turns it off",
+                    maximum=sys.maxsize,
+                ),
+                MAX_STACKS,
+            )
         kind = open_mapping(backing, size, name or "buffer")
         try:
             self = super().__new__(
                 cls,
-                kind.fd,
+                kind.fd if not kind.overlay else -1,
                 kind.length,
                 flags=kind.flags,
                 prot=mmap.PROT_READ | mmap.PROT_WRITE,
             )
-        except (OSError, OverflowError) as exc:
+            if kind.overlay:
+                overlay(address_of(self), round_up(kind.length, kind.unit), kind.fd)
+        except OverflowError as exc:
             raise BufferAllocationError(
                 f"the kernel would not map {size} bytes for a guarded buffer ({exc})",
-                "guard a smaller buffer, or raise the process's memory limits "
-                "(ulimit -v, vm.overcommit_memory, the container's memory limit)",
+                "guard a smaller buffer",
             ) from exc
+        except OSError as exc:
+            raise resource_error(exc, f"mapping {size} bytes for a guarded buffer") from exc
         finally:
             if kind.fd >= 0:
                 os.close(kind.fd)
         self._size = size
         self._unit = kind.unit
+        self._source = view
+        self._max_records = max_records
+        self._stacks = stacks
         self.backing = backing
+        self.name = name if name is not None else f"buffer-{next(_names)}"
         return self
 
     def __init__(
@@ -170,43 +288,61 @@ class GuardedBuffer(mmap.mmap):
         backing: str = "anonymous",
         stacks: int | None = None,
     ) -> None:
-        self._lock = threading.RLock()
+        # The arguments were checked and normalised by __new__.
+        self._lock = ForkSafeLock()
         self._closed = False
         self._length = round_up(self._size, self._unit)
-        self.name = name if name is not None else f"buffer-{next(_names)}"
         self.address = address_of(self)
         self._records: list[WriteRecord] = []
         self._overflow = 0
         self._pauses = 0
         self._pause_copy: mmap.mmap | None = None
         self._final_changes: list[Change] | None = None
-        if max_records is not None and max_records < 0:
-            raise InvalidBufferError(
-                f"max_records must be >= 0, got {max_records}", "pass a count of records"
-            )
-        if stacks is not None and (isinstance(stacks, bool) or stacks < 0):
-            raise InvalidBufferError(
-                f"stacks must be an int >= 0, got {stacks!r}",
-                "pass how many writes should have their writer named; 0 turns it off",
-            )
-
-        # Keep the range on base pages: a transparent huge page would turn
-        # a one-byte write into a 2 MiB fault unit.
-        if backing != "hugetlb" and hasattr(mmap, "MADV_NOHUGEPAGE"):
-            self.madvise(mmap.MADV_NOHUGEPAGE)
-        self._snapshot = anonymous_map(self._length)
-        self._snapshot_address = address_of(self._snapshot)
-        if not isinstance(source, int):
-            view = _source_view(source)
-            mmap.mmap.__setitem__(self, slice(0, self._size), view)
-            copy(self._snapshot_address, self.address, self._size)
+        self._snapshot: mmap.mmap | None = None
         try:
+            # Keep the range on base pages: a transparent huge page would turn
+            # a one-byte write into a 2 MiB fault unit.
+            if backing != "hugetlb" and hasattr(mmap, "MADV_NOHUGEPAGE"):
+                mmap.mmap.madvise(self, mmap.MADV_NOHUGEPAGE)
+            try:
+                self._snapshot = anonymous_map(self._length)
+            except OSError as exc:
+                raise resource_error(
+                    exc, f"mapping the {self._size}-byte snapshot of guarded buffer {self.name!r}"
+                ) from exc
+            self._snapshot_address = address_of(self._snapshot)
+            view, self._source = self._source, None
+            if view is not None:
+                mmap.mmap.__setitem__(self, slice(0, self._size), view)
+                copy(self._snapshot_address, self.address, self._size)
+                del view
             region = Region(
                 self.address, self._length, self._size, self._snapshot_address, self._unit
             )
-            self._tracker: Tracker = make_tracker(
-                engine, region, max_records=max_records, backing=self.backing, stacks=stacks
-            )
+            try:
+                self._tracker: Tracker = make_tracker(
+                    engine,
+                    region,
+                    max_records=self._max_records,
+                    backing=self.backing,
+                    stacks=self._stacks,
+                )
+            except MemoryError as exc:
+                if isinstance(exc, UffdGuardError):
+                    raise
+                raise BufferAllocationError(
+                    f"no memory for the record log of guarded buffer {self.name!r} "
+                    f"({self._max_records or 'one per page'} records of 32 bytes)",
+                    "pass a smaller max_records, or give the process more memory",
+                ) from exc
+            except (OSError, UffdGuardError) as exc:
+                code = _errno_of(exc)
+                if code in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                    raise resource_error(
+                        OSError(code, os.strerror(code)),
+                        f"setting up tracking for guarded buffer {self.name!r}",
+                    ) from exc
+                raise
         except BaseException:
             self._abandon()
             raise
@@ -217,15 +353,29 @@ class GuardedBuffer(mmap.mmap):
         return self._tracker.name
 
     def protect(self) -> None:
-        """Re-arm: take a new snapshot, clear the records, protect every page."""
+        """Re-arm: clear the records, protect every page, take a new snapshot.
+
+        The pages are protected *before* the snapshot is copied, so a write
+        racing ``protect()`` is never lost: either it lands before the copy
+        (it is then part of the new baseline) or it faults and is recorded.
+        A racing write can therefore leave a record without a change, never
+        a change without a record (issue 9 item 6).
+        """
         with self._lock:
             self._check_tracking()
+            if self._pauses:
+                # Inside unprotected(): the block's end protects again and
+                # absorbs what was written meanwhile; only re-baseline here.
+                self._tracker.discard()
+                self._records, self._overflow = [], 0
+                copy(self._snapshot_address, self.address, self._size)
+                return
             self._tracker.pause()
             self._tracker.discard()
-            self._records = []
-            self._overflow = 0
-            copy(self._snapshot_address, self.address, self._size)
+            self._records, self._overflow = [], 0
             self._tracker.arm()
+            # Reads only: copying protected pages never faults.
+            copy(self._snapshot_address, self.address, self._size)
 
     @contextmanager
     def unprotected(self) -> Iterator[GuardedBuffer]:
@@ -237,7 +387,12 @@ class GuardedBuffer(mmap.mmap):
         with self._lock:
             self._check_open()
             if self._pauses == 0:
-                self._pause_copy = anonymous_map(self._length)
+                try:
+                    self._pause_copy = anonymous_map(self._length)
+                except OSError as exc:
+                    raise resource_error(
+                        exc, f"copying guarded buffer {self.name!r} for unprotected()"
+                    ) from exc
                 copy(address_of(self._pause_copy), self.address, self._size)
                 self._tracker.pause()
             self._pauses += 1
@@ -259,6 +414,10 @@ class GuardedBuffer(mmap.mmap):
         """Copy the bytes that changed since ``before`` into the snapshot."""
         for offset, length in _diff_runs(self.address, address_of(before), self._size):
             copy(self._snapshot_address + offset, self.address + offset, length)
+
+    def _live_snapshot(self) -> mmap.mmap:
+        assert self._snapshot is not None
+        return self._snapshot
 
     # ------------------------------------------------------------ results
 
@@ -282,17 +441,28 @@ class GuardedBuffer(mmap.mmap):
         With ``preview``, ``before``/``after`` hold at most that many bytes
         of each run.  After ``close()``, the changes as they were at close.
         """
+        if preview is not None:
+            preview = _count(
+                preview,
+                "preview",
+                "pass how many bytes of each run to keep, or None for all",
+                maximum=sys.maxsize,
+            )
         with self._lock:
             if self._final_changes is not None:
                 return list(self._final_changes)
             self._check_open()
-            return self._diff(preview)
+            return self._diff(self._runs(), preview)
 
-    def _diff(self, preview: int | None) -> list[Change]:
+    def _runs(self) -> list[tuple[int, int]]:
+        return _diff_runs(self.address, self._snapshot_address, self._size)
+
+    def _diff(self, runs: list[tuple[int, int]], preview: int | None) -> list[Change]:
+        snapshot = self._live_snapshot()
         result = []
-        for offset, length in _diff_runs(self.address, self._snapshot_address, self._size):
+        for offset, length in runs:
             n = length if preview is None else min(length, preview)
-            before = self._snapshot[offset : offset + n]
+            before = snapshot[offset : offset + n]
             after = mmap.mmap.__getitem__(self, slice(offset, offset + n))
             result.append(Change(offset, length, before, after))
         return result
@@ -317,9 +487,11 @@ class GuardedBuffer(mmap.mmap):
         """Stop tracking and release the memory.  Idempotent.
 
         Any writer blocked on this buffer is released.  ``writes`` and
-        ``changes()`` stay readable.  The pages are freed at once; the
-        address range itself is unmapped when the object is garbage-collected,
-        so a late writer or a live view never touches unmapped memory.
+        ``changes()`` stay readable; every other use raises
+        ``BufferClosedError``.  The pages are freed at once; the address
+        range itself (no memory, no file descriptor) is unmapped when the
+        object is garbage-collected, so a late writer or a live view never
+        touches unmapped memory.
         """
         with self._lock:
             if self._closed:
@@ -327,26 +499,50 @@ class GuardedBuffer(mmap.mmap):
             self._closed = True
             self._records.extend(self._tracker.close())
             self._overflow += self._tracker.overflow
-            changes = self._diff(None)
-            if sum(c.length for c in changes) > KEEP_AT_CLOSE:
-                changes = self._diff(PREVIEW_AT_CLOSE)
-            self._final_changes = changes
-            self._snapshot.close()
-            # Give the memory back but keep the address range mapped until
-            # the object goes away: a writer that was blocked in a fault when
-            # we unregistered retries its store after we return, and must
-            # find memory there (a zero page), not a hole.  Live views
-            # (memoryview, numpy) are just as safe.
-            self.madvise(mmap.MADV_DONTNEED)
+            # One pass over the runs, and at most KEEP_AT_CLOSE bytes (or a
+            # preview of each run) copied out: never every changed byte.
+            runs = self._runs()
+            whole = sum(length for _, length in runs) <= KEEP_AT_CLOSE
+            self._final_changes = self._diff(runs, None if whole else PREVIEW_AT_CLOSE)
+            del runs
+            self._release_snapshot()
+            self._free_pages()
+
+    def _release_snapshot(self) -> None:
+        snapshot = self._live_snapshot()
+        try:
+            snapshot.close()
+        except BufferError:
+            # A transient export (a ctypes view taking an address) that a
+            # parent thread held at fork() never ends in the child.
+            snapshot.madvise(mmap.MADV_DONTNEED)
+
+    def _free_pages(self) -> None:
+        """Give the memory back but keep the address range mapped.
+
+        A writer that was blocked in a fault when we unregistered retries its
+        store after we return, through a raw address that holds no buffer
+        export (``ctypes.memset(buf.address, ...)``), and must find memory
+        there (a zero page), not a hole.  Live views (memoryview, numpy) are
+        just as safe.  Shared memory needs MADV_REMOVE: MADV_DONTNEED only
+        drops this process's page table entries, the pages stay in the file.
+        """
+        advice = mmap.MADV_DONTNEED if self.backing == "anonymous" else mmap.MADV_REMOVE
+        try:
+            mmap.mmap.madvise(self, advice)
+        except OSError:
+            mmap.mmap.madvise(self, mmap.MADV_DONTNEED)
 
     def _abandon(self) -> None:
         self._closed = True
         self._final_changes = []
-        self._snapshot.close()
+        if self._snapshot is not None:
+            self._release_snapshot()
         with suppress(BufferError):
             mmap.mmap.close(self)
 
     def __enter__(self) -> GuardedBuffer:
+        self._check_open()
         return self
 
     def __exit__(
@@ -382,6 +578,9 @@ class GuardedBuffer(mmap.mmap):
             self._tracker.overflow = 0
 
     # ------------------------------------------------- mmap behaviour
+    # Every mmap method that reads, writes or positions raises
+    # BufferClosedError after close(), as mmap itself raises ValueError: the
+    # range stays mapped (see _free_pages) and would silently read zeros.
 
     def __len__(self) -> int:
         return self._size
@@ -393,6 +592,66 @@ class GuardedBuffer(mmap.mmap):
     def __setitem__(self, index: Any, value: Any) -> None:
         self._check_open()
         mmap.mmap.__setitem__(self, index, value)
+
+    def read(self, n: int | None = None) -> bytes:
+        self._check_open()
+        return mmap.mmap.read(self, n)
+
+    def read_byte(self) -> int:
+        self._check_open()
+        return mmap.mmap.read_byte(self)
+
+    def readline(self) -> bytes:
+        self._check_open()
+        return mmap.mmap.readline(self)
+
+    def write(self, data: Any) -> int:
+        self._check_open()
+        return mmap.mmap.write(self, data)
+
+    def write_byte(self, byte: int) -> None:
+        self._check_open()
+        mmap.mmap.write_byte(self, byte)
+
+    def move(self, dest: int, src: int, count: int) -> None:
+        self._check_open()
+        mmap.mmap.move(self, dest, src, count)
+
+    def find(self, sub: Any, *args: Any) -> int:
+        self._check_open()
+        return mmap.mmap.find(self, sub, *args)
+
+    def rfind(self, sub: Any, *args: Any) -> int:
+        self._check_open()
+        return mmap.mmap.rfind(self, sub, *args)
+
+    def seek(self, pos: int, whence: Any = os.SEEK_SET) -> None:
+        self._check_open()
+        mmap.mmap.seek(self, pos, whence)
+
+    def tell(self) -> int:
+        self._check_open()
+        return mmap.mmap.tell(self)
+
+    def size(self) -> int:
+        self._check_open()
+        return mmap.mmap.size(self)
+
+    def flush(self, *args: Any) -> None:
+        self._check_open()
+        mmap.mmap.flush(self, *args)
+
+    def madvise(self, option: int, *args: Any) -> None:
+        self._check_open()
+        mmap.mmap.madvise(self, option, *args)
+
+    if sys.version_info >= (3, 12):  # pragma: no cover - PEP 688
+
+        def __buffer__(self, flags: int) -> memoryview:
+            # memoryview(buf), numpy, readinto after close(): refuse, as mmap
+            # does (views taken before close stay valid: see _free_pages).
+            self._check_open()
+            return mmap.mmap.__buffer__(self, flags)
 
     def resize(self, newsize: int) -> None:
         raise InvalidBufferError(

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .errors import UffdGuardError
 
 PAGE_SIZE = mmap.PAGESIZE
 
@@ -38,4 +42,78 @@ def anonymous_map(length: int) -> mmap.mmap:
         length,
         flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
         prot=mmap.PROT_READ | mmap.PROT_WRITE,
+    )
+
+
+def map_count() -> tuple[int, int] | None:
+    """(mappings this process has, ``vm.max_map_count``), or None if unknown."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+        with open("/proc/self/maps", "rb") as f:
+            count = sum(1 for _ in f)
+    except (OSError, ValueError, MemoryError):
+        return None
+    return count, limit
+
+
+def _limit(name: str) -> str:
+    import resource
+
+    soft, _hard = resource.getrlimit(getattr(resource, name))
+    return "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
+
+
+def resource_error(exc: OSError, doing: str) -> UffdGuardError:
+    """The project error for an ``OSError`` raised while ``doing`` something.
+
+    Tells apart the limits a process meets: open files (EMFILE/ENFILE),
+    mappings (``vm.max_map_count``), address space (``ulimit -v``) and
+    memory itself, each with its own remedy.  ``doing`` reads like
+    "mapping 4096 bytes for a guarded buffer".
+    """
+    from .errors import BufferAllocationError, ResourceLimitError
+
+    code = exc.errno
+    reason = exc.strerror or str(exc)
+    if code == errno.EMFILE:
+        return ResourceLimitError(
+            f"{doing} failed: this process has too many open files "
+            f"(ulimit -n is {_limit('RLIMIT_NOFILE')})",
+            "close files you no longer need, or raise the limit "
+            "(`ulimit -n 4096` in the shell that starts Python, or "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, ...))",
+        )
+    if code == errno.ENFILE:
+        return ResourceLimitError(
+            f"{doing} failed: the system-wide table of open files is full",
+            "close files in other processes, or raise fs.file-max (as root)",
+        )
+    if code == errno.ENOMEM:
+        maps = map_count()
+        if maps is not None and maps[0] >= maps[1] - 16:
+            return ResourceLimitError(
+                f"{doing} failed: this process has {maps[0]} memory mappings, "
+                f"the kernel's limit (vm.max_map_count={maps[1]})",
+                "close guarded buffers you no longer need (each uses two mappings while "
+                "open, one after close() until it is garbage-collected), or raise the "
+                "limit as root (`sysctl vm.max_map_count=262144`)",
+            )
+        address_space = _limit("RLIMIT_AS")
+        if address_space != "unlimited":
+            return BufferAllocationError(
+                f"{doing} failed ({reason}): the address space of this process is "
+                f"limited to {address_space} bytes (ulimit -v)",
+                "guard a smaller buffer, or raise the limit (`ulimit -v unlimited`, "
+                "resource.setrlimit(resource.RLIMIT_AS, ...))",
+            )
+        return BufferAllocationError(
+            f"{doing} failed ({reason})",
+            "guard a smaller buffer, or give the process more memory "
+            "(vm.overcommit_memory, the container's memory limit)",
+        )
+    return BufferAllocationError(
+        f"{doing} failed ({reason})",
+        "guard a smaller buffer, or raise the process's memory limits "
+        "(ulimit -v, vm.overcommit_memory, the container's memory limit)",
     )
