@@ -21,12 +21,12 @@ read from several threads; each written page is reported once.
 from __future__ import annotations
 
 import os
-import threading
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
-from .diff_tracker import ForkSafeLock, PageLog, first_changes
+from .diff_tracker import PageLog, first_changes
 from .errors import UffdUnavailableError
+from .forksafe import ForkSafeLock
 from .pagemap import Pagemap
 from .probe import FEATURES, Capabilities, capabilities, open_for
 from .records import WriteRecord
@@ -56,7 +56,7 @@ class AsyncEngine:
     """This process's async userfaultfd and pagemap fds, opened on first use."""
 
     def __init__(self) -> None:
-        self._lock = ForkSafeLock(threading.Lock)
+        self._lock = ForkSafeLock()
         self._pid = 0
         self.fd = -1
         self.features = 0

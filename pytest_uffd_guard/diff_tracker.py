@@ -9,18 +9,17 @@ writer (thread, time, stack) is unknown.  Records are therefore
 ``exact=False`` with no thread.
 
 The page-walking helpers here are shared with the async engine, which uses
-them to place each written page's record on its first changed byte, and so
-is ``ForkSafeLock``, the lock of every Python-side tracker.
+them to place each written page's record on its first changed byte.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
+from .forksafe import ForkSafeLock
 from .records import WriteRecord
 
 if TYPE_CHECKING:
@@ -44,37 +43,6 @@ def _seqs(n: int) -> range:
         first = _seq_next
         _seq_next += n
     return range(first, first + n)
-
-
-class _Lock(Protocol):
-    def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
-
-    def release(self) -> None: ...
-
-
-class ForkSafeLock:
-    """A lock that a forked child gets afresh.
-
-    A lock held by another thread of the parent at ``fork()`` (the hybrid
-    watcher mid-poll, a thread reading ``.writes``) would stay held for
-    ever in the child, where that thread does not exist; its buffers'
-    ``close()`` would hang (issue 9 item 4).  The child's first use makes a
-    new lock instead.  Re-entrant by default.
-    """
-
-    def __init__(self, factory: Callable[[], _Lock] = threading.RLock) -> None:
-        self._factory = factory
-        self._pid = os.getpid()
-        self._lock = factory()
-
-    def __enter__(self) -> ForkSafeLock:
-        if self._pid != os.getpid():
-            self._lock, self._pid = self._factory(), os.getpid()
-        self._lock.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._lock.release()
 
 
 def diff_runs(a: int, b: int, length: int) -> list[tuple[int, int]]:

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import atexit
 import os
-import threading
 import weakref
 from typing import TYPE_CHECKING, Protocol
 
 from .errors import UffdUnavailableError
+from .forksafe import ForkSafeLock
 from .memory import PAGE_SIZE
 from .probe import FEATURES, Capabilities, capabilities, open_for
 from .records import core_mismatch
@@ -39,7 +39,7 @@ class Engine:
     """Owns this process's handler; see the module docstring."""
 
     def __init__(self) -> None:
-        self._lock = threading.RLock()
+        self._lock = ForkSafeLock()
         self._pid = 0
         self._capabilities: Capabilities | None = None
         self._tracked: weakref.WeakSet[Tracked] = weakref.WeakSet()

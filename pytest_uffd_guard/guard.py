@@ -17,6 +17,7 @@ import operator
 import os
 import reprlib
 import sys
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any, Union
@@ -317,7 +318,12 @@ class GuardedBuffer(mmap.mmap):
                 copy(self._snapshot_address, self.address, self._size)
                 del view
             region = Region(
-                self.address, self._length, self._size, self._snapshot_address, self._unit
+                self.address,
+                self._length,
+                self._size,
+                self._snapshot_address,
+                self._unit,
+                owner=weakref.ref(self),
             )
             try:
                 self._tracker: Tracker = make_tracker(
@@ -434,6 +440,17 @@ class GuardedBuffer(mmap.mmap):
         with self._lock:
             self._drain()
             return self._overflow
+
+    @property
+    def duplicates(self) -> int:
+        """Extra faults on pages already recorded since the last arming.
+
+        Threads that write the same page at the same moment each fault; the
+        first is the record, the others are only counted here.
+        """
+        with self._lock:
+            self._drain()
+            return int(getattr(self._tracker, "duplicates", 0))
 
     def changes(self, preview: int | None = None) -> list[Change]:
         """Runs of bytes that differ from the snapshot taken at arming.

@@ -49,7 +49,8 @@ from contextlib import suppress
 from typing import TYPE_CHECKING
 
 from .async_tracker import AsyncTracker
-from .diff_tracker import ForkSafeLock, first_changes, page_record
+from .diff_tracker import first_changes, page_record
+from .forksafe import ForkSafeLock
 from .records import WriteRecord
 from .sync_tracker import SyncTracker
 
@@ -186,6 +187,7 @@ class HybridTracker:
         self._paused = True
         self._closed = False
         self._base_overflow = 0
+        self._base_duplicates = 0
         self._kept = 0
         self._lost: str | None = None
         self._sync: SyncTracker | None = self._new_sync()
@@ -222,6 +224,13 @@ class HybridTracker:
         with self._lock:
             self._base_overflow = value
             self._current.overflow = 0
+
+    @property
+    def duplicates(self) -> int:
+        """Extra faults on already recorded pages (sync phases only)."""
+        with self._lock:
+            sync = self._sync.duplicates if self._sync is not None else 0
+            return self._base_duplicates + sync
 
     @property
     def stopped(self) -> str | None:
@@ -264,6 +273,7 @@ class HybridTracker:
             self._current.discard()
             self._pending = []
             self._kept = 0
+            self._base_duplicates = 0
 
     def close(self) -> list[WriteRecord]:
         WATCHER.remove(self._key)
@@ -340,6 +350,7 @@ class HybridTracker:
         # diff below finds what it wrote.
         self._keep(sync.close())
         self._base_overflow += sync.overflow
+        self._base_duplicates += sync.duplicates
         max_records = self._max_records
         tracker: AsyncTracker | None = None
         try:
