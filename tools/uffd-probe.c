@@ -9,7 +9,12 @@
  * Build:  gcc -O2 -Wall -o uffd-probe tools/uffd-probe.c
  * Output (one "key: value" per line, stable for scripts):
  *   kernel: <uname -r>
+ *   machine: <uname -m>
+ *   uid: <real uid>
  *   unprivileged_userfaultfd: <0|1|unknown>
+ *   dev_userfaultfd: present|absent     (/dev/userfaultfd, Linux 6.1+)
+ *   user_mode_only_flag: accepted|rejected (<errno>)   (UFFD_USER_MODE_ONLY, 5.11+)
+ *   opened_with: plain|user-mode-only
  *   api: 0x<api>
  *   features: 0x<mask>
  *   <FEATURE_NAME>: yes|no      for the bits this project cares about
@@ -27,7 +32,11 @@
 #include <unistd.h>
 
 #ifndef __NR_userfaultfd
+#if defined(__aarch64__)
+#define __NR_userfaultfd 282 /* asm-generic */
+#else
 #define __NR_userfaultfd 323 /* x86_64 */
+#endif
 #endif
 
 /* Mirrors <linux/userfaultfd.h> so old kernel headers don't matter. */
@@ -70,8 +79,11 @@ int main(void)
 	int fd;
 	FILE *f;
 
-	if (uname(&u) == 0)
+	if (uname(&u) == 0) {
 		printf("kernel: %s\n", u.release);
+		printf("machine: %s\n", u.machine);
+	}
+	printf("uid: %u\n", (unsigned)getuid());
 	f = fopen("/proc/sys/vm/unprivileged_userfaultfd", "r");
 	if (f) {
 		if (fgets(buf, sizeof buf, f))
@@ -79,12 +91,27 @@ int main(void)
 		fclose(f);
 	}
 	printf("unprivileged_userfaultfd: %s\n", buf);
+	printf("dev_userfaultfd: %s\n",
+	       access("/dev/userfaultfd", F_OK) == 0 ? "present" : "absent");
 
+	/* Kernels before 5.11 reject the flag with EINVAL. */
+	fd = (int)syscall(__NR_userfaultfd,
+			  O_CLOEXEC | O_NONBLOCK | PROBE_UFFD_USER_MODE_ONLY);
+	if (fd >= 0) {
+		printf("user_mode_only_flag: accepted\n");
+		close(fd);
+	} else {
+		printf("user_mode_only_flag: rejected (%s)\n", strerror(errno));
+	}
+
+	const char *how = "plain";
 	fd = (int)syscall(__NR_userfaultfd, O_CLOEXEC | O_NONBLOCK);
-	if (fd < 0 && (errno == EPERM || errno == EACCES))
+	if (fd < 0 && (errno == EPERM || errno == EACCES)) {
 		/* Unprivileged callers may only trap user-mode faults. */
 		fd = (int)syscall(__NR_userfaultfd,
 				  O_CLOEXEC | O_NONBLOCK | PROBE_UFFD_USER_MODE_ONLY);
+		how = "user-mode-only";
+	}
 	if (fd < 0) {
 		printf("error: userfaultfd: %s\n", strerror(errno));
 		return 1;
@@ -96,6 +123,7 @@ int main(void)
 		close(fd);
 		return 1;
 	}
+	printf("opened_with: %s\n", how);
 	printf("api: 0x%llx\n", (unsigned long long)api.api);
 	printf("features: 0x%llx\n", (unsigned long long)api.features);
 	for (size_t i = 0; i < sizeof known / sizeof known[0]; i++)
