@@ -39,6 +39,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -169,6 +170,12 @@ static struct attribution {
     uint64_t named;           /* requests the namer finished */
     uint64_t gil_timeouts;    /* abandoned while PENDING */
     uint64_t late;            /* abandoned while CLAIMED */
+
+    /* Bounding the dump file: once Python has read every dump in it
+     * (`consumed`, set by attribution_consumed, equals `captures`) and no
+     * capture is in flight, the next capture starts it afresh. */
+    _Atomic uint64_t consumed;
+    uint64_t rewound_at;      /* `captures` at the last rewind */
 } A = {.fd = -1, .namer_fd = -1, .ack_fd = -1};
 
 enum { NAMER_IDLE = 0, NAMER_PENDING = 1, NAMER_CLAIMED = 2, NAMER_DONE = 3,
@@ -415,6 +422,26 @@ task_blocks(uint32_t tid, int sig)
     return (mask >> (sig - 1)) & 1;
 }
 
+/* Dump files are started afresh past this size (a dump is a few KiB). */
+#define DUMP_REWIND (64 * 1024)
+
+/* Truncate the dump file when every dump in it was read.  Caller checked
+ * that no capture is in flight: the handler is then the only one that
+ * starts dumps, so nothing is written or left unread.
+ * Runs on the handler thread. */
+static void
+attribution_rewind(void)
+{
+    if (atomic_load(&A.consumed) != A.captures || A.captures == A.rewound_at)
+        return;
+    struct stat st;
+    if (fstat(A.fd, &st) < 0 || st.st_size < DUMP_REWIND)
+        return;
+    if (ftruncate(A.fd, 0) == 0)
+        lseek(A.fd, 0, SEEK_SET);
+    A.rewound_at = A.captures;
+}
+
 /* Decide whether this fault can be captured now; fill r's syscall, comm
  * and attr fields.  Returns 1 when the writer is to be signalled.
  * Runs on the handler thread, without H.lock: only /proc reads. */
@@ -469,6 +496,7 @@ attribution_prepare(struct fault_record *r)
     }
     /* Nobody else writes the file while no capture is in flight (the
      * signal is ours), so the end is where this dump will start. */
+    attribution_rewind();
     off_t off = lseek(A.fd, 0, SEEK_END);
     if (off < 0) {
         r->attr = ATTR_FAILED;
@@ -1448,6 +1476,9 @@ attribution_setup_py(PyObject *self, PyObject *args)
     }
     A.fd = fd;
     A.sig = sig;
+    /* A new file (a forked child's): nothing in it was read yet. */
+    atomic_store(&A.consumed, A.captures);
+    A.rewound_at = A.captures;
     pthread_mutex_unlock(&H.lock);
     if (!A.installed) {
         struct sigaction sa;
@@ -1483,6 +1514,22 @@ attribution_enable_py(PyObject *self, PyObject *args)
     }
     A.enabled = on;
     pthread_mutex_unlock(&H.lock);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(attribution_consumed_doc,
+"attribution_consumed(n)\n\n"
+"Python has read n dumps (one per signalled capture) since attribution_setup\n"
+"in this process: once every dump was read, the handler may truncate the\n"
+"file before its next capture.");
+
+static PyObject *
+attribution_consumed_py(PyObject *self, PyObject *args)
+{
+    unsigned long long n;
+    if (!PyArg_ParseTuple(args, "K:attribution_consumed", &n))
+        return NULL;
+    atomic_store(&A.consumed, (uint64_t)n);
     Py_RETURN_NONE;
 }
 
@@ -1703,6 +1750,7 @@ static PyMethodDef methods[] = {
     {"signal_is_default", signal_is_default_py, METH_VARARGS, signal_is_default_doc},
     {"attribution_setup", attribution_setup_py, METH_VARARGS, attribution_setup_doc},
     {"attribution_enable", attribution_enable_py, METH_VARARGS, attribution_enable_doc},
+    {"attribution_consumed", attribution_consumed_py, METH_VARARGS, attribution_consumed_doc},
     {"namer_setup", namer_setup_py, METH_VARARGS, namer_setup_doc},
     {"namer_wait", namer_wait_py, METH_NOARGS, namer_wait_doc},
     {"namer_done", namer_done_py, METH_VARARGS, namer_done_doc},

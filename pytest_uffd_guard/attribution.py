@@ -214,10 +214,13 @@ class _Capture:
     signum: int = 0
     file: IO[bytes] | None = None
     error: str | None = None
+    #: Dumps read from ``file`` (the C core may then truncate it).
+    consumed: int = 0
 
 
 _state = _Capture()
 _lock = threading.Lock()
+_consumed_lock = threading.Lock()
 
 
 def pick_signal(core: Any) -> int | None:
@@ -272,6 +275,7 @@ def ensure_started() -> str | None:
         _state.signum = signum
         _state.file = dump
         _state.error = None
+        _state.consumed = 0
         # Without a namer, in-syscall writes say so (ATTR_NO_NAMER); the
         # rest of capture works.
         _start_namer(_uffd)
@@ -314,6 +318,24 @@ def _read_dump(raw: RawFault, wait: float) -> tuple[bool, tuple[Frame, ...]] | s
     dump = _state.file
     if dump is None or _state.pid != os.getpid():
         return "not captured: the capture file belongs to another process"
+    try:
+        return _read_dump_at(dump, raw, wait)
+    finally:
+        _dump_consumed()
+
+
+def _dump_consumed() -> None:
+    """Count one dump as read; once all are, the file may start afresh."""
+    from . import _uffd
+
+    with _consumed_lock:
+        _state.consumed += 1
+        _uffd.attribution_consumed(_state.consumed)
+
+
+def _read_dump_at(
+    dump: IO[bytes], raw: RawFault, wait: float
+) -> tuple[bool, tuple[Frame, ...]] | str:
     marker = _MARKER + b"%d\n" % raw.seq
     deadline = time.monotonic() + wait
     size = 1 << 14
@@ -577,8 +599,9 @@ def thread_name(tid: int) -> str | None:
 def _after_fork_in_child() -> None:
     """A forked child: only the forking thread exists, and locks another
     thread held at fork() would stay held forever.  Start afresh."""
-    global _lock, _named_lock, _known_lock, _forked
+    global _lock, _consumed_lock, _named_lock, _known_lock, _forked
     _lock = threading.Lock()
+    _consumed_lock = threading.Lock()
     _named_lock = threading.Lock()
     _known_lock = threading.Lock()
     _named.clear()

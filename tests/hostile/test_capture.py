@@ -315,3 +315,38 @@ def test_in_syscall_writer_thread_named_after_it_ended() -> None:
     os.close(w)
     assert rec.syscall == "readv" and rec.stack_captured, rec
     assert rec.thread_name is not None and rec.thread_name.startswith("io-pool"), rec
+
+
+# ------------------------------------------------------ dump file bound
+
+
+def test_dump_file_is_bounded_when_every_dump_was_read() -> None:
+    """issue 9 (item 8, optional): the capture file no longer grows without
+    end; it starts afresh once every dump in it was read."""
+    result = run_python(
+        """
+        import os
+        from pytest_uffd_guard import GuardedBuffer, attribution
+        sizes = []
+        with GuardedBuffer(4096, stacks=1) as b:
+            for i in range(1000):
+                b[0] = i & 0xff
+                assert b.writes[-1].stack_captured
+                sizes.append(os.fstat(attribution._state.file.fileno()).st_size)
+                b.protect()
+        print(max(sizes))
+        """,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) < 128 * 1024  # 1000 dumps are ~180 KiB
+
+
+def test_unread_dumps_are_kept() -> None:
+    """issue 9 (item 8, optional): dumps not read yet survive past the bound."""
+    with GuardedBuffer(600 * P, stacks=600) as buf:
+        for i in range(600):
+            buf[i * P] = 1
+        writes = buf.writes
+    assert len(writes) == 600
+    assert all(w.stack_captured for w in writes), [w.stack_note for w in writes][:3]
