@@ -243,6 +243,8 @@ def ensure_started() -> str | None:
     """
     from . import _uffd
 
+    # Names are kept whether or not stacks can be captured.
+    watch_threads()
     with _lock:
         if _state.pid == os.getpid():
             return _state.error
@@ -279,7 +281,6 @@ def ensure_started() -> str | None:
         # Without a namer, in-syscall writes say so (ATTR_NO_NAMER); the
         # rest of capture works.
         _start_namer(_uffd)
-        watch_threads()
         return None
 
 
