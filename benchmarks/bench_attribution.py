@@ -5,7 +5,9 @@ Prints two tables:
 1. microseconds per write fault when the writer is named (``stacks`` covers
    every page) and when it is not (``stacks=0``), for a shallow Python stack
    and a deep one (the dump walks every frame), plus the time to read the
-   records back (parsing the dumps);
+   records back (parsing the dumps), for writes in user mode (``memset``:
+   named by the capture signal) and inside a system call (``readinto`` from
+   a file: named by the namer thread);
 2. the time to rewrite a 1 GiB guarded buffer once with the default bound
    (``DEFAULT_STACKS`` named writes) and with capture off, against the same
    memset over an unguarded mapping.
@@ -20,8 +22,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import mmap
+import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -56,11 +60,36 @@ def plain_memset(length: int) -> float:
     return t
 
 
-def fault_cost(pages: int, stacks: int, depth: int) -> tuple[float, float]:
-    """(µs per fault above a plain memset, µs per record to read back)."""
+def readinto_time(source: int, view: memoryview) -> float:
+    os.lseek(source, 0, os.SEEK_SET)
+    start = time.perf_counter()
+    n = os.readv(source, [view])
+    elapsed = time.perf_counter() - start
+    assert n == len(view), n
+    return elapsed
+
+
+def plain_readinto(source: int, length: int) -> float:
+    m = mmap.mmap(-1, length)
+    readinto_time(source, memoryview(m))  # touch every page first
+    t = readinto_time(source, memoryview(m))
+    m.close()
+    return t
+
+
+def fault_cost(pages: int, stacks: int, depth: int, source: int | None) -> tuple[float, float]:
+    """(µs per fault above an unguarded write, µs per record to read back);
+    a memset when source is None, else a readv(2) from file ``source``."""
     length = pages * PAGE
     buf = GuardedBuffer(length, stacks=stacks)
-    t = at_depth(depth, lambda: memset_time(buf.address, length))
+    if source is None:
+        t = at_depth(depth, lambda: memset_time(buf.address, length))
+        plain = plain_memset(length)
+    else:
+        view = memoryview(buf)
+        t = at_depth(depth, lambda: readinto_time(source, view))
+        view.release()
+        plain = plain_readinto(source, length)
     start = time.perf_counter()
     writes = buf.writes
     read_back = time.perf_counter() - start
@@ -69,7 +98,7 @@ def fault_cost(pages: int, stacks: int, depth: int) -> tuple[float, float]:
     expected = min(stacks, pages)
     if captured != expected:
         print(f"warning: {captured} of {expected} writers named", file=sys.stderr)
-    return (t - plain_memset(length)) / pages * 1e6, read_back / pages * 1e6
+    return (t - plain) / pages * 1e6, read_back / pages * 1e6
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,23 +109,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     rows = []
-    for depth in (0, 60):
-        for label, stacks in (("named", args.pages), ("not named", 0)):
-            runs = [fault_cost(args.pages, stacks, depth) for _ in range(args.repeat)]
-            rows.append(
-                [
-                    label,
-                    depth,
-                    f"{statistics.median(r[0] for r in runs):.1f}",
-                    f"{statistics.median(r[1] for r in runs):.1f}",
-                ]
-            )
+    with tempfile.TemporaryFile() as f:
+        f.write(os.urandom(args.pages * PAGE))
+        f.flush()
+        for where, source in (("user mode (signal)", None), ("system call (namer)", f.fileno())):
+            for depth in (0, 60):
+                for label, stacks in (("named", args.pages), ("not named", 0)):
+                    runs = [
+                        fault_cost(args.pages, stacks, depth, source) for _ in range(args.repeat)
+                    ]
+                    rows.append(
+                        [
+                            where,
+                            label,
+                            depth,
+                            f"{statistics.median(r[0] for r in runs):.1f}",
+                            f"{statistics.median(r[1] for r in runs):.1f}",
+                        ]
+                    )
     print(f"Per write fault, {args.pages} pages, median of {args.repeat}:")
     print(
         tabulate(
             rows,
-            headers=["writer", "extra frames", "µs per fault", "µs per record read"],
-            colalign=("left", "right", "right", "right"),
+            headers=["write", "writer", "extra frames", "µs per fault", "µs per record read"],
+            colalign=("left", "left", "right", "right", "right"),
         )
     )
     if args.quick:

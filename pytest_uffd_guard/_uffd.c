@@ -39,6 +39,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -92,6 +93,12 @@ enum {
     ATTR_BLOCKED = 4,    /* the writing thread blocks the capture signal */
     ATTR_NO_TID = 5,     /* the kernel did not say which thread wrote */
     ATTR_FAILED = 6,     /* tgkill failed */
+    ATTR_NAMING = 7,     /* in a system call: being named by the namer thread */
+    ATTR_NAMED = 8,      /* the namer named it: its frames are in Python */
+    ATTR_GIL_HELD = 9,   /* the namer never got the GIL in time */
+    ATTR_NAMER_LATE = 10, /* the namer claimed it but did not finish in time */
+    ATTR_NO_NAMER = 11,  /* in a system call, and no namer thread runs */
+    ATTR_UNKNOWN = 12,   /* where the writer was (/proc .../syscall) unknown */
 };
 
 /* Syscall field of a record when the fault was not taken in a system call
@@ -178,7 +185,43 @@ static struct attribution {
     int32_t syscall;        /* system call of the capture in flight */
     uint64_t captures;      /* signals sent */
     uint64_t busy;          /* captures skipped: another was in flight */
-} A = {.fd = -1};
+
+    /* The namer: a Python thread that names writers blocked inside a
+     * system call, where a signal could cut the call short.  The handler
+     * posts a request in `nslot` (seq << 3 | NAMER_*) and wakes the namer
+     * through `namer_fd`; the namer claims it (PENDING -> CLAIMED) while
+     * holding the GIL, reads the writer's frames, and marks it DONE
+     * (waking the handler through `ack_fd`).  The handler keeps the fault
+     * unresolved meanwhile, so a CLAIMED writer is still blocked where it
+     * wrote; on timeout it abandons the request (PENDING or CLAIMED ->
+     * ABANDONED) and resolves the fault anyway.  Every transition is one
+     * compare-and-swap on `nslot`, and seqs are unique, so a late namer
+     * can never claim or finish a request it did not see. */
+    int namer_fd;             /* eventfd: requests (and stop) for the namer */
+    int ack_fd;               /* eventfd: the namer finished a request */
+    _Atomic pid_t namer_pid;  /* process whose namer reads namer_fd, 0: none */
+    _Atomic int namer_stop;   /* namer_stop() was called */
+    _Atomic uint64_t nslot;   /* the request in flight, see NAMER_* */
+    _Atomic int32_t ntid;     /* its writer */
+    int naming;               /* the handler is inside attribution_name */
+    uint64_t pending_ns;      /* how long a request may wait for a claim */
+    uint64_t claimed_ns;      /* and then for DONE once claimed */
+    uint64_t named;           /* requests the namer finished */
+    uint64_t gil_timeouts;    /* abandoned while PENDING */
+    uint64_t late;            /* abandoned while CLAIMED */
+
+    /* Bounding the dump file: once Python has read every dump in it
+     * (`consumed`, set by attribution_consumed, equals `captures`) and no
+     * capture is in flight, the next capture starts it afresh. */
+    _Atomic uint64_t consumed;
+    uint64_t rewound_at;      /* `captures` at the last rewind */
+} A = {.fd = -1, .namer_fd = -1, .ack_fd = -1};
+
+enum { NAMER_IDLE = 0, NAMER_PENDING = 1, NAMER_CLAIMED = 2, NAMER_DONE = 3,
+       NAMER_ABANDONED = 4 };
+#define NAMER_SLOT(seq, state) ((uint64_t)(seq) << 3 | (uint64_t)(state))
+#define NAMER_STATE(slot) ((int)((slot) & 7))
+#define NAMER_SEQ(slot) ((slot) >> 3)
 
 /* The one handler of this process.
  *
@@ -517,6 +560,26 @@ task_blocks(uint32_t tid, int sig)
     return (mask >> (sig - 1)) & 1;
 }
 
+/* Dump files are started afresh past this size (a dump is a few KiB). */
+#define DUMP_REWIND (64 * 1024)
+
+/* Truncate the dump file when every dump in it was read.  Caller checked
+ * that no capture is in flight: the handler is then the only one that
+ * starts dumps, so nothing is written or left unread.
+ * Runs on the handler thread. */
+static void
+attribution_rewind(void)
+{
+    if (atomic_load(&A.consumed) != A.captures || A.captures == A.rewound_at)
+        return;
+    struct stat st;
+    if (fstat(A.fd, &st) < 0 || st.st_size < DUMP_REWIND)
+        return;
+    if (ftruncate(A.fd, 0) == 0)
+        lseek(A.fd, 0, SEEK_SET);
+    A.rewound_at = A.captures;
+}
+
 /* Decide whether this fault can be captured now; fill r's syscall, comm
  * and attr fields.  Returns 1 when the writer is to be signalled.
  * Runs on the handler thread, without H.lock: only /proc reads. */
@@ -529,6 +592,29 @@ attribution_prepare(struct fault_record *r)
         if (nl)
             *nl = '\0';
     }
+    if (r->syscall == SYSCALL_UNKNOWN) {
+        /* No /proc, or the thread reads as "running": it is no longer
+         * blocked on this fault (another thread's fault on the same page
+         * woke it), so neither way could name the write. */
+        r->attr = ATTR_UNKNOWN;
+        return 0;
+    }
+    if (r->syscall != SYSCALL_USER) {
+        /* Inside a system call: never signal, a signal can cut the call
+         * short (recv with MSG_WAITALL returns early).  The namer names it
+         * while the fault stays unresolved; one at a time. */
+        if (A.naming) {
+            A.busy++;
+            r->attr = ATTR_BUSY;
+            return 0;
+        }
+        if (atomic_load(&A.namer_pid) != H.pid || atomic_load(&A.namer_stop)) {
+            r->attr = ATTR_NO_NAMER;
+            return 0;
+        }
+        r->attr = ATTR_NAMING;
+        return 1;
+    }
     uint64_t token = atomic_load(&A.token);
     if (token != 0 && atomic_load(&A.done) != token) {
         /* A capture is in flight.  If its thread is gone, so is the
@@ -539,11 +625,6 @@ attribution_prepare(struct fault_record *r)
         if (access(path, F_OK) == 0) {
             A.busy++;
             r->attr = ATTR_BUSY;
-            /* The thread signalled in a system call spins in its fault
-             * retries (reads as "running") until the call returns: it is
-             * still in that call. */
-            if (r->syscall == SYSCALL_UNKNOWN && (uint32_t)atomic_load(&A.tid) == r->tid)
-                r->syscall = A.syscall;
             return 0;
         }
     }
@@ -553,6 +634,7 @@ attribution_prepare(struct fault_record *r)
     }
     /* Nobody else writes the file while no capture is in flight (the
      * signal is ours), so the end is where this dump will start. */
+    attribution_rewind();
     off_t off = lseek(A.fd, 0, SEEK_END);
     if (off < 0) {
         r->attr = ATTR_FAILED;
@@ -579,6 +661,138 @@ attribution_signal(const struct fault_record *r, uint64_t page)
     }
     A.captures++;
     return 0;
+}
+
+static int handle_message(const struct uffd_msg *msg);
+static void set_record_attr_locked(uint64_t addr, uint64_t seq, uint32_t attr);
+
+/* Messages read while a writer is being named, kept for afterwards because
+ * resolving them would wake that writer (they are on its page). */
+#define NAMER_DEFER 16
+
+/* Abandon the request for seq if it is still in `from`; 1 when done. */
+static int
+namer_abandon(uint64_t seq, int from)
+{
+    uint64_t expect = NAMER_SLOT(seq, from);
+    return atomic_compare_exchange_strong(&A.nslot, &expect,
+                                          NAMER_SLOT(seq, NAMER_ABANDONED));
+}
+
+/* Name the writer of record r, blocked inside a system call on the
+ * unresolved fault [start, start+unit), through the namer thread; return
+ * the record's final attr.  While waiting (at most pending_ns, plus
+ * claimed_ns once the namer claimed the request) it goes on handling the
+ * other messages of the userfaultfd, so that a thread holding the GIL and
+ * blocked on another fault cannot keep the namer from running; messages
+ * on this same unit are deferred into `deferred` (resolving them would
+ * wake the writer before its frames are read), *ndeferred says how many.
+ * *stop is set when a message made the handler give up.
+ * Runs on the handler thread: no Python API, no allocation. */
+static uint32_t
+attribution_name(const struct fault_record *r, uint64_t start, uint64_t unit,
+                 struct uffd_msg *deferred, size_t *ndeferred, int *stop)
+{
+    uint64_t seq = r->seq;
+    atomic_store(&A.ntid, (int32_t)r->tid);
+    atomic_store(&A.nslot, NAMER_SLOT(seq, NAMER_PENDING));
+    uint64_t one = 1;
+    if (write(A.namer_fd, &one, sizeof one) != (ssize_t)sizeof one) {
+        namer_abandon(seq, NAMER_PENDING);
+        return ATTR_NO_NAMER;
+    }
+    uint64_t t0 = monotonic_ns();
+    uint64_t limit = A.pending_ns;
+    int watch_uffd = 1, give_up = 0;
+    for (;;) {
+        if (atomic_load(&A.nslot) == NAMER_SLOT(seq, NAMER_DONE)) {
+            A.named++;
+            return ATTR_NAMED;
+        }
+        uint64_t now = monotonic_ns();
+        if (give_up || *stop || now - t0 >= limit) {
+            if (namer_abandon(seq, NAMER_PENDING)) {
+                A.gil_timeouts++;
+                return ATTR_GIL_HELD;
+            }
+            if (!give_up && !*stop && limit == A.pending_ns) {
+                /* Claimed: the namer holds the GIL and reads the frames;
+                 * that is worth a little longer. */
+                limit += A.claimed_ns;
+                continue;
+            }
+            if (namer_abandon(seq, NAMER_CLAIMED)) {
+                A.late++;
+                return ATTR_NAMER_LATE;
+            }
+            continue;  /* it became DONE meanwhile */
+        }
+        struct pollfd fds[3] = {
+            {.fd = A.ack_fd, .events = POLLIN},
+            {.fd = H.stopfd, .events = POLLIN},
+            {.fd = H.uffd, .events = POLLIN},
+        };
+        nfds_t nfds = watch_uffd && *ndeferred < NAMER_DEFER ? 3 : 2;
+        int timeout_ms = (int)((t0 + limit - now + 999999) / 1000000);
+        if (poll(fds, nfds, timeout_ms) < 0) {
+            if (errno != EINTR)
+                give_up = 1;
+            continue;
+        }
+        if (fds[0].revents & POLLIN) {
+            uint64_t acks;
+            ssize_t got = read(A.ack_fd, &acks, sizeof acks);
+            (void)got;
+        }
+        if (fds[1].revents) {
+            /* handler_stop: every range is unregistered already (the
+             * writer is awake); leave the event for handler_main. */
+            give_up = 1;
+            continue;
+        }
+        if (nfds == 3 && (fds[2].revents & (POLLERR | POLLHUP | POLLNVAL)))
+            watch_uffd = 0;  /* handler_main deals with it */
+        if (nfds == 3 && (fds[2].revents & POLLIN)) {
+            struct uffd_msg msgs[NAMER_DEFER];
+            size_t room = NAMER_DEFER - *ndeferred;
+            ssize_t n = read(H.uffd, msgs, room * sizeof msgs[0]);
+            if (n < 0 || n % (ssize_t)sizeof msgs[0] != 0) {
+                watch_uffd = 0;  /* handler_main reads and reports it */
+                continue;
+            }
+            for (ssize_t k = 0; k < n / (ssize_t)sizeof msgs[0]; k++) {
+                uint64_t a = msgs[k].arg.pagefault.address;
+                if (msgs[k].event == UFFD_EVENT_PAGEFAULT && a >= start && a < start + unit)
+                    deferred[(*ndeferred)++] = msgs[k];
+                else if (handle_message(&msgs[k]) < 0)
+                    *stop = 1;
+            }
+        }
+    }
+}
+
+/* The in-system-call half of handle_message: name the writer of record r
+ * (already stored with ATTR_NAMING) before its fault [start, start+unit)
+ * is resolved, then handle the messages deferred meanwhile.  Returns 0, or
+ * -1 when the handler must stop.  Runs on the handler thread. */
+static int
+attribution_name_in_syscall(const struct fault_record *r, uint64_t start, uint64_t unit)
+{
+    struct uffd_msg deferred[NAMER_DEFER];
+    size_t ndeferred = 0;
+    int stop = 0;
+    A.naming = 1;
+    uint32_t attr = attribution_name(r, start, unit, deferred, &ndeferred, &stop);
+    pthread_mutex_lock(&H.lock);
+    set_record_attr_locked(r->address, r->seq, attr);
+    pthread_mutex_unlock(&H.lock);
+    /* Still "naming" for these: they are not named themselves (their
+     * writers are on the same page, being woken now), so nothing nests. */
+    for (size_t k = 0; k < ndeferred; k++)
+        if (!stop && handle_message(&deferred[k]) < 0)
+            stop = 1;
+    A.naming = 0;
+    return stop ? -1 : 0;
 }
 
 /* Store record r in the guard that contains r->address, if that guard is
@@ -899,9 +1113,7 @@ handle_message(const struct uffd_msg *msg)
     /* A fault taken in user mode is signalled before it is resolved: the
      * signal is then delivered before the write instruction is retried, so
      * the dump shows the exact frame.  A fault taken inside a system call
-     * is resolved first: a signal pending there could make the kernel give
-     * up on the copy; it is delivered as the call returns, still inside
-     * the Python frame that made it. */
+     * is never signalled (see attribution_name_in_syscall below). */
     int early = capture && r.syscall == SYSCALL_USER;
     int sigerr = 0;
     if (early) {
@@ -925,14 +1137,13 @@ handle_message(const struct uffd_msg *msg)
         pthread_mutex_unlock(&H.lock);
     }
 
+    /* A fault taken inside a system call is never signalled: the namer
+     * thread names it while it is still unresolved. */
+    if (capture && !early && attribution_name_in_syscall(&r, start, unit) < 0)
+        return -1;
     /* Round down ourselves: without EXACT_ADDRESS some kernels report the
      * exact address anyway, and the ioctl wants an aligned range. */
     int rc = handler_writeprotect(start, unit, 0);
-    if (capture && !early && attribution_signal(&r, start) < 0) {
-        pthread_mutex_lock(&H.lock);
-        set_record_attr_locked(addr, r.seq, ATTR_FAILED);
-        pthread_mutex_unlock(&H.lock);
-    }
     if (rc == 0)
         return 0;
     /* ENOENT: the range was unregistered (buffer closed) between the fault
@@ -1779,6 +1990,9 @@ attribution_setup_py(PyObject *self, PyObject *args)
     }
     A.fd = fd;
     A.sig = sig;
+    /* A new file (a forked child's): nothing in it was read yet. */
+    atomic_store(&A.consumed, A.captures);
+    A.rewound_at = A.captures;
     pthread_mutex_unlock(&H.lock);
     if (!A.installed) {
         struct sigaction sa;
@@ -1815,6 +2029,171 @@ attribution_enable_py(PyObject *self, PyObject *args)
     A.enabled = on;
     pthread_mutex_unlock(&H.lock);
     Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(attribution_consumed_doc,
+"attribution_consumed(n)\n\n"
+"Python has read n dumps (one per signalled capture) since attribution_setup\n"
+"in this process: once every dump was read, the handler may truncate the\n"
+"file before its next capture.");
+
+static PyObject *
+attribution_consumed_py(PyObject *self, PyObject *args)
+{
+    unsigned long long n;
+    if (!PyArg_ParseTuple(args, "K:attribution_consumed", &n))
+        return NULL;
+    atomic_store(&A.consumed, (uint64_t)n);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(namer_setup_doc,
+"namer_setup(pending, claimed)\n\n"
+"Let the handler name writers blocked inside a system call through a namer\n"
+"thread of this process (see namer_wait).  A request waits at most\n"
+"`pending` seconds for the namer to claim it, and then `claimed` more for\n"
+"it to finish; the fault is resolved regardless.  A forked child calls it\n"
+"again (it gets its own eventfds).  Raises OSError when eventfd fails.");
+
+static PyObject *
+namer_setup_py(PyObject *self, PyObject *args)
+{
+    double pending, claimed;
+    if (!PyArg_ParseTuple(args, "dd:namer_setup", &pending, &claimed))
+        return NULL;
+    /* Checked before the casts: negative or huge values are not durations. */
+    if (!(pending > 0 && pending < 3600 && claimed >= 0 && claimed < 3600)) {
+        PyErr_SetString(PyExc_ValueError, "namer timeouts must be between 0 and 3600 seconds");
+        return NULL;
+    }
+    pid_t pid = getpid();
+    if (atomic_load(&A.namer_pid) != pid) {
+        /* First time here, or a forked child holding the parent's fds
+         * (the same eventfds as the parent's: never read or write them). */
+        int nfd = eventfd(0, EFD_CLOEXEC);
+        if (nfd < 0)
+            return raise_errno(-errno, "eventfd");
+        int afd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        if (afd < 0) {
+            int err = errno;
+            close(nfd);
+            return raise_errno(-err, "eventfd");
+        }
+        if (A.namer_fd >= 0)
+            close(A.namer_fd);
+        if (A.ack_fd >= 0)
+            close(A.ack_fd);
+        A.namer_fd = nfd;
+        A.ack_fd = afd;
+        /* fork() may have copied a handler that was naming: this process's
+         * handler never started one (namer_pid was not ours). */
+        A.naming = 0;
+        atomic_store(&A.nslot, NAMER_SLOT(0, NAMER_IDLE));
+        A.named = A.gil_timeouts = A.late = 0;
+    }
+    A.pending_ns = (uint64_t)(pending * 1e9);
+    A.claimed_ns = (uint64_t)(claimed * 1e9);
+    atomic_store(&A.namer_stop, 0);
+    atomic_store(&A.namer_pid, pid);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(namer_wait_doc,
+"namer_wait() -> (seq, tid) or None\n\n"
+"The namer thread's loop: wait, without the GIL, for the handler to ask for\n"
+"the writer of fault `seq`, a thread blocked inside a system call, and\n"
+"claim the request once the GIL is held again.  While claimed, the writer\n"
+"stays blocked: read thread `tid`'s frames, then call namer_done(seq).\n"
+"None when the namer was stopped (namer_stop) or after a fork.");
+
+static PyObject *
+namer_wait_py(PyObject *self, PyObject *noargs)
+{
+    pid_t pid = getpid();
+    for (;;) {
+        if (atomic_load(&A.namer_stop) || atomic_load(&A.namer_pid) != pid)
+            Py_RETURN_NONE;
+        uint64_t v;
+        ssize_t n;
+        Py_BEGIN_ALLOW_THREADS
+        n = read(A.namer_fd, &v, sizeof v);
+        Py_END_ALLOW_THREADS
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return raise_errno(-errno, "read(namer eventfd)");
+        }
+        uint64_t slot = atomic_load(&A.nslot);
+        if (NAMER_STATE(slot) != NAMER_PENDING)
+            continue;  /* abandoned before we got the GIL: nothing to do */
+        /* The tid is stored before the slot is published and rewritten only
+         * after this request left PENDING, which the CAS checks. */
+        int32_t tid = atomic_load(&A.ntid);
+        uint64_t seq = NAMER_SEQ(slot);
+        if (atomic_compare_exchange_strong(&A.nslot, &slot, NAMER_SLOT(seq, NAMER_CLAIMED)))
+            return Py_BuildValue("(Ki)", (unsigned long long)seq, (int)tid);
+    }
+}
+
+PyDoc_STRVAR(namer_done_doc,
+"namer_done(seq) -> bool\n\n"
+"Finish the claimed request `seq`.  False when the handler abandoned it\n"
+"meanwhile (the writer may have moved on: drop what was read).");
+
+static PyObject *
+namer_done_py(PyObject *self, PyObject *args)
+{
+    unsigned long long seq;
+    if (!PyArg_ParseTuple(args, "K:namer_done", &seq))
+        return NULL;
+    uint64_t expect = NAMER_SLOT(seq, NAMER_CLAIMED);
+    if (!atomic_compare_exchange_strong(&A.nslot, &expect, NAMER_SLOT(seq, NAMER_DONE)))
+        Py_RETURN_FALSE;
+    uint64_t one = 1;
+    if (write(A.ack_fd, &one, sizeof one) < 0) {
+        /* Only on counter overflow; the handler also re-checks the slot
+         * when its poll times out. */
+    }
+    Py_RETURN_TRUE;
+}
+
+PyDoc_STRVAR(namer_stop_doc,
+"namer_stop()\n\n"
+"Stop naming in-system-call writers in this process: namer_wait returns\n"
+"None, and the handler records such writes as not named.");
+
+static PyObject *
+namer_stop_py(PyObject *self, PyObject *noargs)
+{
+    atomic_store(&A.namer_stop, 1);
+    if (atomic_load(&A.namer_pid) == getpid() && A.namer_fd >= 0) {
+        uint64_t one = 1;
+        if (write(A.namer_fd, &one, sizeof one) < 0) {
+            /* overflow only: the namer sees namer_stop on its next wake */
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(namer_state_doc,
+"namer_state() -> dict\n\n"
+"namer (set up and not stopped in this process), request (seq of the\n"
+"request in flight, 0 when none), named, gil_timeouts (abandoned before a\n"
+"claim), late (abandoned after one).");
+
+static PyObject *
+namer_state_py(PyObject *self, PyObject *noargs)
+{
+    int mine = atomic_load(&A.namer_pid) == getpid();
+    uint64_t slot = atomic_load(&A.nslot);
+    int state = NAMER_STATE(slot);
+    unsigned long long request = mine && (state == NAMER_PENDING || state == NAMER_CLAIMED)
+                                     ? (unsigned long long)NAMER_SEQ(slot) : 0;
+    unsigned long long named = A.named, gil = A.gil_timeouts, late = A.late;
+    return Py_BuildValue("{s:O,s:K,s:K,s:K,s:K}",
+                         "namer", mine && !atomic_load(&A.namer_stop) ? Py_True : Py_False,
+                         "request", request, "named", named, "gil_timeouts", gil,
+                         "late", late);
 }
 
 PyDoc_STRVAR(handler_state_doc,
@@ -1924,6 +2303,12 @@ static PyMethodDef methods[] = {
     {"signal_is_default", signal_is_default_py, METH_VARARGS, signal_is_default_doc},
     {"attribution_setup", attribution_setup_py, METH_VARARGS, attribution_setup_doc},
     {"attribution_enable", attribution_enable_py, METH_VARARGS, attribution_enable_doc},
+    {"attribution_consumed", attribution_consumed_py, METH_VARARGS, attribution_consumed_doc},
+    {"namer_setup", namer_setup_py, METH_VARARGS, namer_setup_doc},
+    {"namer_wait", namer_wait_py, METH_NOARGS, namer_wait_doc},
+    {"namer_done", namer_done_py, METH_VARARGS, namer_done_doc},
+    {"namer_stop", namer_stop_py, METH_NOARGS, namer_stop_doc},
+    {"namer_state", namer_state_py, METH_NOARGS, namer_state_doc},
     {"_debug", debug_py, METH_VARARGS, debug_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -1,39 +1,58 @@
 """Naming the writer: the Python stack, system call and thread behind a write.
 
-While a write fault is pending the writer is blocked in the kernel, usually
-holding the GIL, so no Python code can look at its stack.  The C handler
-thread instead sends the writer a real-time signal on which
-:func:`faulthandler.register` is installed with ``all_threads=False`` and
-``chain=True``: the writer dumps its own stack (faulthandler needs no GIL for
-that) into an unlinked temporary file, then faulthandler chains to a C
-handler that appends an end marker naming the fault's sequence number.  A
-fault taken in user mode is signalled before it is resolved, so the dump
-shows the frame of the write itself; a fault the kernel took inside a
-system call is resolved first and the signal arrives as the call returns,
-still inside the Python frame that made it.  One capture is in flight at a
-time and each record keeps the file offset where its dump starts, so a dump
-is read back only between that offset and its own marker.
+While a write fault is pending the writer is blocked in the kernel.  Two
+ways name it, chosen by where the fault was taken
+(``/proc/self/task/TID/syscall``):
 
-This module holds the Python half: setting the mechanism up once per
-process, turning a record's capture into frames, and the helpers the
-plugin uses.  Only the first few writes of each buffer are captured
-(``GuardedBuffer(..., stacks=N)``, default :data:`DEFAULT_STACKS`).
+- **In user mode** the writer usually holds the GIL, so no Python code can
+  look at its stack.  The C handler thread sends it a real-time signal on
+  which :func:`faulthandler.register` is installed with
+  ``all_threads=False`` and ``chain=True``: the writer dumps its own stack
+  (faulthandler needs no GIL for that) into an unlinked temporary file,
+  then faulthandler chains to a C handler that appends an end marker naming
+  the fault's sequence number.  The signal is sent before the fault is
+  resolved, so the dump shows the frame of the write itself.  One capture
+  is in flight at a time and each record keeps the file offset where its
+  dump starts, so a dump is read back only between that offset and its own
+  marker.
+- **Inside a system call** a signal could cut the call short
+  (``recv(..., MSG_WAITALL)`` returns early), so the writer is never
+  signalled.  Such a writer released the GIL before the call, as blocking
+  calls do: the handler keeps the fault unresolved and asks this module's
+  *namer* thread, which waits in C without the GIL, to read the writer's
+  frames with :func:`sys._current_frames`.  The namer claims the request
+  while holding the GIL; a claimed request means the writer is still
+  blocked, so the frames are exact.  The handler waits a bounded time
+  (:data:`NAMER_WAIT`), then resolves the fault regardless: a writer that
+  holds the GIL inside a system call is recorded as not named, never
+  deadlocked.
+
+This module holds the Python half: setting both up once per process, the
+namer thread, turning a record's capture into frames, remembering thread
+names, and the helpers the plugin uses.  Only the first few writes of each
+buffer are named (``GuardedBuffer(..., stacks=N)``, default
+:data:`DEFAULT_STACKS`).
 """
 
 from __future__ import annotations
 
+import _thread
 import faulthandler
+import functools
 import os
 import platform
 import re
 import signal
+import sys
 import sysconfig
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import IO, Any
+from types import FrameType
+from typing import IO, Any, Union
 
 from .records import Frame, RawFault, WriteRecord
 
@@ -50,6 +69,23 @@ ATTR_BUSY = 3
 ATTR_BLOCKED = 4
 ATTR_NO_TID = 5
 ATTR_FAILED = 6
+ATTR_NAMING = 7
+ATTR_NAMED = 8
+ATTR_GIL_HELD = 9
+ATTR_NAMER_LATE = 10
+ATTR_NO_NAMER = 11
+ATTR_UNKNOWN = 12
+
+#: How long the handler waits for the namer to claim a request (seconds),
+#: and then for a claimed request to finish.  A write the namer cannot name
+#: in that time is resolved unnamed; the first bound is what a writer that
+#: holds the GIL inside a system call costs per named write.
+NAMER_WAIT = (0.2, 1.0)
+
+_NOT_RUN = (
+    "not captured: no thread could take the GIL to name the writer in time "
+    "(the writer held the GIL inside a system call, or another thread kept it)"
+)
 
 _NOTES = {
     ATTR_OFF: "stack capture is off for this buffer",
@@ -59,6 +95,13 @@ _NOTES = {
     ATTR_NO_TID: "not captured: the kernel did not report the writing thread "
     "(no UFFD_FEATURE_THREAD_ID)",
     ATTR_FAILED: "not captured: the writing thread could not be signalled",
+    ATTR_GIL_HELD: _NOT_RUN,
+    ATTR_NAMER_LATE: "not captured: the namer thread did not finish reading the writer's "
+    "stack in time",
+    ATTR_NO_NAMER: "not captured: the write was inside a system call and no namer "
+    "thread runs in this process",
+    ATTR_UNKNOWN: "not captured: where the writing thread was could not be read "
+    "(/proc/self/task/TID/syscall), or it was no longer blocked on the write",
 }
 
 SYSCALL_USER = -1
@@ -171,10 +214,13 @@ class _Capture:
     signum: int = 0
     file: IO[bytes] | None = None
     error: str | None = None
+    #: Dumps read from ``file`` (the C core may then truncate it).
+    consumed: int = 0
 
 
 _state = _Capture()
 _lock = threading.Lock()
+_consumed_lock = threading.Lock()
 
 
 def pick_signal(core: Any) -> int | None:
@@ -197,6 +243,8 @@ def ensure_started() -> str | None:
     """
     from . import _uffd
 
+    # Names are kept whether or not stacks can be captured.
+    watch_threads()
     with _lock:
         if _state.pid == os.getpid():
             return _state.error
@@ -229,6 +277,10 @@ def ensure_started() -> str | None:
         _state.signum = signum
         _state.file = dump
         _state.error = None
+        _state.consumed = 0
+        # Without a namer, in-syscall writes say so (ATTR_NO_NAMER); the
+        # rest of capture works.
+        _start_namer(_uffd)
         return None
 
 
@@ -267,6 +319,24 @@ def _read_dump(raw: RawFault, wait: float) -> tuple[bool, tuple[Frame, ...]] | s
     dump = _state.file
     if dump is None or _state.pid != os.getpid():
         return "not captured: the capture file belongs to another process"
+    try:
+        return _read_dump_at(dump, raw, wait)
+    finally:
+        _dump_consumed()
+
+
+def _dump_consumed() -> None:
+    """Count one dump as read; once all are, the file may start afresh."""
+    from . import _uffd
+
+    with _consumed_lock:
+        _state.consumed += 1
+        _uffd.attribution_consumed(_state.consumed)
+
+
+def _read_dump_at(
+    dump: IO[bytes], raw: RawFault, wait: float
+) -> tuple[bool, tuple[Frame, ...]] | str:
     marker = _MARKER + b"%d\n" % raw.seq
     deadline = time.monotonic() + wait
     size = 1 << 14
@@ -292,6 +362,14 @@ def describe(raw: RawFault, note: str | None, wait: float = DUMP_WAIT) -> dict[s
     fields: dict[str, Any] = {"thread_comm": raw.comm or None}
     if raw.syscall >= 0:
         fields["syscall"] = syscall_name(raw.syscall)
+    if raw.attr in (ATTR_NAMING, ATTR_NAMED):
+        named = _take_named(raw.seq, wait if raw.attr == ATTR_NAMING else 0.0)
+        if isinstance(named, str):
+            fields["stack_note"] = named
+        else:
+            fields["has_python"], fields["stack"] = named
+            fields["stack_captured"] = True
+        return fields
     if raw.attr != ATTR_SIGNALLED:
         fields["stack_note"] = (
             note if note is not None and raw.attr == ATTR_OFF else _NOTES.get(raw.attr)
@@ -306,37 +384,235 @@ def describe(raw: RawFault, note: str | None, wait: float = DUMP_WAIT) -> dict[s
     return fields
 
 
+# --------------------------------------------------------------- namer
+
+#: A namer's answer: (has_python, frames) or why the writer was not named.
+_Named = Union[tuple[bool, tuple[Frame, ...]], str]
+
+#: Answers by fault seq until the record is read; bounded (records of a
+#: buffer dropped unread would otherwise stay forever).
+_named: OrderedDict[int, _Named] = OrderedDict()
+_named_lock = threading.Lock()
+_MAX_NAMED = 4096
+#: faulthandler's MAX_FRAME_DEPTH: dumps and namer stacks stop at the same depth.
+_MAX_FRAMES = 100
+
+
+def _start_namer(core: Any) -> bool:
+    """Start this process's namer thread; False when it cannot run.
+
+    Caller holds ``_lock``.  The thread is a bare ``_thread`` one, invisible
+    to :func:`threading.enumerate` (it is ours, not the program's: thread-leak
+    checks must not count it), and waits in C without the GIL.
+    """
+    try:
+        core.namer_setup(*NAMER_WAIT)
+        _thread.start_new_thread(_namer_main, (core,))
+    except (OSError, RuntimeError, ValueError):
+        with suppress(Exception):
+            core.namer_stop()
+        return False
+    return True
+
+
+def _namer_main(core: Any) -> None:
+    """The namer: answer the handler's requests until stopped."""
+    with suppress(ValueError, OSError):  # no signal handler may run here
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        while True:
+            request = core.namer_wait()
+            if request is None:
+                return
+            seq, tid = request
+            # Claimed: the writer stays blocked until namer_done.
+            answer = _frames_of(tid)
+            with _named_lock:
+                _named[seq] = answer
+                while len(_named) > _MAX_NAMED:
+                    _named.popitem(last=False)
+            if not core.namer_done(seq):
+                # Abandoned meanwhile: the writer may have moved on.
+                with _named_lock:
+                    _named.pop(seq, None)
+    except BaseException:  # a namer must never take the process down
+        with suppress(Exception):
+            core.namer_stop()
+
+
+def _frames_of(tid: int) -> _Named:
+    """The Python stack of the thread with native id ``tid`` (blocked in a
+    system call, not running Python), innermost first, as faulthandler would
+    have printed it."""
+    frames = sys._current_frames()
+    thread = _thread_by_native_id(tid)
+    if thread is None or thread.ident not in frames:
+        known = {t.ident for t in _live_threads()} | {_thread.get_ident()}
+        if all(ident in known for ident in frames):
+            # Every thread running Python is someone else: this one has no
+            # Python frame (a thread started by C code).
+            return False, ()
+        return (
+            "not captured: the writing thread runs Python but is not a threading.Thread, "
+            "so its native id is unknown to Python"
+        )
+    remember_thread(thread)
+    stack: list[Frame] = []
+    frame: FrameType | None = frames[thread.ident]
+    while frame is not None and len(stack) < _MAX_FRAMES:
+        code = frame.f_code
+        stack.append(Frame(code.co_filename, frame.f_lineno or 0, code.co_name))
+        frame = frame.f_back
+    return True, tuple(stack)
+
+
+def _take_named(seq: int, wait: float) -> _Named:
+    """The namer's answer for fault ``seq``; waits up to ``wait`` seconds
+    while the handler is still asking (a record read before the answer)."""
+    from . import _uffd
+
+    deadline = time.monotonic() + wait
+    while True:
+        with _named_lock:
+            answer = _named.pop(seq, None)
+        if answer is not None:
+            return answer
+        if _uffd.namer_state()["request"] != seq or time.monotonic() >= deadline:
+            # The answer is stored before the request is finished: look once more.
+            with _named_lock:
+                answer = _named.pop(seq, None)
+            return _NOT_RUN if answer is None else answer
+        time.sleep(0.001)
+
+
 # ------------------------------------------------------------- threads
 
-_names: dict[int, str] = {}
+#: threading names by native id, kept when the thread is gone: set as each
+#: thread starts (see watch_threads), when the namer names one and whenever
+#: names are looked up.  Bounded; the oldest go first.
+_known: OrderedDict[int, str] = OrderedDict()
+_known_lock = threading.Lock()
+_MAX_KNOWN = 4096
+_watching = False
+_original_start: Any = None
+
+
+#: In a forked child, the forking thread and its new native id: before
+#: Python 3.12, threading keeps the parent's id on that Thread object.
+_forked: tuple[threading.Thread, int] | None = None
+
+
+def _native_id(thread: threading.Thread) -> int | None:
+    forked = _forked
+    if forked is not None and thread is forked[0]:
+        return forked[1]
+    return getattr(thread, "native_id", None)
+
+
+def remember_thread(thread: threading.Thread) -> None:
+    """Keep ``thread``'s name for its native id, beyond the thread's life."""
+    native = _native_id(thread)
+    if native is None:
+        return
+    with _known_lock:
+        _known[native] = thread.name
+        _known.move_to_end(native)
+        while len(_known) > _MAX_KNOWN:
+            _known.popitem(last=False)
+
+
+def watch_threads() -> None:
+    """From now on, remember the name of every thread as it starts.
+
+    Wraps :meth:`threading.Thread.start` once per interpreter (a dictionary
+    insert per thread start, nothing per call or per line) and remembers the
+    threads alive now.  Thread pools and joined threads are then named after
+    they ended.
+    """
+    global _watching, _original_start
+    with _known_lock:
+        if not _watching:
+            original = threading.Thread.start
+
+            @functools.wraps(original)
+            def start(self: threading.Thread, *args: Any, **kwargs: Any) -> None:
+                original(self, *args, **kwargs)
+                # start() returns once the thread has set its native id.
+                remember_thread(self)
+
+            _original_start = original
+            threading.Thread.start = start  # type: ignore[method-assign]
+            _watching = True
+    for thread in _live_threads():
+        remember_thread(thread)
+
+
+def _live_threads() -> list[threading.Thread]:
+    """Every thread threading knows, without taking threading's lock (the
+    namer must not wait for a thread that may be blocked on a fault)."""
+    active = getattr(threading, "_active", None)
+    if isinstance(active, dict):
+        for _ in range(3):
+            with suppress(RuntimeError):  # changed size while we copied it
+                return list(active.values())
+    return list(threading.enumerate())
+
+
+def _thread_by_native_id(tid: int) -> threading.Thread | None:
+    for thread in _live_threads():
+        if _native_id(thread) == tid:
+            return thread
+    return None
 
 
 def thread_names() -> dict[int, str]:
     """``threading`` names by native id, for resolving a batch of records.
 
     Live threads first, then every ``Thread`` object still referenced
-    (``threading._dangling`` keeps finished threads whose object someone,
-    typically the test, still holds), then names remembered from earlier
-    calls for threads that are gone since.  Native ids are reused only
-    after the kernel's pid space wraps.
+    (``threading._dangling`` keeps finished threads whose object someone
+    still holds), then names remembered for threads that are gone (see
+    :func:`watch_threads`).  Native ids are reused only after the kernel's
+    pid space wraps.
     """
-    threads = list(threading.enumerate())
+    threads = _live_threads()
     dangling = getattr(threading, "_dangling", None)
     if dangling is not None:
         with suppress(RuntimeError):  # the WeakSet changed while we copied it
             threads += [t for t in list(dangling) if not t.is_alive()]
     seen: dict[int, str] = {}
     for thread in threads:
-        native = getattr(thread, "native_id", None)
+        native = _native_id(thread)
         if native is not None and native not in seen:
             seen[native] = thread.name
-    _names.update(seen)
-    return {**_names, **seen}
+    with _known_lock:
+        _known.update(seen)
+        while len(_known) > _MAX_KNOWN:
+            _known.popitem(last=False)
+        known = dict(_known)
+    return {**known, **seen}
 
 
 def thread_name(tid: int) -> str | None:
     """The ``threading`` name of the thread with native id ``tid``, if known."""
     return thread_names().get(tid)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child: only the forking thread exists, and locks another
+    thread held at fork() would stay held forever.  Start afresh."""
+    global _lock, _consumed_lock, _named_lock, _known_lock, _forked
+    _lock = threading.Lock()
+    _consumed_lock = threading.Lock()
+    _named_lock = threading.Lock()
+    _known_lock = threading.Lock()
+    _named.clear()
+    _known.clear()
+    # Registered after threading's own fork hook, so current_thread() is
+    # already this thread's object.
+    _forked = (threading.current_thread(), threading.get_native_id())
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # ------------------------------------------------------- presentation
@@ -396,7 +672,9 @@ __all__ = [
     "ensure_started",
     "parse_dump",
     "syscall_name",
+    "remember_thread",
     "thread_name",
     "thread_names",
     "user_frames",
+    "watch_threads",
 ]

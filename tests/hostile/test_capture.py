@@ -1,0 +1,367 @@
+"""Naming writers must not change what the program sees (issue 9, items 8 and 14).
+
+Item 8: the capture signal cut blocking system calls short; writers inside
+a system call are now named by the namer thread, without a signal.
+Item 14: a writer's ``threading`` name was lost once its thread had ended.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import mmap
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from pytest_uffd_guard import GuardedBuffer
+from pytest_uffd_guard.attribution import user_frames
+from pytest_uffd_guard.probe import capabilities
+from pytest_uffd_guard.records import Frame, WriteRecord
+from tests.conftest import run_python
+
+P = mmap.PAGESIZE
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("uffd")]
+
+kernel_writes = pytest.mark.skipif(
+    not capabilities().kernel_writes_seen,
+    reason="writes made inside a system call are not seen: userfaultfd is limited to "
+    "UFFD_USER_MODE_ONLY (unprivileged, vm.unprivileged_userfaultfd=0)",
+)
+
+
+def lineno() -> int:
+    """The caller's current line number."""
+    frame = inspect.currentframe()
+    assert frame is not None and frame.f_back is not None
+    return frame.f_back.f_lineno
+
+
+def first_user_frame(record: WriteRecord) -> Frame:
+    frames = user_frames(record, 1)
+    assert frames, record
+    return frames[0]
+
+
+@kernel_writes
+def test_recv_waitall_is_not_cut_short() -> None:
+    """issue 9 item 8: recv_into(MSG_WAITALL) still blocked for the rest of
+    its data returns all of it with default naming, and names this line."""
+    a, b = socket.socketpair()
+
+    def sender() -> None:
+        b.sendall(b"x" * 50)
+        time.sleep(0.2)
+        b.sendall(b"y" * 50)
+
+    with a, b, GuardedBuffer(P) as buf:
+        thread = threading.Thread(target=sender)
+        thread.start()
+        line = lineno() + 1
+        n = a.recv_into(buf, 100, socket.MSG_WAITALL)
+        thread.join()
+        writes = buf.writes
+        assert n == 100 and bytes(buf[:100]) == b"x" * 50 + b"y" * 50
+    assert len(writes) == 1
+    rec = writes[0]
+    assert rec.syscall in ("recvfrom", "recvmsg"), rec
+    assert rec.stack_captured and rec.has_python is True, rec
+    assert first_user_frame(rec) == Frame(__file__, line, "test_recv_waitall_is_not_cut_short")
+    assert rec.thread_name == "MainThread"
+
+
+@kernel_writes
+def test_recvmsg_into_waitall_is_not_cut_short() -> None:
+    """issue 9 item 8: the same for recvmsg_into across two guarded pages."""
+    a, b = socket.socketpair()
+
+    def sender() -> None:
+        b.sendall(b"x" * P)
+        time.sleep(0.2)
+        b.sendall(b"y" * P)
+
+    with a, b, GuardedBuffer(2 * P) as buf:
+        thread = threading.Thread(target=sender)
+        thread.start()
+        line = lineno() + 1
+        n = a.recvmsg_into([buf], 0, socket.MSG_WAITALL)[0]
+        thread.join()
+        writes = buf.writes
+        assert n == 2 * P and bytes(buf) == b"x" * P + b"y" * P
+    assert [w.offset for w in writes] == [0, P]
+    for rec in writes:
+        assert rec.syscall == "recvmsg" and rec.stack_captured, rec
+        assert first_user_frame(rec).lineno == line
+
+
+@kernel_writes
+@pytest.mark.parametrize("source", ["file", "pipe"])
+def test_readinto_names_its_line_and_read(tmp_path: Path, source: str) -> None:
+    """issue 9 item 8: readinto from a file or a pipe names the call's line
+    and the system call ``read``, on every page it wrote."""
+    data = os.urandom(3 * P)
+    if source == "file":
+        path = tmp_path / "data"
+        path.write_bytes(data)
+        f = open(path, "rb", buffering=0)  # noqa: SIM115
+    else:
+        r, w = os.pipe()
+        os.write(w, data)
+        os.close(w)
+        f = os.fdopen(r, "rb", buffering=0)
+    with f, GuardedBuffer(3 * P) as buf:
+        line = lineno() + 1
+        n = f.readinto(buf)
+        writes = buf.writes
+        assert n == len(data) and bytes(buf) == data
+    assert [w.offset for w in writes] == [0, P, 2 * P]
+    for rec in writes:
+        assert rec.syscall == "read" and rec.stack_captured, rec
+        assert first_user_frame(rec) == Frame(
+            __file__, line, "test_readinto_names_its_line_and_read"
+        )
+
+
+@kernel_writes
+def test_writer_holding_the_gil_in_a_system_call_does_not_hang() -> None:
+    """issue 9 item 8: a writer that keeps the GIL inside read() (ctypes.PyDLL)
+    cannot be named by the namer: the write completes, the record says why,
+    and the next writer is named again."""
+    result = run_python(
+        """
+        import ctypes, os
+        from pytest_uffd_guard import GuardedBuffer
+        libc = ctypes.PyDLL(None)   # PyDLL: the GIL stays held during the call
+        libc.read.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+        libc.read.restype = ctypes.c_ssize_t
+        r, w = os.pipe()
+        os.write(w, b"z" * 100)
+        with GuardedBuffer(2 * 4096) as buf:
+            assert libc.read(r, buf.address, 100) == 100
+            assert bytes(buf[:100]) == b"z" * 100
+            os.write(w, b"q" * 10)
+            os.readv(r, [memoryview(buf)[4096:4106]])          # line 13
+            held, named = buf.writes
+        assert held.syscall == "read" and not held.stack_captured, held
+        assert "held the GIL inside a system call" in held.stack_note, held
+        assert named.syscall == "readv" and named.stack_captured, named
+        assert named.stack[0].lineno == 13, named
+        print("ok")
+        """,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+@kernel_writes
+def test_in_syscall_and_user_mode_writers_at_once() -> None:
+    """issue 9 item 8: threads reading into guarded pages while others write
+    with plain stores: every call returns all its bytes, every named record
+    carries its own thread's name and line."""
+    rounds = 20
+    lines: dict[str, int] = {}
+
+    def reader(buf: GuardedBuffer, index: int) -> None:
+        a, b = socket.socketpair()
+        with a, b:
+            for _ in range(rounds):
+                b.sendall(b"r" * 64)
+                lines["reader"] = lineno() + 1
+                assert a.recv_into(memoryview(buf)[index * P :], 64, socket.MSG_WAITALL) == 64
+
+    def storer(buf: GuardedBuffer, index: int) -> None:
+        for _ in range(rounds):
+            lines["storer"] = lineno() + 1
+            buf[index * P] = 1
+
+    with GuardedBuffer(8 * P, stacks=1000) as buf:
+        threads = [
+            threading.Thread(target=fn, args=(buf, i), name=f"{fn.__name__}-{i}")
+            for i, fn in enumerate([reader, storer] * 4)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        writes = buf.writes
+    assert {w.offset // P for w in writes} == set(range(8))
+    for rec in writes:
+        assert rec.thread_name == threads[rec.offset // P].name, rec
+        if rec.stack_captured:
+            role = rec.thread_name.split("-")[0]
+            frame = first_user_frame(rec)
+            assert (frame.function, frame.lineno) == (role, lines[role]), rec
+            assert (rec.syscall is not None) == (role == "reader"), rec
+        else:
+            assert rec.stack_note, rec
+
+
+@kernel_writes
+def test_no_namer_in_syscall_writes_are_not_signalled() -> None:
+    """issue 9 item 8: without a namer thread, an in-syscall writer is still
+    never signalled: the call completes and the record says why."""
+    result = run_python(
+        """
+        import socket, threading, time
+        from pytest_uffd_guard import GuardedBuffer, _uffd
+        warm = GuardedBuffer(4096)
+        warm[0] = 1
+        getattr(_uffd, "namer_stop", lambda: None)()   # no namer from now on
+        a, b = socket.socketpair()
+        def sender():
+            b.sendall(b"x" * 50); time.sleep(0.2); b.sendall(b"y" * 50)
+        with GuardedBuffer(4096) as buf:
+            t = threading.Thread(target=sender); t.start()
+            n = a.recv_into(buf, 100, socket.MSG_WAITALL)
+            t.join()
+            rec, = buf.writes
+        assert n == 100, n
+        assert not rec.stack_captured and "no namer thread" in rec.stack_note, rec
+        print("ok")
+        """,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+@kernel_writes
+def test_forked_child_names_in_syscall_writers() -> None:
+    """issue 9 item 8: a forked child starts its own namer."""
+    result = run_python(
+        """
+        import os
+        from pytest_uffd_guard import GuardedBuffer
+        a = GuardedBuffer(4096)
+        a[0] = 1
+        pid = os.fork()
+        if pid == 0:
+            r, w = os.pipe()
+            os.write(w, b"c" * 10)
+            with GuardedBuffer(4096) as b:
+                os.readv(r, [b])                               # line 11
+                rec, = b.writes
+            ok = rec.syscall == "readv" and rec.stack_captured and rec.stack[0].lineno == 11
+            os._exit(0 if ok else 3)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+        print("ok")
+        """,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+# ------------------------------------------------------------- item 14
+
+
+def test_pool_and_joined_thread_names_survive_the_threads() -> None:
+    """issue 9 item 14: a ThreadPoolExecutor worker and a joined, dropped
+    threading.Thread keep their names in records read after they are gone."""
+
+    def write(buf: GuardedBuffer, offset: int) -> None:
+        buf[offset] = 1
+
+    with GuardedBuffer(2 * P) as buf:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pool-w") as pool:
+            pool.submit(write, buf, 0).result()
+        del pool
+        thread = threading.Thread(target=write, args=(buf, P), name="writer-x")
+        thread.start()
+        thread.join()
+        del thread
+        gc.collect()
+        writes = buf.writes
+    assert [w.offset for w in writes] == [0, P]
+    assert writes[0].thread_name is not None and writes[0].thread_name.startswith("pool-w")
+    assert writes[1].thread_name == "writer-x"
+
+
+def test_thread_started_before_guarding_keeps_its_name() -> None:
+    """issue 9 item 14: a thread that was already running when guarding
+    started, and ended before the records were read, is still named."""
+    result = run_python(
+        """
+        import gc, threading
+        from pytest_uffd_guard import GuardedBuffer
+        go, made = threading.Event(), threading.Event()
+        box = []
+        def worker():
+            made.wait()
+            box[0][0] = 1
+        t = threading.Thread(target=worker, name="early-bird")
+        t.start()
+        box.append(GuardedBuffer(4096))
+        made.set()
+        t.join()
+        del t
+        gc.collect()
+        rec, = box[0].writes
+        assert rec.thread_name == "early-bird", rec
+        print("ok")
+        """,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+@kernel_writes
+def test_in_syscall_writer_thread_named_after_it_ended() -> None:
+    """issue 9 item 14: a pool thread writing through a system call is
+    named, with its stack, after the pool is gone."""
+    r, w = os.pipe()
+    os.write(w, b"p" * 10)
+    with GuardedBuffer(P) as buf:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="io-pool") as pool:
+            assert pool.submit(os.readv, r, [buf]).result() == 10
+        del pool
+        gc.collect()
+        rec, *_ = buf.writes
+    os.close(r)
+    os.close(w)
+    assert rec.syscall == "readv" and rec.stack_captured, rec
+    assert rec.thread_name is not None and rec.thread_name.startswith("io-pool"), rec
+
+
+# ------------------------------------------------------ dump file bound
+
+
+def test_dump_file_is_bounded_when_every_dump_was_read() -> None:
+    """issue 9 (item 8, optional): the capture file no longer grows without
+    end; it starts afresh once every dump in it was read."""
+    result = run_python(
+        """
+        import os
+        from pytest_uffd_guard import GuardedBuffer, attribution
+        sizes = []
+        with GuardedBuffer(4096, stacks=1) as b:
+            for i in range(1000):
+                b[0] = i & 0xff
+                assert b.writes[-1].stack_captured
+                sizes.append(os.fstat(attribution._state.file.fileno()).st_size)
+                b.protect()
+        print(max(sizes))
+        """,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) < 128 * 1024  # 1000 dumps are ~180 KiB
+
+
+def test_unread_dumps_are_kept() -> None:
+    """issue 9 (item 8, optional): dumps not read yet survive past the bound."""
+    with GuardedBuffer(600 * P, stacks=600) as buf:
+        for i in range(600):
+            buf[i * P] = 1
+        writes = buf.writes
+    assert len(writes) == 600
+    assert all(w.stack_captured for w in writes), [w.stack_note for w in writes][:3]
