@@ -157,6 +157,7 @@ struct guard {
     uint64_t *pending;
     size_t npending;
     int armed;          /* protected by the last guard_protect call */
+    uint64_t armings;   /* guard_protect(protect=1) calls so far */
     uint64_t reprotect_deadline;   /* CLOCK_MONOTONIC ns: stop waiting */
 };
 
@@ -810,6 +811,54 @@ store_record_locked(const struct fault_record *r)
         g->overflow++;
 }
 
+/* protect() may re-arm a guard while the handler is resolving one of its
+ * faults: after the record was stored (it then went with the old arming,
+ * which protect() drains and drops) and before the page is un-protected.
+ * Un-protecting would leave the page writable in the new arming with no
+ * record there, and the writer's store, or any later one, unseen.  So:
+ *   - re-armed before the un-protect: only wake the writer; the page is
+ *     protected again, so its store faults anew and is recorded (exactly)
+ *     in the new arming;
+ *   - re-armed between the check and the un-protect: file the record again
+ *     in the new arming unless that page already has one there.  At worst
+ *     the copy stands for a store that landed before the new snapshot: a
+ *     record without a change, never a change without a record.
+ * rearmed() answers for the guard that holds r; caller holds H.lock. */
+static struct guard *
+rearmed_locked(uint64_t addr, uint64_t id, uint64_t arming)
+{
+    long i = find_guard(addr);
+    if (i < 0 || H.guards[i].id != id || H.guards[i].armings == arming)
+        return NULL;
+    return &H.guards[i];
+}
+
+static int
+rearmed(uint64_t addr, uint64_t id, uint64_t arming)
+{
+    pthread_mutex_lock(&H.lock);
+    int yes = rearmed_locked(addr, id, arming) != NULL;
+    pthread_mutex_unlock(&H.lock);
+    return yes;
+}
+
+/* Runs on the handler thread, after the un-protect. */
+static void
+record_again_if_rearmed(const struct fault_record *r, uint64_t id, uint64_t arming)
+{
+    pthread_mutex_lock(&H.lock);
+    struct guard *g = rearmed_locked(r->address, id, arming);
+    if (g != NULL) {
+        size_t k = (size_t)(((r->address & ~(g->unit - 1)) - g->start) / g->unit);
+        if (!g->recorded || !bit_test(g->recorded, k)) {
+            if (g->recorded)
+                bit_set(g->recorded, k);
+            store_record_locked(r);
+        }
+    }
+    pthread_mutex_unlock(&H.lock);
+}
+
 /* Change the attr of the record with this seq, if it is still in a log.
  * Caller holds H.lock. */
 static void
@@ -1121,8 +1170,15 @@ handle_message(const struct uffd_msg *msg)
         if (sigerr < 0)
             r.attr = ATTR_FAILED;
     }
+    /* Which arming of which guard this record belongs to (see below). */
+    uint64_t stored_id = 0, stored_arming = 0;
     if (record) {
         pthread_mutex_lock(&H.lock);
+        long k = find_guard(addr);
+        if (k >= 0) {
+            stored_id = H.guards[k].id;
+            stored_arming = H.guards[k].armings;
+        }
         store_record_locked(&r);
         pthread_mutex_unlock(&H.lock);
     }
@@ -1143,7 +1199,14 @@ handle_message(const struct uffd_msg *msg)
         return -1;
     /* Round down ourselves: without EXACT_ADDRESS some kernels report the
      * exact address anyway, and the ioctl wants an aligned range. */
+    if (stored_id != 0 && rearmed(addr, stored_id, stored_arming)) {
+        /* See rearmed_locked: the page belongs to a new arming now. */
+        uffd_wake(H.uffd, start, unit);
+        return 0;
+    }
     int rc = handler_writeprotect(start, unit, 0);
+    if (rc == 0 && stored_id != 0)
+        record_again_if_rearmed(&r, stored_id, stored_arming);
     if (rc == 0)
         return 0;
     /* ENOENT: the range was unregistered (buffer closed) between the fault
@@ -1226,7 +1289,11 @@ handler_main(void *arg)
             return NULL;
         }
         if (fds[0].revents & POLLIN) {
-            ssize_t n = read(H.uffd, msgs, sizeof msgs);
+            /* One message at a time: a fault read in the same batch behind
+             * one being named in a system call (attribution_name) would wait
+             * for that naming, and if its writer holds the GIL the namer
+             * cannot run.  The naming wait reads and handles the others. */
+            ssize_t n = read(H.uffd, msgs, sizeof msgs[0]);
             if (n < 0 && errno != EAGAIN && errno != EINTR) {
                 fail("read", errno);
                 return NULL;
@@ -1770,6 +1837,7 @@ guard_protect_py(PyObject *self, PyObject *args)
              * recorded (a duplicate at worst), never skipped. */
             clear_recorded_locked(g, start + off, start + off + len);
             g->armed = 1;
+            g->armings++;
         } else if (off == 0 && len == end - start) {
             g->armed = 0;
         }

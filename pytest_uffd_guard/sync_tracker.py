@@ -67,6 +67,9 @@ class SyncTracker(KernelTracked):
         self._stacks = attribution.DEFAULT_STACKS if stacks is None else stacks
         # Why writers cannot be named in this process, if they cannot.
         self._stack_note = attribution.ensure_started() if self._stacks else None
+        # Thread names are kept even when stacks are off (cheap: one dict
+        # insert per thread start).
+        attribution.watch_threads()
         budget = self._stacks if self._stack_note is None else 0
         core = ENGINE.core
         self._gid, ioctls = core.guard_add(address, length, PAGE_SIZE, capacity, budget)

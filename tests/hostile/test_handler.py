@@ -301,3 +301,48 @@ def test_shared_constants_come_from_the_extension() -> None:
     )
     assert (_uffd.KIND_WRITE, _uffd.KIND_DISCARD) == (records.KIND_WRITE, records.KIND_DISCARD)
     assert _uffd.RECORD_SIZE == records.RECORD_SIZE
+
+
+@pytest.mark.timeout(120)
+def test_protect_while_the_handler_resolves_a_fault_keeps_the_page_guarded() -> None:
+    """issue 9 item 6 (the handler's side): protect() re-arming a buffer
+    while the handler still holds a fault of the old arming.  The handler
+    then un-protected the page in the new arming with no record there, so a
+    later write went unseen.  Held faults (the _debug(hold=1) hook) make the
+    window as wide as the test needs; whether the first writer finishes
+    during protect() or faults again after it is up to the scheduler, so
+    each child runs several rounds."""
+    out = run(
+        """
+        import ctypes, mmap, threading, time
+        from pytest_uffd_guard import GuardedBuffer
+        from pytest_uffd_guard import _uffd as core
+
+        P = mmap.PAGESIZE
+        for round in range(6):
+            b = GuardedBuffer(4 * P, engine="sync", stacks=0)
+            seen = core.handler_state()["faults"]
+            core._debug(0, 1)                  # hold faults unresolved
+            done = threading.Event()
+            def writer():
+                ctypes.memset(b.address + P, 1, 1)
+                done.set()
+            threading.Thread(target=writer, daemon=True).start()
+            deadline = time.monotonic() + 10
+            while core.handler_state()["faults"] <= seen and time.monotonic() < deadline:
+                time.sleep(0.001)
+            b.protect()        # un-protects (the writer may go on), re-arms
+            core._debug(0, 0)  # the handler now finishes the old fault
+            assert done.wait(10)
+            time.sleep(0.05)
+            ctypes.memset(b.address + P + 8, 2, 1)  # a write of the new arming
+            pages = sorted({w.offset // P for w in b.writes})
+            changed = sorted({c.offset // P for c in b.changes()})
+            print(round, "pages", pages, "changed", changed)
+            b.close()
+        """,
+        timeout=90,
+    )
+    rounds = out.strip().splitlines()
+    assert len(rounds) == 6, out
+    assert all(line.endswith("pages [1] changed [1]") for line in rounds), out
