@@ -25,8 +25,7 @@ from dataclasses import dataclass
 
 from .errors import BufferAllocationError, InvalidBufferError, UffdUnavailableError
 from .memory import PAGE_SIZE, resource_error, round_up
-
-BACKINGS = ("anonymous", "shmem", "hugetlb")
+from .names import BACKINGS
 
 MFD_CLOEXEC = 0x0001
 MFD_HUGETLB = 0x0004

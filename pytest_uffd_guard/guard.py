@@ -33,8 +33,9 @@ from .errors import (
 )
 from .forksafe import ForkSafeLock
 from .memory import PAGE_SIZE, address_of, anonymous_map, copy, resource_error, round_up
+from .names import ENGINES
 from .records import Change, WriteRecord
-from .tracking import ENGINES, Region, Tracker, make_tracker
+from .tracking import Region, Tracker, make_tracker
 
 Source = Union[int, bytes, bytearray, memoryview, Any]
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .names import ENGINES
+
 REPORT_OPTION = "--uffd-report"
 REPORT_INI = "uffd_report"
 REPORT_HELP = (
@@ -26,14 +28,12 @@ REQUIRE_HELP = (
 NO_REQUIRE_HELP = f"Skip guarded tests when userfaultfd is unavailable (overrides {REQUIRE_INI})"
 ENGINE_OPTION = "--uffd-engine"
 ENGINE_INI = "uffd_engine"
-#: Kept in step with tracking.ENGINES (tests check it); not imported from
-#: there so that loading the plugin stays cheap.
-ENGINES = ("auto", "sync", "async", "hybrid", "diff")
 ENGINE_HELP = (
-    "How writes are tracked: auto (default: sync, which names each writer, or hybrid for "
-    "buffers of 256 MiB and more; guarded tests are skipped where userfaultfd is unusable), "
-    "sync, async (Linux 6.7+: fast, writer unknown), hybrid (first writers named, then async) "
-    "or diff (no userfaultfd: compares bytes at the end; misses same-value writes)"
+    "How writes are tracked: auto (sync, which names each writer; for a user-mode-only "
+    "userfaultfd async on Linux 6.7+, else diff; guarded tests are skipped where userfaultfd "
+    "is unusable), sync, async (Linux 6.7+: fast, writer unknown), hybrid (first writers "
+    "named, then async) or diff (no userfaultfd: compares bytes at the end; misses "
+    "same-value writes)"
 )
 STACKS_OPTION = "--uffd-stacks"
 STACKS_INI = "uffd_stacks"

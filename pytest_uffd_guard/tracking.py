@@ -40,12 +40,12 @@ from typing import TYPE_CHECKING, Protocol
 
 from .errors import InvalidBufferError, TrackingStoppedError, UffdUnavailableError
 from .memory import PAGE_SIZE
+from .names import ENGINES
 from .records import WriteRecord
 
 if TYPE_CHECKING:
     from .probe import Capabilities
 
-ENGINES = ("auto", "sync", "async", "hybrid", "diff")
 
 #: auto runs buffers at least this big on the hybrid engine where it exists:
 #: written in full under sync they would cost ~10 s per GiB in faults.

@@ -102,9 +102,3 @@ def test_engine_stacks_and_doctor_options(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("--uffd-doctor")
     result.stdout.fnmatch_lines(["*kernel*"])
     assert "test_engine" not in result.stdout.str()
-
-
-def test_settings_engines_match_tracking() -> None:
-    from pytest_uffd_guard import settings, tracking
-
-    assert settings.ENGINES == tracking.ENGINES
