@@ -363,19 +363,17 @@ def describe(raw: RawFault, note: str | None, wait: float = DUMP_WAIT) -> dict[s
     if raw.syscall >= 0:
         fields["syscall"] = syscall_name(raw.syscall)
     if raw.attr in (ATTR_NAMING, ATTR_NAMED):
-        named = _take_named(raw.seq, wait if raw.attr == ATTR_NAMING else 0.0)
-        if isinstance(named, str):
-            fields["stack_note"] = named
-        else:
-            fields["has_python"], fields["stack"] = named
-            fields["stack_captured"] = True
-        return fields
+        return _with_stack(fields, _take_named(raw.seq, wait if raw.attr == ATTR_NAMING else 0.0))
     if raw.attr != ATTR_SIGNALLED:
         fields["stack_note"] = (
             note if note is not None and raw.attr == ATTR_OFF else _NOTES.get(raw.attr)
         )
         return fields
-    result = _read_dump(raw, wait)
+    return _with_stack(fields, _read_dump(raw, wait))
+
+
+def _with_stack(fields: dict[str, Any], result: Any) -> dict[str, Any]:
+    """Add a capture's ``(has_python, frames)``, or why there is none."""
     if isinstance(result, str):
         fields["stack_note"] = result
     else:

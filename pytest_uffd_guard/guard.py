@@ -611,58 +611,6 @@ class GuardedBuffer(mmap.mmap):
         self._check_open()
         mmap.mmap.__setitem__(self, index, value)
 
-    def read(self, n: int | None = None) -> bytes:
-        self._check_open()
-        return mmap.mmap.read(self, n)
-
-    def read_byte(self) -> int:
-        self._check_open()
-        return mmap.mmap.read_byte(self)
-
-    def readline(self) -> bytes:
-        self._check_open()
-        return mmap.mmap.readline(self)
-
-    def write(self, data: Any) -> int:
-        self._check_open()
-        return mmap.mmap.write(self, data)
-
-    def write_byte(self, byte: int) -> None:
-        self._check_open()
-        mmap.mmap.write_byte(self, byte)
-
-    def move(self, dest: int, src: int, count: int) -> None:
-        self._check_open()
-        mmap.mmap.move(self, dest, src, count)
-
-    def find(self, sub: Any, *args: Any) -> int:
-        self._check_open()
-        return mmap.mmap.find(self, sub, *args)
-
-    def rfind(self, sub: Any, *args: Any) -> int:
-        self._check_open()
-        return mmap.mmap.rfind(self, sub, *args)
-
-    def seek(self, pos: int, whence: Any = os.SEEK_SET) -> None:
-        self._check_open()
-        mmap.mmap.seek(self, pos, whence)
-
-    def tell(self) -> int:
-        self._check_open()
-        return mmap.mmap.tell(self)
-
-    def size(self) -> int:
-        self._check_open()
-        return mmap.mmap.size(self)
-
-    def flush(self, *args: Any) -> None:
-        self._check_open()
-        mmap.mmap.flush(self, *args)
-
-    def madvise(self, option: int, *args: Any) -> None:
-        self._check_open()
-        mmap.mmap.madvise(self, option, *args)
-
     if sys.version_info >= (3, 12):  # pragma: no cover - PEP 688
 
         def __buffer__(self, flags: int) -> memoryview:
@@ -685,3 +633,40 @@ class GuardedBuffer(mmap.mmap):
             f"<GuardedBuffer {self.name!r} size={self._size} address={self.address:#x} "
             f"{state} writes={len(self._records)}>"
         )
+
+
+#: mmap methods that touch the contents or the position: after close() they
+#: raise BufferClosedError, as mmap itself raises ValueError (the range stays
+#: mapped until garbage collection and would silently read zeros).
+_CHECKED_METHODS = (
+    "read",
+    "read_byte",
+    "readline",
+    "write",
+    "write_byte",
+    "move",
+    "find",
+    "rfind",
+    "seek",
+    "tell",
+    "size",
+    "flush",
+    "madvise",
+)
+
+
+def _checked(name: str) -> Any:
+    method = getattr(mmap.mmap, name)
+
+    def checked(self: GuardedBuffer, *args: Any) -> Any:
+        self._check_open()
+        return method(self, *args)
+
+    checked.__name__ = checked.__qualname__ = name
+    checked.__doc__ = method.__doc__
+    return checked
+
+
+for _name in _CHECKED_METHODS:
+    setattr(GuardedBuffer, _name, _checked(_name))
+del _name

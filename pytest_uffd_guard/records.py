@@ -155,30 +155,12 @@ class RawFault:
 
 def unpack_faults(blob: bytes) -> Iterator[RawFault]:
     """Unpack the C core's packed records."""
-    for (
-        address,
-        time_ns,
-        seq,
-        tid,
-        flags,
-        dump_offset,
-        syscall,
-        attr,
-        comm,
-        kind,
-        _reserved,
-        length,
-    ) in struct.iter_unpack(RECORD_FORMAT, blob):
-        yield RawFault(
-            address,
-            time_ns,
-            seq,
-            tid,
-            flags,
-            dump_offset,
-            syscall,
-            attr,
-            comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
-            kind,
-            length,
-        )
+    for fields in struct.iter_unpack(RECORD_FORMAT, blob):
+        # address .. attr, then comm, kind, (reserved), length
+        head = dict(zip(_HEAD_FIELDS, fields))
+        comm = fields[8].split(b"\0", 1)[0].decode("utf-8", "replace")
+        yield RawFault(**head, comm=comm, kind=fields[9], length=fields[11])
+
+
+#: The leading fields of a packed record, as RawFault names them.
+_HEAD_FIELDS = ("address", "time_ns", "seq", "tid", "flags", "dump_offset", "syscall", "attr")
