@@ -684,23 +684,28 @@ def plot(rows: list[Result], m: Result, path: Path) -> None:
     import matplotlib.pyplot as plt  # type: ignore[import-not-found]
 
     shown = [r for r in rows if "skip" not in r and r.get("ratio") is not None]
-    fig, ax = plt.subplots(figsize=(9, 0.35 * len(shown) + 1.6))
+    fig, ax = plt.subplots(figsize=(11, 0.35 * len(shown) + 1.8))
     ys = range(len(shown))
-    colours = ["#2ca02c" if r["met"] or r["target"] == "(reference)" else "#d62728" for r in shown]
+    colours = [
+        "#bbbbbb" if r["target"] == "(reference)" else "#2ca02c" if r["met"] else "#d62728"
+        for r in shown
+    ]
     ax.barh(list(ys), [r["ratio"] for r in shown], color=colours, edgecolor="black", linewidth=0.4)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_yticks(list(ys))
     ax.set_yticklabels([f"{r['what']}  vs {r['baseline_what']}" for r in shown], fontsize=7)
     ax.invert_yaxis()
     ax.set_xscale("log")
-    ax.set_xlabel("ratio to the baseline measured in the same run (log); green: target met")
+    ax.set_xlabel(
+        "ratio to its baseline from the same run (log); green: met, red: missed, grey: reference"
+    )
     ax.set_title(
-        f"benchmarks/run.py: Linux {m['kernel']}, {m['cpu_count']} CPUs, {m['date']}, "
-        f"load {m['loadavg_before'][0]:.2f}",
+        f"benchmarks/run.py, Linux {m['kernel']}, {m['cpu_count']} CPUs, {m['date']}, "
+        f"load {m['loadavg_before'][0]:.2f} before / {m['loadavg_after'][0]:.2f} after",
         fontsize=9,
     )
     ax.grid(axis="x", which="both", alpha=0.3)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.4, right=0.98, top=0.92, bottom=0.14)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
 
