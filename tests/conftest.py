@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import subprocess
 import sys
@@ -12,6 +13,34 @@ import pytest
 from pytest_uffd_guard import capabilities
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: Multiplies every test time bound (the timeout markers that use ``bound()``
+#: and ``run_python``'s subprocess timeout).  tools/run-on-kernel sets it in
+#: its emulated (TCG) guests, where everything runs 5-50 times slower; a bound
+#: always exists.
+TIME_SCALE = max(1.0, float(os.environ.get("UFFD_GUARD_TEST_TIME_SCALE", "1") or 1))
+
+
+def bound(seconds: float) -> float:
+    """A time bound for a test, scaled by ``UFFD_GUARD_TEST_TIME_SCALE``."""
+    return seconds * TIME_SCALE
+
+
+def exact_address() -> bool:
+    """Whether writes are reported at their exact byte (UFFD_FEATURE_EXACT_ADDRESS, 5.18+)."""
+    return capabilities().has("exact_address")
+
+
+def expected_offset(offset: int) -> int:
+    """Where a write at ``offset`` is reported here: the byte itself with
+    UFFD_FEATURE_EXACT_ADDRESS (Linux 5.18+), else the start of its page
+    (with ``exact=False``), as documented."""
+    return offset if exact_address() else offset - offset % mmap.PAGESIZE
+
+
+def expected_write(offset: int) -> tuple[int, bool]:
+    """``(offset, exact)`` of the record a write at ``offset`` gives here."""
+    return expected_offset(offset), exact_address()
 
 
 def run_python(
@@ -29,7 +58,7 @@ def run_python(
         env=full_env,
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=bound(timeout),
     )
 
 

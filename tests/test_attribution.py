@@ -28,11 +28,13 @@ from pytest_uffd_guard.attribution import DEFAULT_STACKS, parse_dump, user_frame
 from pytest_uffd_guard.probe import capabilities
 from pytest_uffd_guard.records import Frame, WriteRecord
 
+from .conftest import bound
+
 PAGE = mmap.PAGESIZE
 HELPERS = Path(__file__).parent / "helpers"
 
 pytestmark = [
-    pytest.mark.timeout(60),
+    pytest.mark.timeout(bound(60)),
     pytest.mark.skipif(
         not capabilities().available, reason=f"userfaultfd unavailable: {capabilities().reason}"
     ),
@@ -170,6 +172,11 @@ def test_pthread_without_python_state(pthread_writer: ctypes.CDLL) -> None:
 
 def test_readinto_names_the_system_call(tmp_path: Path) -> None:
     """The kernel writing during read(2) names the call and the calling line."""
+    if not capabilities().kernel_writes_seen:
+        pytest.skip(
+            "userfaultfd opened with UFFD_USER_MODE_ONLY: writes made by the kernel never "
+            "reach a write-protect handler, so no system call is named"
+        )
     data = os.urandom(3 * PAGE)
     path = tmp_path / "data"
     path.write_bytes(data)
@@ -189,6 +196,11 @@ def test_readinto_names_the_system_call(tmp_path: Path) -> None:
 
 def test_recv_into_and_readv() -> None:
     """recv_into and os.readv name recvfrom and readv."""
+    if not capabilities().kernel_writes_seen:
+        pytest.skip(
+            "userfaultfd opened with UFFD_USER_MODE_ONLY: writes made by the kernel never "
+            "reach a write-protect handler, so no system call is named"
+        )
     import socket
 
     a, b = socket.socketpair()
@@ -302,7 +314,7 @@ def run_python(code: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=bound(60),
     )
 
 
