@@ -404,6 +404,11 @@ def diagnose(e2e: bool = True) -> Report:
             system.append(Check(option, "unknown", INFO, "no /proc/config.gz or /boot/config-*"))
             continue
         good = value in ("y", "m")
+        if not good and option == "CONFIG_PTE_MARKER_UFFD_WP" and caps.kernel_version < (5, 19):
+            # The option came with shmem/hugetlb write-protect: not a defect here.
+            detail = f"from {source}; the option exists from Linux 5.19 (shmem/hugetlb uffd-wp)"
+            system.append(Check(option, value or "absent", INFO, detail))
+            continue
         system.append(Check(option, value or "absent", OK if good else WARN, f"from {source}"))
         if not good and option != "CONFIG_PTE_MARKER_UFFD_WP":
             problems.append(
