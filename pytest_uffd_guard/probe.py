@@ -76,7 +76,10 @@ FEATURE_NOTES: dict[str, tuple[str, str]] = {
         "write-protecting a never-touched page does nothing, so every page is "
         "pre-faulted before it is protected (costs time and memory on big buffers)",
     ),
-    "wp_hugetlbfs_shmem": ("5.19", "shmem and hugetlb buffers cannot be guarded"),
+    "wp_hugetlbfs_shmem": (
+        "5.19",
+        "shmem and hugetlb buffers cannot be write-protected (only engine='diff' tracks them)",
+    ),
     "wp_async": ("6.7", "no asynchronous tracking (PAGEMAP_SCAN)"),
     "event_remove": (
         "4.11",

@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 from pathlib import Path
 
@@ -28,7 +27,11 @@ from pytest_uffd_guard.attribution import DEFAULT_STACKS, parse_dump, user_frame
 from pytest_uffd_guard.probe import capabilities
 from pytest_uffd_guard.records import Frame, WriteRecord
 
-from .conftest import bound
+from .conftest import bound, sync_buffers, sync_engine_code
+
+# What is tested here is the sync engine's: where auto would run another one
+# (a user-mode-only userfaultfd), buffers ask for sync by name.
+GuardedBuffer = sync_buffers(GuardedBuffer)
 
 PAGE = mmap.PAGESIZE
 HELPERS = Path(__file__).parent / "helpers"
@@ -311,7 +314,7 @@ def test_writes_from_many_threads_never_misattributed() -> None:
 
 def run_python(code: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
+        [sys.executable, "-c", sync_engine_code(code)],
         capture_output=True,
         text=True,
         timeout=bound(60),

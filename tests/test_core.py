@@ -28,7 +28,11 @@ from pytest_uffd_guard import (
 from pytest_uffd_guard import _uffd as core
 from pytest_uffd_guard.probe import wp_since
 
-from .conftest import bound, expected_offset, expected_write, run_python
+from .conftest import bound, expected_offset, expected_write, run_python, sync_buffers
+
+# These are the sync engine's tests: where auto would run another engine (a
+# user-mode-only userfaultfd), buffers ask for sync by name.
+GuardedBuffer = sync_buffers(GuardedBuffer)
 
 PAGE = mmap.PAGESIZE
 
@@ -476,6 +480,7 @@ def test_without_exact_address_offsets_are_pages() -> None:
         print("ok")
         """,
         env={"PYTEST_UFFD_GUARD_HIDE_FEATURES": "exact_address"},
+        sync_engine=True,
     )
     assert result.returncode == 0, result.stderr
 
