@@ -307,7 +307,7 @@ def test_doctor_as_unprivileged_user(nobody_env: tuple[str, dict[str, str]]) -> 
             # issue 13 item 2: the sysctl denies everything before 5.11
             assert "before Linux 5.11" in opening["open: syscall"]["detail"]
             assert "before Linux 5.11" in opening["open: syscall-user-mode-only"]["detail"]
-            assert "no user-mode-only" in system["vm.unprivileged_userfaultfd"]["detail"]
+            assert "no userfaultfd at all" in system["vm.unprivileged_userfaultfd"]["detail"]
             [first] = data["problems"][:1]
             assert "vm.unprivileged_userfaultfd=1" in first["remedy"]
             assert "grant" not in first["remedy"]
