@@ -418,7 +418,8 @@ def test_fork_child_writes_freely_and_guards_its_own() -> None:
         buf[mmap.PAGESIZE + 3] = 2           # the parent still tracks
         assert [w.offset for w in buf.writes] == [at(mmap.PAGESIZE + 3)], buf.writes
         print("ok")
-        """
+        """,
+        sync_engine=True,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
