@@ -37,6 +37,7 @@ from .probe import (
     KERNEL_WRITES_REMEDY,
     SECCOMP_REMEDY,
     Capabilities,
+    feature_since,
     probe,
 )
 from .tracking import (
@@ -153,10 +154,25 @@ def seccomp_status() -> tuple[int | None, int | None]:
     return mode, filters
 
 
-def dev_userfaultfd(path: str = "/dev/userfaultfd") -> Check:
+def _sysctl_meaning(version: tuple[int, ...]) -> str:
+    """What vm.unprivileged_userfaultfd means on kernel ``version``."""
+    if version and version < (5, 11):
+        return (
+            "1: any user may handle kernel faults; 0 (before Linux 5.11): unprivileged "
+            "users get no userfaultfd at all (user-mode-only came in 5.11)"
+        )
+    return (
+        "1: any user may handle kernel faults; 0: unprivileged users get "
+        "user-mode-only userfaultfds"
+    )
+
+
+def dev_userfaultfd(path: str = "/dev/userfaultfd", version: tuple[int, ...] = ()) -> Check:
     try:
         st = os.stat(path)
     except OSError:
+        if version and version < (6, 1):
+            return Check(path, "absent", INFO, "it came in Linux 6.1")
         return Check(path, "absent", INFO, "Linux < 6.1, or not passed into this container")
     mode = stat.filemode(st.st_mode)
     access = os.access(path, os.R_OK | os.W_OK)
@@ -388,6 +404,11 @@ def diagnose(e2e: bool = True) -> Report:
             system.append(Check(option, "unknown", INFO, "no /proc/config.gz or /boot/config-*"))
             continue
         good = value in ("y", "m")
+        if not good and option == "CONFIG_PTE_MARKER_UFFD_WP" and caps.kernel_version < (5, 19):
+            # The option came with shmem/hugetlb write-protect: not a defect here.
+            detail = f"from {source}; the option exists from Linux 5.19 (shmem/hugetlb uffd-wp)"
+            system.append(Check(option, value or "absent", INFO, detail))
+            continue
         system.append(Check(option, value or "absent", OK if good else WARN, f"from {source}"))
         if not good and option != "CONFIG_PTE_MARKER_UFFD_WP":
             problems.append(
@@ -402,12 +423,11 @@ def diagnose(e2e: bool = True) -> Report:
             "vm.unprivileged_userfaultfd",
             "unknown" if unpriv is None else str(unpriv),
             INFO,
-            "1: any user may handle kernel faults; 0: unprivileged users get "
-            "user-mode-only userfaultfds",
+            _sysctl_meaning(caps.kernel_version),
         )
     )
     system.append(Check("euid", str(os.geteuid()) if hasattr(os, "geteuid") else "?", INFO))
-    system.append(dev_userfaultfd())
+    system.append(dev_userfaultfd(version=caps.kernel_version))
     mode, filters = seccomp_status()
     seccomp_text = {0: "none", 1: "strict", 2: "filter"}.get(mode or 0, str(mode))
     system.append(
@@ -452,7 +472,8 @@ def diagnose(e2e: bool = True) -> Report:
     for name, bit in FEATURES.items():
         supported = bool(caps.supported_features & bit)
         hidden = name in caps.hidden_features
-        since, consequence = FEATURE_NOTES.get(name, ("", ""))
+        _, consequence = FEATURE_NOTES.get(name, ("", ""))
+        since = feature_since(name)
         value = "hidden (env)" if supported and hidden else ("yes" if supported else "no")
         status = INFO
         if name in FEATURE_NOTES:

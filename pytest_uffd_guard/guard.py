@@ -533,7 +533,8 @@ class GuardedBuffer(mmap.mmap):
         except BufferError:
             # A transient export (a ctypes view taking an address) that a
             # parent thread held at fork() never ends in the child.
-            snapshot.madvise(mmap.MADV_DONTNEED)
+            with suppress(OSError):
+                snapshot.madvise(mmap.MADV_DONTNEED)
 
     def _free_pages(self) -> None:
         """Give the memory back but keep the address range mapped.
@@ -544,12 +545,21 @@ class GuardedBuffer(mmap.mmap):
         there (a zero page), not a hole.  Live views (memoryview, numpy) are
         just as safe.  Shared memory needs MADV_REMOVE: MADV_DONTNEED only
         drops this process's page table entries, the pages stay in the file.
+
+        ``close()`` never raises for this: Linux before 5.18 refuses
+        MADV_DONTNEED on hugetlb (EINVAL), and a private hugetlb mapping
+        refuses MADV_REMOVE.  When every advice is refused the pages stay
+        until the range is unmapped at garbage collection.
         """
-        advice = mmap.MADV_DONTNEED if self.backing == "anonymous" else mmap.MADV_REMOVE
-        try:
-            mmap.mmap.madvise(self, advice)
-        except OSError:
-            mmap.mmap.madvise(self, mmap.MADV_DONTNEED)
+        advices = [mmap.MADV_DONTNEED]
+        if self.backing != "anonymous":
+            advices.insert(0, mmap.MADV_REMOVE)
+        for advice in advices:
+            try:
+                mmap.mmap.madvise(self, advice)
+            except OSError:
+                continue
+            return
 
     def _abandon(self) -> None:
         self._closed = True

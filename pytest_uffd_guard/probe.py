@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import platform
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -75,7 +76,10 @@ FEATURE_NOTES: dict[str, tuple[str, str]] = {
         "write-protecting a never-touched page does nothing, so every page is "
         "pre-faulted before it is protected (costs time and memory on big buffers)",
     ),
-    "wp_hugetlbfs_shmem": ("5.19", "shmem and hugetlb buffers cannot be guarded"),
+    "wp_hugetlbfs_shmem": (
+        "5.19",
+        "shmem and hugetlb buffers cannot be write-protected (only engine='diff' tracks them)",
+    ),
     "wp_async": ("6.7", "no asynchronous tracking (PAGEMAP_SCAN)"),
     "event_remove": (
         "4.11",
@@ -83,6 +87,43 @@ FEATURE_NOTES: dict[str, tuple[str, str]] = {
         "their write-protection",
     ),
 }
+
+#: Architectures whose userfaultfd write-protect (CONFIG_HAVE_ARCH_USERFAULTFD_WP)
+#: came later than Linux 5.7 (x86_64), with the release that brought it.
+#: arm64: commit 5b32510af77b "arm64/mm: Add uffd write-protect support",
+#: merged for 6.10 (Debian's 6.1 arm64 has no uffd-wp, its 6.12 has).
+ARCH_WP_SINCE: dict[str, str] = {"aarch64": "6.10", "arm64": "6.10"}
+
+
+def wp_since(machine: str | None = None) -> str:
+    """The Linux release that brought uffd write-protect to this CPU architecture."""
+    return ARCH_WP_SINCE.get(machine if machine is not None else platform.machine(), "5.7")
+
+
+def feature_since(name: str, machine: str | None = None) -> str:
+    """The Linux release that brought feature ``name`` (here, for write-protect)."""
+    if name == "pagefault_flag_wp":
+        return wp_since(machine)
+    return FEATURE_NOTES[name][0] if name in FEATURE_NOTES else ""
+
+
+def _no_wp_reason(machine: str | None = None) -> tuple[str, str]:
+    machine = machine if machine is not None else platform.machine()
+    since = wp_since(machine)
+    if since != "5.7":
+        return (
+            "this kernel has no userfaultfd write-protection (UFFD_FEATURE_PAGEFAULT_FLAG_WP: "
+            f"on {machine} it needs Linux {since}+, CONFIG_HAVE_ARCH_USERFAULTFD_WP)",
+            f"run on Linux {since} or newer on {machine} (uffd-wp came to this architecture "
+            f"in {since}); meanwhile --uffd-engine=diff works",
+        )
+    return (
+        "this kernel has no userfaultfd write-protection "
+        "(UFFD_FEATURE_PAGEFAULT_FLAG_WP: Linux 5.7+, and an architecture with uffd-wp)",
+        "run on Linux 5.7 or newer on x86_64 (arm64 needs Linux 6.10+; other architectures "
+        "a kernel with CONFIG_HAVE_ARCH_USERFAULTFD_WP); Linux 6.4+ is best",
+    )
+
 
 KERNEL_WRITES_REMEDY = (
     "to see writes made by the kernel inside system calls, give the process a "
@@ -215,11 +256,17 @@ def _env_list(name: str) -> list[str]:
     return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
 
 
-def _explain_open_failure(method: str, err: int, seccomp: int | None) -> str:
+def _explain_open_failure(
+    method: str, err: int, seccomp: int | None, version: tuple[int, ...] = ()
+) -> str:
+    """Why opening a userfaultfd by ``method`` failed with ``err`` on kernel ``version``."""
+    before_5_11 = bool(version) and version < (5, 11)
     if method == "dev":
         if err == errno.ENOENT:
+            if version and version < (6, 1):
+                return "/dev/userfaultfd does not exist before Linux 6.1"
             return (
-                "/dev/userfaultfd does not exist (Linux < 6.1, or not passed into this container)"
+                "/dev/userfaultfd does not exist (not created, or not passed into this container)"
             )
         if err in (errno.EACCES, errno.EPERM):
             return "no read-write permission on /dev/userfaultfd (usually root-only, mode 0600)"
@@ -231,6 +278,13 @@ def _explain_open_failure(method: str, err: int, seccomp: int | None) -> str:
             return "userfaultfd(2) answered ENOSYS under a seccomp filter (blocked by the filter)"
         return "the kernel has no userfaultfd(2) (built without CONFIG_USERFAULTFD)"
     if err == errno.EPERM:
+        if before_5_11:
+            # Before 5.11 the sysctl is checked before the flags: 0 refuses
+            # every unprivileged open, with UFFD_USER_MODE_ONLY or without.
+            return (
+                "not privileged: before Linux 5.11, vm.unprivileged_userfaultfd=0 denies "
+                "unprivileged users any userfaultfd (there is no user-mode-only mode yet)"
+            )
         if method == "syscall":
             return (
                 "not privileged: vm.unprivileged_userfaultfd=0 lets unprivileged processes "
@@ -340,7 +394,7 @@ def probe() -> Capabilities:
                     False,
                     err,
                     os.strerror(err),
-                    _explain_open_failure(candidate, err, seccomp),
+                    _explain_open_failure(candidate, err, seccomp, base["kernel_version"]),
                 )
             )
             continue
@@ -349,7 +403,7 @@ def probe() -> Capabilities:
         break
     base["open_attempts"] = tuple(attempts)
     if method is None:
-        return _unavailable(base, *_why_no_fd(attempts, seccomp))
+        return _unavailable(base, *_why_no_fd(attempts, seccomp, base["kernel_version"]))
     base["open_method"] = method
     base["user_mode_only"] = method == "syscall-user-mode-only"
 
@@ -368,25 +422,19 @@ def probe() -> Capabilities:
     base["supported_features"] = int(supported)
     probe_caps = Capabilities(available=False, **base)
     base["missing"] = tuple(
-        Missing(name, since, consequence)
-        for name, (since, consequence) in FEATURE_NOTES.items()
+        Missing(name, feature_since(name), consequence)
+        for name, (_, consequence) in FEATURE_NOTES.items()
         if not probe_caps.has(name)
     )
     if not probe_caps.has("pagefault_flag_wp"):
-        return _unavailable(
-            base,
-            "this kernel has no userfaultfd write-protection "
-            "(UFFD_FEATURE_PAGEFAULT_FLAG_WP: Linux 5.7+, and an architecture with uffd-wp)",
-            "run on Linux 5.7 or newer on x86_64, arm64, riscv64 or another architecture "
-            "with uffd-wp; Linux 6.4+ is best",
-        )
+        return _unavailable(base, *_no_wp_reason())
 
     # Write-protect support is reported per registered range, by
     # UFFDIO_REGISTER, never by UFFDIO_API: register one page to find out.
     ioctls, error = register_probe(method, probe_caps.enabled_features)
     base["register_ioctls"] = ioctls
     if error is not None:
-        return _unavailable(base, error, "run on Linux 5.7+ with userfaultfd write-protect")
+        return _unavailable(base, error, _no_wp_reason()[1])
     return Capabilities(available=True, **base)
 
 
@@ -423,7 +471,9 @@ def register_probe(method: str, features: int) -> tuple[int | None, str | None]:
     return ioctls, None
 
 
-def _why_no_fd(attempts: list[OpenAttempt], seccomp: int | None) -> tuple[str, str]:
+def _why_no_fd(
+    attempts: list[OpenAttempt], seccomp: int | None, version: tuple[int, ...] = ()
+) -> tuple[str, str]:
     detail = "; ".join(f"{a.method}: {a.explanation}" for a in attempts)
     errnos = {a.errno for a in attempts}
     if seccomp == 2 and errnos <= {errno.EPERM, errno.ENOSYS, errno.ENOENT, errno.EACCES}:
@@ -433,10 +483,31 @@ def _why_no_fd(attempts: list[OpenAttempt], seccomp: int | None) -> tuple[str, s
             f"userfaultfd is not available ({detail})",
             "use a kernel built with CONFIG_USERFAULTFD=y (every major distribution's is)",
         )
-    return (
-        f"userfaultfd could not be opened ({detail})",
+    reason = f"userfaultfd could not be opened ({detail})"
+    known = bool(version)
+    if known and version < (5, 11):
+        methods = {a.method for a in attempts}
+        if methods == {"syscall-user-mode-only"} and errnos == {errno.EINVAL}:
+            return reason, (
+                "UFFD_USER_MODE_ONLY needs Linux 5.11+: run Linux 5.11 or newer, or let the "
+                "plain syscall be tried (unset PYTEST_UFFD_GUARD_OPEN)"
+            )
+        if errno.EPERM in errnos:
+            return reason, (
+                "before Linux 5.11 unprivileged users get a userfaultfd only with "
+                "`sysctl vm.unprivileged_userfaultfd=1` (no user-mode-only mode, and no "
+                "/dev/userfaultfd before 6.1): set it, run as root or with CAP_SYS_PTRACE, "
+                "or run Linux 5.11+ (user-mode-only userfaultfds with the sysctl at 0)"
+            )
+    if known and version < (6, 1):
+        return reason, (
+            "set `sysctl vm.unprivileged_userfaultfd=1` or run with CAP_SYS_PTRACE "
+            "(/dev/userfaultfd exists only from Linux 6.1); in a container, also check "
+            "its seccomp profile"
+        )
+    return reason, (
         "set `sysctl vm.unprivileged_userfaultfd=1`, run with CAP_SYS_PTRACE, or grant "
-        "access to /dev/userfaultfd; in a container, also check its seccomp profile",
+        "access to /dev/userfaultfd; in a container, also check its seccomp profile"
     )
 
 

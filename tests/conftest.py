@@ -2,16 +2,75 @@
 
 from __future__ import annotations
 
+import functools
+import mmap
 import os
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import pytest
 
 from pytest_uffd_guard import capabilities
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: Multiplies every test time bound (the timeout markers that use ``bound()``
+#: and ``run_python``'s subprocess timeout).  tools/run-on-kernel sets it in
+#: its emulated (TCG) guests, where everything runs 5-50 times slower; a bound
+#: always exists.
+TIME_SCALE = max(1.0, float(os.environ.get("UFFD_GUARD_TEST_TIME_SCALE", "1") or 1))
+
+
+def bound(seconds: float) -> float:
+    """A time bound for a test, scaled by ``UFFD_GUARD_TEST_TIME_SCALE``."""
+    return seconds * TIME_SCALE
+
+
+def exact_address() -> bool:
+    """Whether writes are reported at their exact byte (UFFD_FEATURE_EXACT_ADDRESS, 5.18+)."""
+    return capabilities().has("exact_address")
+
+
+def expected_offset(offset: int) -> int:
+    """Where a write at ``offset`` is reported here: the byte itself with
+    UFFD_FEATURE_EXACT_ADDRESS (Linux 5.18+), else the start of its page
+    (with ``exact=False``), as documented."""
+    return offset if exact_address() else offset - offset % mmap.PAGESIZE
+
+
+def expected_write(offset: int) -> tuple[int, bool]:
+    """``(offset, exact)`` of the record a write at ``offset`` gives here."""
+    return expected_offset(offset), exact_address()
+
+
+#: Put on the (empty) first line of a child's code by ``sync_engine_code``:
+#: where the userfaultfd is user-mode only, ``auto`` runs async or diff, so
+#: tests of the sync engine's own behaviour (exact offsets, writer names,
+#: stacks) ask for it by name; it still records every user-mode write there.
+SYNC_PREAMBLE = (
+    "import functools as _ft, pytest_uffd_guard as _pug; "
+    "_pug.GuardedBuffer = _ft.partial(_pug.GuardedBuffer, engine='sync') "
+    "if _pug.capabilities().user_mode_only else _pug.GuardedBuffer"
+)
+
+
+def sync_engine_code(code: str) -> str:
+    """``code`` (starting with a newline) with ``SYNC_PREAMBLE`` on its first
+    line, so that its line numbers do not change."""
+    code = textwrap.dedent(code)
+    assert code.startswith("\n"), "the code must start with a newline"
+    return SYNC_PREAMBLE + code
+
+
+def sync_buffers(cls: Any) -> Any:
+    """``GuardedBuffer`` for the tests of the sync engine: the class itself
+    where ``auto`` runs sync, else a partial with ``engine='sync'`` (see
+    ``SYNC_PREAMBLE``); an explicit ``engine=`` still wins."""
+    if capabilities().user_mode_only:
+        return functools.partial(cls, engine="sync")
+    return cls
 
 
 def run_python(
@@ -20,16 +79,22 @@ def run_python(
     timeout: float = 60,
     python: str = sys.executable,
     prefix: list[str] | None = None,
+    sync_engine: bool = False,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` in a fresh interpreter; never hangs past ``timeout``."""
+    """Run ``code`` in a fresh interpreter; never hangs past ``timeout``.
+
+    ``sync_engine``: buffers made without ``engine=`` use the sync engine
+    even where the userfaultfd is user-mode only (``sync_engine_code``).
+    """
     full_env = dict(os.environ)
     full_env.update(env or {})
+    source = sync_engine_code(code) if sync_engine else textwrap.dedent(code)
     return subprocess.run(
-        [*(prefix or []), python, "-c", textwrap.dedent(code)],
+        [*(prefix or []), python, "-c", source],
         env=full_env,
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=bound(timeout),
     )
 
 

@@ -21,9 +21,9 @@ import pytest
 
 from pytest_uffd_guard import doctor
 from pytest_uffd_guard.doctor import UNTOUCHED_TRAP, Check, Problem, Report, diagnose, render
-from pytest_uffd_guard.probe import KERNEL_WRITES_REMEDY, SECCOMP_REMEDY
+from pytest_uffd_guard.probe import KERNEL_WRITES_REMEDY, SECCOMP_REMEDY, capabilities
 
-from .conftest import run_python
+from .conftest import bound, run_python
 
 HERE = Path(__file__).resolve().parent
 NOBODY = 65534
@@ -48,7 +48,7 @@ def run_doctor(
         env=full_env,
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=bound(timeout),
     )
 
 
@@ -99,12 +99,21 @@ def test_kernel_config_parses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 # ------------------------------------------------------- this machine
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(bound(120))
+def auto_engine() -> str:
+    """What auto runs here: sync, or on a user-mode-only userfaultfd async
+    (WP_ASYNC, 6.7+) or diff."""
+    caps = capabilities()
+    if caps.kernel_writes_seen:
+        return "sync"
+    return "async" if caps.has("wp_async") else "diff"
+
+
 def test_doctor_here(uffd: None) -> None:
     """On a capable machine: READY, every table, end-to-end as expected."""
     report = diagnose()
     assert report.ok and report.verdict.startswith("READY")
-    assert report.engine == "sync"
+    assert report.engine == auto_engine()
     for section in ("system", "opening a userfaultfd", "features (UFFDIO_API)", "engines"):
         assert report.sections[section]
     kinds = {r.item: r for r in report.sections["write-protect per memory kind (UFFDIO_REGISTER)"]}
@@ -118,7 +127,7 @@ def test_doctor_here(uffd: None) -> None:
     assert all(r.status != "FAIL" for rs in report.sections.values() for r in rs)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(bound(120))
 def test_doctor_cli_text_and_json(uffd: None) -> None:
     """``python -m pytest_uffd_guard doctor [--json]`` prints the same report."""
     text = run_doctor()
@@ -127,14 +136,14 @@ def test_doctor_cli_text_and_json(uffd: None) -> None:
     as_json = run_doctor("--json", "--no-e2e")
     assert as_json.returncode == 0, as_json.stderr
     data = json.loads(as_json.stdout)
-    assert data["ok"] is True and data["engine"] == "sync"
+    assert data["ok"] is True and data["engine"] == auto_engine()
     assert "end-to-end" not in data["sections"]
     features = rows(data, "features (UFFDIO_API)")
     assert features["UFFD_FEATURE_PAGEFAULT_FLAG_WP"]["value"] == "yes"
     assert "never listed here" in features["UFFDIO_API ioctls"]["detail"]
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(bound(120))
 def test_doctor_hidden_features(uffd: None) -> None:
     """A simulated 6.1 kernel: the missing features are problems with a remedy."""
     result = run_doctor(
@@ -151,14 +160,14 @@ def test_doctor_hidden_features(uffd: None) -> None:
     assert engines["async"]["value"] == "unavailable"
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(bound(60))
 def test_e2e_child_reports_cases(uffd: None) -> None:
     """The child side prints one JSON case per check."""
     result = subprocess.run(
         [sys.executable, "-m", "pytest_uffd_guard", "_e2e"],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=bound(60),
     )
     cases = {c["case"]: c for c in json.loads(result.stdout)}
     assert cases["write into a touched protected page"]["caught"] is True
@@ -190,7 +199,7 @@ def seccomp_deny(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(out)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(bound(120))
 def test_doctor_under_seccomp_filter(seccomp_deny: str) -> None:
     """userfaultfd denied by seccomp: NOT AVAILABLE, the filter named, its fix."""
     result = run_doctor("--json", prefix=[seccomp_deny])
@@ -208,7 +217,7 @@ def test_doctor_under_seccomp_filter(seccomp_deny: str) -> None:
     assert next(iter(e2e.values()))["value"] == "not run"
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(bound(120))
 def test_guarded_buffer_under_seccomp_runs_diff(seccomp_deny: str) -> None:
     """Under the filter, auto cannot run (guarded tests skip); a diff buffer works."""
     result = run_python(
@@ -241,7 +250,7 @@ def nobody_env() -> Iterator[tuple[str, dict[str, str]]]:
         probe = subprocess.run(
             [*prefix, candidate, "-c", CAN_SPAWN],
             capture_output=True,
-            timeout=30,
+            timeout=bound(30),
         )
         if probe.returncode == 0:
             python = candidate
@@ -270,7 +279,7 @@ def nobody_env() -> Iterator[tuple[str, dict[str, str]]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(bound(120))
 def test_doctor_as_unprivileged_user(nobody_env: tuple[str, dict[str, str]]) -> None:
     """As nobody: the fd is user-mode only; kernel writes are the problem, with the fix."""
     python, env = nobody_env
@@ -293,5 +302,56 @@ def test_doctor_as_unprivileged_user(nobody_env: tuple[str, dict[str, str]]) -> 
         assert e2e["write into a touched protected page"]["value"] == "caught"
     else:  # a kernel < 5.11 has no user-mode-only fds: nothing opens
         assert data["verdict"].startswith("NOT AVAILABLE")
+        version = tuple(int(x) for x in system["kernel"]["detail"].split("."))
+        if version < (5, 11) and system["vm.unprivileged_userfaultfd"]["value"] == "0":
+            # issue 13 item 2: the sysctl denies everything before 5.11
+            assert "before Linux 5.11" in opening["open: syscall"]["detail"]
+            assert "before Linux 5.11" in opening["open: syscall-user-mode-only"]["detail"]
+            assert "no userfaultfd at all" in system["vm.unprivileged_userfaultfd"]["detail"]
+            [first] = data["problems"][:1]
+            assert "vm.unprivileged_userfaultfd=1" in first["remedy"]
+            assert "grant" not in first["remedy"]
     text = run_doctor(env=env, prefix=prefix, python=python)
     assert "Verdict:" in text.stdout, text.stderr
+
+
+def test_open_failure_wording_follows_the_kernel() -> None:
+    """issue 13 item 2: before 5.11 vm.unprivileged_userfaultfd=0 denies every
+    unprivileged open (no user-mode-only mode), /dev/userfaultfd exists only
+    from 6.1, and a forced user-mode-only open on 5.10 needs 5.11, not the sysctl."""
+    import errno
+
+    from pytest_uffd_guard.probe import OpenAttempt, _explain_open_failure, _why_no_fd
+
+    old, new = (5, 10, 0), (6, 12, 0)
+    for method in ("syscall", "syscall-user-mode-only"):
+        text = _explain_open_failure(method, errno.EPERM, 0, old)
+        assert "before Linux 5.11" in text and "no user-mode-only" in text
+    assert "user-mode faults only" in _explain_open_failure("syscall", errno.EPERM, 0, new)
+    assert "before Linux 6.1" in _explain_open_failure("dev", errno.ENOENT, 0, old)
+    assert "6.1" not in _explain_open_failure("dev", errno.ENOENT, 0, new)
+
+    denied = [
+        OpenAttempt(m, False, errno.EPERM if m != "dev" else errno.ENOENT, "", "")
+        for m in ("dev", "syscall", "syscall-user-mode-only")
+    ]
+    _, remedy = _why_no_fd(denied, 0, old)
+    assert "vm.unprivileged_userfaultfd=1" in remedy and "before Linux 5.11" in remedy
+    assert "grant" not in remedy
+    _, remedy = _why_no_fd([OpenAttempt("syscall-user-mode-only", False, errno.EINVAL)], 0, old)
+    assert "needs Linux 5.11+" in remedy and "sysctl" not in remedy
+    _, remedy = _why_no_fd(denied, 0, new)
+    assert "/dev/userfaultfd" in remedy
+
+
+def test_no_write_protect_reason_names_the_architecture() -> None:
+    """issue 13 item 3: arm64 gained uffd-wp in Linux 6.10, not 5.7."""
+    from pytest_uffd_guard.probe import _no_wp_reason, feature_since, wp_since
+
+    assert wp_since("x86_64") == "5.7" and wp_since("aarch64") == "6.10"
+    assert feature_since("pagefault_flag_wp", "aarch64") == "6.10"
+    reason, remedy = _no_wp_reason("aarch64")
+    assert "aarch64 it needs Linux 6.10+" in reason and "Linux 6.10 or newer" in remedy
+    reason, remedy = _no_wp_reason("x86_64")
+    assert "Linux 5.7+" in reason and remedy.startswith("run on Linux 5.7 or newer")
+    assert "arm64 needs Linux 6.10+" in remedy
