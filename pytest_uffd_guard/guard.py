@@ -337,10 +337,12 @@ class GuardedBuffer(mmap.mmap):
             except MemoryError as exc:
                 if isinstance(exc, UffdGuardError):
                     raise
-                raise BufferAllocationError(
-                    f"no memory for the record log of guarded buffer {self.name!r} "
-                    f"({self._max_records or 'one per page'} records of 32 bytes)",
-                    "pass a smaller max_records, or give the process more memory",
+                # The C core's log (RECORD_SIZE bytes a record) could not be
+                # allocated: say which limit, as for the mappings themselves.
+                raise resource_error(
+                    OSError(errno.ENOMEM, os.strerror(errno.ENOMEM)),
+                    f"allocating the record log of guarded buffer {self.name!r} "
+                    f"({self._max_records or 'one per page'} records)",
                 ) from exc
             except (OSError, UffdGuardError) as exc:
                 code = _errno_of(exc)
