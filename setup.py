@@ -2,9 +2,15 @@
 
 The extension is built only on Linux: elsewhere the package installs as
 pure Python, imports, and reports userfaultfd as unavailable.
+
+GIL builds get the limited API (one ``cp39-abi3`` wheel for 3.9 and
+later); a free-threaded build (3.13t, ``Py_GIL_DISABLED``) has no limited
+API, so it gets the full API and a wheel tagged for that interpreter
+(``cp313t``).
 """
 
 import sys
+import sysconfig
 
 from setuptools import Extension, setup
 
@@ -13,13 +19,16 @@ try:
 except ImportError:  # setuptools < 70.1
     from wheel.bdist_wheel import bdist_wheel
 
+FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+LIMITED_API = sys.platform.startswith("linux") and not FREE_THREADED
+
 
 class AbiThreeWheel(bdist_wheel):
-    """Tag the wheel cp39-abi3: the extension uses only the limited API."""
+    """Tag the wheel cp39-abi3 when the extension uses only the limited API."""
 
     def finalize_options(self) -> None:
         super().finalize_options()
-        if sys.platform.startswith("linux"):
+        if LIMITED_API:
             self.py_limited_api = "cp39"
 
 
@@ -29,8 +38,8 @@ if sys.platform.startswith("linux"):
         Extension(
             "pytest_uffd_guard._uffd",
             sources=["pytest_uffd_guard/_uffd.c"],
-            define_macros=[("Py_LIMITED_API", "0x03090000")],
-            py_limited_api=True,
+            define_macros=[("Py_LIMITED_API", "0x03090000")] if LIMITED_API else [],
+            py_limited_api=LIMITED_API,
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
             extra_link_args=["-pthread"],
         )

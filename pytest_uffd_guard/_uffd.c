@@ -20,10 +20,17 @@
  *   - functions that run on the handler thread say so, and call no Python
  *     API and no allocator.
  *
- * Built against the limited API (abi3), so one binary serves Python 3.9+.
+ * GIL builds compile it against the limited API (setup.py defines
+ * Py_LIMITED_API), so one abi3 binary serves Python 3.9+.  A free-threaded
+ * build has no limited API and gets the full one; the module declares that
+ * it does not need the GIL (PyInit), which holds because no wrapper relies
+ * on the GIL to serialise its callers: shared C state is read and written
+ * under H.lock / H.reg_lock, through atomics, or under life_lock below.
  */
 #define PY_SSIZE_T_CLEAN
-#define Py_LIMITED_API 0x03090000
+#if defined(Py_LIMITED_API) && defined(Py_GIL_DISABLED)
+#error "Py_LIMITED_API cannot be used for a free-threaded build (setup.py omits it there)"
+#endif
 #include <Python.h>
 
 #include <errno.h>
@@ -44,6 +51,20 @@
 #include <time.h>
 #include <unistd.h>
 #include <linux/userfaultfd.h>
+
+/* Serialises the wrappers that change the process-wide setup, which the
+ * GIL used to serialise for us: handler_start/handler_stop (two stops
+ * must not join the thread twice), attribution_setup (the signal and its
+ * sigaction) and namer_setup/namer_stop (the namer's eventfds).  Taken
+ * only without the GIL (inside Py_BEGIN_ALLOW_THREADS) and never while
+ * calling the Python API; order: life_lock, then H.reg_lock, then H.lock.
+ * Held across fork() (pthread_atfork in PyInit) so a child never inherits
+ * it locked. */
+static pthread_mutex_t life_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void life_atfork_prepare(void) { pthread_mutex_lock(&life_lock); }
+static void life_atfork_parent(void) { pthread_mutex_unlock(&life_lock); }
+static void life_atfork_child(void) { pthread_mutex_init(&life_lock, NULL); }
 
 /* Newer uapi bits, defined here so the module builds against old headers
  * (Debian 12 ships 6.1 headers).  Values from include/uapi/linux/userfaultfd.h. */
@@ -1630,26 +1651,37 @@ handler_start_py(PyObject *self, PyObject *args)
     unsigned long long page, features = 0;
     if (!PyArg_ParseTuple(args, "iK|K:handler_start", &fd, &page, &features))
         return NULL;
-    if (H.pid == getpid()) {
-        PyErr_SetString(PyExc_RuntimeError, "handler already started in this process");
-        return NULL;
-    }
     if (page == 0 || (page & (page - 1))) {
         PyErr_SetString(PyExc_ValueError, "page_size must be a power of two");
         return NULL;
     }
+    /* Everything under life_lock, without the GIL; raise after. */
+    int started = 0, rc = 0;
+    const char *what = NULL;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&life_lock);
+    if (H.pid == getpid()) {
+        started = 1;
+        goto out;
+    }
     if (!H.zero_page || H.page != page) {
         /* Kept for the life of the process (one page). */
         void *zero = mmap(NULL, page, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (zero == MAP_FAILED)
-            return raise_errno(-errno, "mmap");
+        if (zero == MAP_FAILED) {
+            rc = -errno;
+            what = "mmap";
+            goto out;
+        }
         if (H.zero_page)
             munmap(H.zero_page, H.page);
         H.zero_page = zero;
     }
     int stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (stopfd < 0)
-        return raise_errno(-errno, "eventfd");
+    if (stopfd < 0) {
+        rc = -errno;
+        what = "eventfd";
+        goto out;
+    }
     /* Unreadable pagemap: discarded ranges are re-protected on the
      * deadline only (reprotect_pending). */
     int pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
@@ -1665,16 +1697,31 @@ handler_start_py(PyObject *self, PyObject *args)
     pthread_mutex_unlock(&H.lock);
     B.head = B.tail = 0;
     B.reprotect = 0;
-    int rc = pthread_create(&H.thread, NULL, handler_main, NULL);
-    if (rc != 0) {
+    int err = pthread_create(&H.thread, NULL, handler_main, NULL);
+    if (err != 0) {
         close(stopfd);
         if (pagemap >= 0)
             close(pagemap);
+        pthread_mutex_lock(&H.lock);
         H.uffd = H.stopfd = H.pagemap = -1;
-        return raise_errno(-rc, "pthread_create");
+        pthread_mutex_unlock(&H.lock);
+        rc = -err;
+        what = "pthread_create";
+        goto out;
     }
+    pthread_mutex_lock(&H.lock);
     H.running = 1;
     H.pid = getpid();
+    pthread_mutex_unlock(&H.lock);
+out:
+    pthread_mutex_unlock(&life_lock);
+    Py_END_ALLOW_THREADS
+    if (started) {
+        PyErr_SetString(PyExc_RuntimeError, "handler already started in this process");
+        return NULL;
+    }
+    if (rc < 0)
+        return raise_errno(rc, what);
     Py_RETURN_NONE;
 }
 
@@ -1687,7 +1734,9 @@ static PyObject *
 handler_stop_py(PyObject *self, PyObject *noargs)
 {
     Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&life_lock);
     handler_stop();
+    pthread_mutex_unlock(&life_lock);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -1696,15 +1745,27 @@ handler_stop_py(PyObject *self, PyObject *noargs)
 static int
 owned_fd(void)
 {
-    if (H.pid != getpid() || H.uffd < 0) {
+    /* Copied under H.lock (the handler writes `error` as it gives up),
+     * raised after (see struct handler).  The fd is only a hint: callers
+     * use H.uffd again under H.reg_lock, which handler_stop holds to
+     * close it. */
+    char error[sizeof H.error];
+    pthread_mutex_lock(&H.lock);
+    int fd = H.pid == getpid() ? H.uffd : -1;
+    int failed = fd >= 0 && H.failed;
+    if (failed)
+        memcpy(error, H.error, sizeof error);
+    pthread_mutex_unlock(&H.lock);
+    if (fd < 0) {
         PyErr_SetString(PyExc_RuntimeError, "no fault handler runs in this process");
         return -1;
     }
-    if (H.failed) {
-        PyErr_Format(PyExc_RuntimeError, "fault handler stopped: %s", H.error);
+    if (failed) {
+        error[sizeof error - 1] = '\0';
+        PyErr_Format(PyExc_RuntimeError, "fault handler stopped: %s", error);
         return -1;
     }
-    return H.uffd;
+    return fd;
 }
 
 PyDoc_STRVAR(guard_add_doc,
@@ -1746,8 +1807,14 @@ guard_add_py(PyObject *self, PyObject *args)
     int rc = 0, failed = 0, nomem = 0;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&H.reg_lock);
-    rc = uffd_register_wp(fd, start, len, &ioctls);
-    if (rc == 0) {
+    /* handler_stop (another thread) may have closed the fd since
+     * owned_fd: it does so under reg_lock, so look again here. */
+    pthread_mutex_lock(&H.lock);
+    fd = H.pid == getpid() ? H.uffd : -1;
+    failed = fd < 0;
+    pthread_mutex_unlock(&H.lock);
+    rc = failed ? 0 : uffd_register_wp(fd, start, len, &ioctls);
+    if (rc == 0 && !failed) {
         pthread_mutex_lock(&H.lock);
         failed = H.failed;
         if (!failed && H.nguards == H.guards_cap) {
@@ -1824,7 +1891,9 @@ guard_protect_py(PyObject *self, PyObject *args)
     /* reg_lock: the handler's re-protect pass never runs in between. */
     pthread_mutex_lock(&H.reg_lock);
     pthread_mutex_lock(&H.lock);
-    i = guard_index(id);
+    /* The fd again under reg_lock: handler_stop closes it under both. */
+    fd = H.pid == getpid() ? H.uffd : -1;
+    i = fd >= 0 ? guard_index(id) : -1;
     uint64_t start = 0, end = 0;
     if (i >= 0) {
         struct guard *g = &H.guards[i];
@@ -1847,6 +1916,10 @@ guard_protect_py(PyObject *self, PyObject *args)
         rc = uffd_writeprotect(fd, start + off, len, protect);
     pthread_mutex_unlock(&H.reg_lock);
     Py_END_ALLOW_THREADS
+    if (fd < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "no fault handler runs in this process");
+        return NULL;
+    }
     if (i < 0) {
         PyErr_SetString(PyExc_KeyError, "unknown guard");
         return NULL;
@@ -2046,15 +2119,21 @@ attribution_setup_py(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "the capture signal must be a real-time signal");
         return NULL;
     }
+    /* life_lock: two setups at once must agree on one signal and install
+     * one sigaction.  Raise after unlocking. */
+    const char *refused = NULL;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&life_lock);
     if (A.installed && A.sig != sig) {
-        PyErr_SetString(PyExc_RuntimeError, "attribution already set up on another signal");
-        return NULL;
+        refused = "attribution already set up on another signal";
+        goto out;
     }
     pthread_mutex_lock(&H.lock);
     if (atomic_load(&A.token) != 0 && atomic_load(&A.done) != atomic_load(&A.token)) {
         pthread_mutex_unlock(&H.lock);
-        PyErr_SetString(PyExc_RuntimeError, "a capture is in flight");
-        return NULL;
+        refused = "a capture is in flight";
+        goto out;
     }
     A.fd = fd;
     A.sig = sig;
@@ -2069,11 +2148,23 @@ attribution_setup_py(PyObject *self, PyObject *args)
         sigemptyset(&sa.sa_mask);
         sa.sa_flags = SA_RESTART;
         if (sigaction(sig, &sa, NULL) < 0) {
+            err = errno;
+            pthread_mutex_lock(&H.lock);
             A.fd = -1;
-            return raise_errno(-errno, "sigaction");
+            pthread_mutex_unlock(&H.lock);
+            goto out;
         }
         A.installed = 1;
     }
+out:
+    pthread_mutex_unlock(&life_lock);
+    Py_END_ALLOW_THREADS
+    if (refused) {
+        PyErr_SetString(PyExc_RuntimeError, refused);
+        return NULL;
+    }
+    if (err)
+        return raise_errno(-err, "sigaction");
     Py_RETURN_NONE;
 }
 
@@ -2135,17 +2226,20 @@ namer_setup_py(PyObject *self, PyObject *args)
         return NULL;
     }
     pid_t pid = getpid();
+    int err = 0;
+    /* life_lock: two setups at once would each replace the eventfds. */
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&life_lock);
     if (atomic_load(&A.namer_pid) != pid) {
         /* First time here, or a forked child holding the parent's fds
          * (the same eventfds as the parent's: never read or write them). */
         int nfd = eventfd(0, EFD_CLOEXEC);
-        if (nfd < 0)
-            return raise_errno(-errno, "eventfd");
-        int afd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-        if (afd < 0) {
-            int err = errno;
-            close(nfd);
-            return raise_errno(-err, "eventfd");
+        int afd = nfd < 0 ? -1 : eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        if (nfd < 0 || afd < 0) {
+            err = errno;
+            if (nfd >= 0)
+                close(nfd);
+            goto out;
         }
         if (A.namer_fd >= 0)
             close(A.namer_fd);
@@ -2163,6 +2257,11 @@ namer_setup_py(PyObject *self, PyObject *args)
     A.claimed_ns = (uint64_t)(claimed * 1e9);
     atomic_store(&A.namer_stop, 0);
     atomic_store(&A.namer_pid, pid);
+out:
+    pthread_mutex_unlock(&life_lock);
+    Py_END_ALLOW_THREADS
+    if (err)
+        return raise_errno(-err, "eventfd");
     Py_RETURN_NONE;
 }
 
@@ -2233,6 +2332,9 @@ PyDoc_STRVAR(namer_stop_doc,
 static PyObject *
 namer_stop_py(PyObject *self, PyObject *noargs)
 {
+    /* life_lock: namer_setup never swaps the eventfd meanwhile. */
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&life_lock);
     atomic_store(&A.namer_stop, 1);
     if (atomic_load(&A.namer_pid) == getpid() && A.namer_fd >= 0) {
         uint64_t one = 1;
@@ -2240,6 +2342,8 @@ namer_stop_py(PyObject *self, PyObject *noargs)
             /* overflow only: the namer sees namer_stop on its next wake */
         }
     }
+    pthread_mutex_unlock(&life_lock);
+    Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
@@ -2427,10 +2531,19 @@ PyInit__uffd(void)
         goto error;
     ADD_INT(m, "SIGRTMIN", SIGRTMIN);
     ADD_INT(m, "SIGRTMAX", SIGRTMAX);
-    if (pthread_atfork(atfork_prepare, atfork_parent, atfork_child) != 0) {
+    /* Registered after the handler's, so its prepare runs first:
+     * life_lock, then H.reg_lock and H.lock, the usual order. */
+    if (pthread_atfork(atfork_prepare, atfork_parent, atfork_child) != 0
+            || pthread_atfork(life_atfork_prepare, life_atfork_parent, life_atfork_child) != 0) {
         PyErr_SetString(PyExc_RuntimeError, "pthread_atfork failed");
         goto error;
     }
+#ifdef Py_GIL_DISABLED
+    /* True: see the top of the file.  Without it, importing this module
+     * would turn the GIL back on for the whole process. */
+    if (PyUnstable_Module_SetGIL(m, Py_MOD_GIL_NOT_USED) < 0)
+        goto error;
+#endif
     return m;
 error:
     Py_DECREF(m);
