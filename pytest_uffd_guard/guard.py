@@ -259,6 +259,9 @@ class GuardedBuffer(mmap.mmap):
                 flags=kind.flags,
                 prot=mmap.PROT_READ | mmap.PROT_WRITE,
             )
+            # Open from the start: on Python 3.12+ taking the address goes
+            # through __buffer__, which checks it, before __init__ runs.
+            self._closed = False
             if kind.overlay:
                 overlay(address_of(self), round_up(kind.length, kind.unit), kind.fd)
         except OverflowError as exc:
