@@ -15,6 +15,8 @@ import mmap
 
 import pytest
 
+from tests.conftest import bound
+
 HAVE_NUMPY = importlib.util.find_spec("numpy") is not None
 P = mmap.PAGESIZE
 
@@ -85,7 +87,7 @@ def test_8mib_float_rewrites_report_bounded(pytester: pytest.Pytester) -> None:
     assert fill["blocks"][0]["last_element"] == (1 << 20) - 1
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(bound(300))
 def test_256mib_memset_report_bounded(pytester: pytest.Pytester) -> None:
     """Issue 9 item 11: a full memset of guarded_buffer(256 MiB) gives one
     write per page; the report lists a bounded number of them and counts all."""
@@ -102,7 +104,7 @@ def test_256mib_memset_report_bounded(pytester: pytest.Pytester) -> None:
         """
     )
     result = pytester.runpytest_subprocess(
-        "--uffd-report=json:r.json", "--junitxml=j.xml", timeout=240
+        "--uffd-report=json:r.json", "--junitxml=j.xml", timeout=bound(240)
     )
     result.assert_outcomes(passed=1)
     path = pytester.path / "r.json"
