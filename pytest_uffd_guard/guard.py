@@ -294,7 +294,16 @@ class GuardedBuffer(mmap.mmap):
         stacks: int | None = None,
     ) -> None:
         # The arguments were checked and normalised by __new__.
-        self._lock = ForkSafeLock()
+        try:
+            self._lock = ForkSafeLock()
+        except RuntimeError as exc:  # "can't allocate lock": out of memory
+            self._closed = True
+            with suppress(BufferError):
+                mmap.mmap.close(self)
+            raise resource_error(
+                OSError(errno.ENOMEM, os.strerror(errno.ENOMEM)),
+                f"allocating the lock of guarded buffer {name!r}",
+            ) from exc
         self._closed = False
         self._length = round_up(self._size, self._unit)
         self.address = address_of(self)
