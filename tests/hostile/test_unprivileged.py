@@ -91,8 +91,16 @@ def _copy_module(name: str, dest: Path) -> None:
     origin = Path(getattr(module, "__file__", "") or "")
     if origin.name == "__init__.py":
         shutil.copytree(origin.parent, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        site = origin.parent.parent
     elif origin.is_file():
         shutil.copy(origin, dest)
+        site = origin.parent
+    else:
+        return
+    # The metadata too: pluggy and pytest read their own version from it, and
+    # the Python nobody runs may not see this venv's site-packages.
+    for info in site.glob(f"{name}-*.dist-info"):
+        shutil.copytree(info, dest / info.name)
 
 
 @pytest.fixture(scope="module")
