@@ -21,10 +21,10 @@ read from several threads; each written page is reported once.
 from __future__ import annotations
 
 import os
-from contextlib import suppress
+from contextlib import AbstractContextManager, nullcontext, suppress
 from typing import TYPE_CHECKING
 
-from .diff_tracker import PageLog, first_changes
+from .diff_tracker import NUMPY_MIN, PageLog, diff_runs, first_changes
 from .errors import UffdUnavailableError
 from .forksafe import ForkSafeLock
 from .pagemap import Pagemap
@@ -50,6 +50,40 @@ def async_unavailable(caps: Capabilities) -> str | None:
     if not caps.has("wp_async"):
         return "this kernel has no UFFD_FEATURE_WP_ASYNC (Linux 6.7+)"
     return None
+
+
+def placed_changes(address: int, snapshot: int, start: int, end: int, unit: int) -> dict[int, int]:
+    """``first_changes`` for memory that writers change meanwhile: every
+    offset found lies in its own page.
+
+    Writers never wait for the async engine, so a page can change while it
+    is compared.  ``first_changes`` with numpy finds a changed word in one
+    read and locates its byte in a second: a word written back to its
+    snapshot value in between gave an offset near -2**60, a record outside
+    the buffer and a changed page without one (issue 9 item 6).  Such a
+    page is placed again with the byte diff, one read per byte; if it now
+    equals the snapshot it keeps its page start, like a page written with
+    identical bytes.  numpy's warnings about that word are silenced: they
+    reached the user's warning filters (an error under ``-W error``).
+    """
+    with _numpy_quiet(end - start):
+        found = first_changes(address, snapshot, start, end, unit)
+    stray = [page for page, first in found.items() if not page <= first < page + unit]
+    for page in stray:
+        runs = diff_runs(address + page, snapshot + page, unit)
+        found[page] = page + runs[0][0] if runs else page
+    return found
+
+
+def _numpy_quiet(length: int) -> AbstractContextManager[object]:
+    """numpy's floating-point warnings off, where ``first_changes`` uses it."""
+    if length < NUMPY_MIN:
+        return nullcontext()
+    try:
+        import numpy as np
+    except ImportError:
+        return nullcontext()
+    return np.errstate(divide="ignore", invalid="ignore")
 
 
 class AsyncEngine:
@@ -233,7 +267,7 @@ class AsyncTracker(KernelTracked):
             if page is not None and page == prev + unit:
                 prev = page
                 continue
-            offsets.update(first_changes(start, self._snapshot, run_start, prev + unit, unit))
+            offsets.update(placed_changes(start, self._snapshot, run_start, prev + unit, unit))
             if page is not None:
                 run_start = prev = page
         self._log.add(new, offsets)

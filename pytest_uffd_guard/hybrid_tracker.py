@@ -48,8 +48,8 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
-from .async_tracker import AsyncTracker
-from .diff_tracker import first_changes, page_record
+from .async_tracker import AsyncTracker, placed_changes
+from .diff_tracker import page_record
 from .forksafe import ForkSafeLock
 from .records import WriteRecord
 from .sync_tracker import SyncTracker
@@ -385,7 +385,7 @@ class HybridTracker:
 
     def _report_window(self) -> None:
         """Pages that changed while no fd protected them, as records."""
-        changed = first_changes(self._address, self._snapshot, 0, self._length, self._unit)
+        changed = placed_changes(self._address, self._snapshot, 0, self._length, self._unit)
         if self._async is not None:
             self._async.add_found(changed)
             return
