@@ -114,7 +114,6 @@ def _first_changes_numpy(
     address: int, snapshot: int, start: int, end: int, unit: int
 ) -> dict[int, int]:
     import ctypes
-    import sys
 
     import numpy as np
 
@@ -129,14 +128,12 @@ def _first_changes_numpy(
         pages = np.flatnonzero(differs.any(axis=1))
         if not pages.size:
             continue
-        word = differs[pages].argmax(axis=1)
-        index = pages * words + word
-        xor = a[index] ^ b[index]
-        if sys.byteorder == "little":
-            lowest = xor & (~xor + np.uint64(1))
-            byte = np.log2(lowest.astype(np.float64)).astype(np.int64) // 8
-        else:
-            byte = 7 - np.log2(xor.astype(np.float64)).astype(np.int64) // 8
+        index = pages * words + differs[pages].argmax(axis=1)
+        # One read of each changed word, compared byte by byte in memory
+        # order: a writer may have set it back since the compare above (a
+        # log2 of 0 gave offsets near -2**60, issue 9 item 6).
+        bytes_ = a[index].view(np.uint8).reshape(-1, 8) != b[index].view(np.uint8).reshape(-1, 8)
+        byte = np.where(bytes_.any(axis=1), bytes_.argmax(axis=1), 0)
         firsts = base + index * 8 + byte
         for page, first in zip((base + pages * unit).tolist(), firsts.tolist()):
             found[page] = first

@@ -126,12 +126,6 @@ def test_forksafe_lock_is_free_in_the_child_unless_the_forker_holds_it() -> None
 
 #: The diff engine shares the numpy placement the async engine had to check:
 #: diff_tracker._first_changes_numpy reads a changed word twice.
-DIFF_PLACEMENT_RACE = (
-    "diff: diff_tracker._first_changes_numpy re-reads the changed word, so a word written "
-    "back meanwhile gives an offset near -2**60 and a numpy RuntimeWarning (issue 9 item 6)"
-)
-
-
 @pytest.mark.timeout(bound(180))
 @pytest.mark.parametrize("engine", ["sync", "async", "hybrid", "hybrid-switched"])
 def test_protect_racing_writers_loses_no_write(engine: str) -> None:
@@ -190,7 +184,7 @@ def test_protect_racing_writers_loses_no_write(engine: str) -> None:
 @pytest.mark.timeout(bound(180))
 @pytest.mark.parametrize(
     "engine",
-    ["async", "hybrid", pytest.param("diff", marks=pytest.mark.xfail(reason=DIFF_PLACEMENT_RACE))],
+    ["async", "hybrid", "diff"],
 )
 def test_records_stay_on_their_page_while_writers_undo_writes(engine: str) -> None:
     """Issue 9 item 6, the async cause: a writer sets the first byte of
