@@ -236,7 +236,8 @@ static struct attribution {
      * (`consumed`, set by attribution_consumed, equals `captures`) and no
      * capture is in flight, the next capture starts it afresh. */
     _Atomic uint64_t consumed;
-    uint64_t rewound_at;      /* `captures` at the last rewind */
+    uint64_t copies;          /* signalled records filed again (each read twice) */
+    uint64_t rewound_at;      /* `captures + copies` at the last rewind */
 } A = {.fd = -1, .namer_fd = -1, .ack_fd = -1};
 
 enum { NAMER_IDLE = 0, NAMER_PENDING = 1, NAMER_CLAIMED = 2, NAMER_DONE = 3,
@@ -592,14 +593,17 @@ task_blocks(uint32_t tid, int sig)
 static void
 attribution_rewind(void)
 {
-    if (atomic_load(&A.consumed) != A.captures || A.captures == A.rewound_at)
+    /* Dumps to be read: one per signal, one more per copy of a signalled
+     * record (record_again_if_rearmed), which Python reads again. */
+    uint64_t due = A.captures + A.copies;
+    if (atomic_load(&A.consumed) != due || due == A.rewound_at)
         return;
     struct stat st;
     if (fstat(A.fd, &st) < 0 || st.st_size < DUMP_REWIND)
         return;
     if (ftruncate(A.fd, 0) == 0)
         lseek(A.fd, 0, SEEK_SET);
-    A.rewound_at = A.captures;
+    A.rewound_at = due;
 }
 
 /* Decide whether this fault can be captured now; fill r's syscall, comm
@@ -840,10 +844,13 @@ store_record_locked(const struct fault_record *r)
  *   - re-armed before the un-protect: only wake the writer; the page is
  *     protected again, so its store faults anew and is recorded (exactly)
  *     in the new arming;
- *   - re-armed between the check and the un-protect: file the record again
- *     in the new arming unless that page already has one there.  At worst
- *     the copy stands for a store that landed before the new snapshot: a
- *     record without a change, never a change without a record.
+ *   - re-armed after the check: file the record again in the new arming
+ *     unless that page already has one there, or is protected again (the
+ *     re-arming came after the un-protect: typically the writer itself,
+ *     woken by it, called protect(); its next store faults and is
+ *     recorded as itself, issue 9 item 8).  At worst the copy stands for
+ *     a store that landed before the new snapshot: a record without a
+ *     change, never a change without a record.
  * rearmed() answers for the guard that holds r; caller holds H.lock. */
 static struct guard *
 rearmed_locked(uint64_t addr, uint64_t id, uint64_t arming)
@@ -863,10 +870,19 @@ rearmed(uint64_t addr, uint64_t id, uint64_t arming)
     return yes;
 }
 
+static int pagemap_read(uint64_t start, uint64_t *out, size_t n);
+
 /* Runs on the handler thread, after the un-protect. */
 static void
 record_again_if_rearmed(const struct fault_record *r, uint64_t id, uint64_t arming)
 {
+    if (!rearmed(r->address, id, arming))
+        return;
+    /* Protected since our un-protect (pagemap's uffd-wp bit, Linux 5.13+;
+     * read without H.lock): no copy.  Unknown: copy, as before. */
+    uint64_t e;
+    if (pagemap_read(r->address & ~(H.page - 1), &e, 1) == 0 && (e & PM_UFFD_WP))
+        return;
     pthread_mutex_lock(&H.lock);
     struct guard *g = rearmed_locked(r->address, id, arming);
     if (g != NULL) {
@@ -874,7 +890,10 @@ record_again_if_rearmed(const struct fault_record *r, uint64_t id, uint64_t armi
         if (!g->recorded || !bit_test(g->recorded, k)) {
             if (g->recorded)
                 bit_set(g->recorded, k);
+            size_t before = g->count;
             store_record_locked(r);
+            if (g->count > before && r->attr == ATTR_SIGNALLED)
+                A.copies++;
         }
     }
     pthread_mutex_unlock(&H.lock);
@@ -1403,7 +1422,7 @@ atfork_child(void)
     A.fd = -1;
     atomic_store(&A.token, 0);
     atomic_store(&A.done, 0);
-    A.captures = A.busy = 0;
+    A.captures = A.busy = A.copies = 0;
 }
 
 /* Stop the thread and release everything.  Every range is unregistered
@@ -2138,8 +2157,8 @@ attribution_setup_py(PyObject *self, PyObject *args)
     A.fd = fd;
     A.sig = sig;
     /* A new file (a forked child's): nothing in it was read yet. */
-    atomic_store(&A.consumed, A.captures);
-    A.rewound_at = A.captures;
+    atomic_store(&A.consumed, A.captures + A.copies);
+    A.rewound_at = A.captures + A.copies;
     pthread_mutex_unlock(&H.lock);
     if (!A.installed) {
         struct sigaction sa;

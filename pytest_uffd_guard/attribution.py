@@ -326,7 +326,12 @@ def _read_dump(raw: RawFault, wait: float) -> tuple[bool, tuple[Frame, ...]] | s
 
 
 def _dump_consumed() -> None:
-    """Count one dump as read; once all are, the file may start afresh."""
+    """Count one dump as read; once all are, the file may start afresh.
+
+    One count per record read: a record the handler filed again after a
+    re-arming (a copy, same seq) is one more dump due on the C side too,
+    so the counts meet only when every dump was read (issue 9 item 8).
+    """
     from . import _uffd
 
     with _consumed_lock:
@@ -392,6 +397,10 @@ _Named = Union[tuple[bool, tuple[Frame, ...]], str]
 _named: OrderedDict[int, _Named] = OrderedDict()
 _named_lock = threading.Lock()
 _MAX_NAMED = 4096
+#: Answers already taken, for a copy of the same record (the handler files
+#: a record again when protect() re-armed its page meanwhile).
+_taken: OrderedDict[int, _Named] = OrderedDict()
+_MAX_TAKEN = 256
 #: faulthandler's MAX_FRAME_DEPTH: dumps and namer stacks stop at the same depth.
 _MAX_FRAMES = 100
 
@@ -472,15 +481,23 @@ def _take_named(seq: int, wait: float) -> _Named:
     deadline = time.monotonic() + wait
     while True:
         with _named_lock:
-            answer = _named.pop(seq, None)
+            answer = _named.pop(seq, None) or _taken.get(seq)
         if answer is not None:
-            return answer
+            return _keep_taken(seq, answer)
         if _uffd.namer_state()["request"] != seq or time.monotonic() >= deadline:
             # The answer is stored before the request is finished: look once more.
             with _named_lock:
                 answer = _named.pop(seq, None)
-            return _NOT_RUN if answer is None else answer
+            return _NOT_RUN if answer is None else _keep_taken(seq, answer)
         time.sleep(0.001)
+
+
+def _keep_taken(seq: int, answer: _Named) -> _Named:
+    with _named_lock:
+        _taken[seq] = answer
+        while len(_taken) > _MAX_TAKEN:
+            _taken.popitem(last=False)
+    return answer
 
 
 # ------------------------------------------------------------- threads
@@ -604,6 +621,7 @@ def _after_fork_in_child() -> None:
     _named_lock = threading.Lock()
     _known_lock = threading.Lock()
     _named.clear()
+    _taken.clear()
     _known.clear()
     # Registered after threading's own fork hook, so current_thread() is
     # already this thread's object.

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import gc
 import inspect
+import json
 import mmap
 import os
 import socket
+import textwrap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -334,11 +336,39 @@ def test_in_syscall_writer_thread_named_after_it_ended() -> None:
 
 # ------------------------------------------------------ dump file bound
 
+#: Run first in a subprocess: every thread of the process on one CPU, all but
+#: the main one SCHED_IDLE.  The fault handler then loses the CPU the moment
+#: its un-protect wakes the writer, and gets it back only when the writer
+#: blocks again: the writer's protect() and next write always land between
+#: the handler's un-protect and its re-arming check, as they did now and then
+#: under Linux 6.1 in qemu and on a loaded machine.  Prints "skip" when the
+#: scheduling cannot be changed.
+HANDLER_LAGS = """
+import json, os, sys, threading
+from pytest_uffd_guard import GuardedBuffer
+warm = GuardedBuffer(4096)
+warm[0] = 1
+assert warm.writes  # the handler and namer threads run now
+me, cpu = threading.get_native_id(), min(os.sched_getaffinity(0))
+try:
+    for tid in map(int, os.listdir("/proc/self/task")):
+        os.sched_setaffinity(tid, {cpu})
+        if tid != me:
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+except (OSError, AttributeError) as exc:
+    print("skip", exc)
+    sys.exit(0)
+"""
 
-@pytest.mark.xfail(
-    not capabilities().has("wp_unpopulated"),
-    reason="under Linux 6.1 (no WP_UNPOPULATED) in qemu the file reached 163 KB: not explained yet",
-)
+
+def run_with_lagging_handler(code: str) -> str:
+    result = run_python(HANDLER_LAGS + textwrap.dedent(code), timeout=120)
+    assert result.returncode == 0, result.stderr
+    if result.stdout.startswith("skip"):
+        pytest.skip(f"cannot pin threads or make them SCHED_IDLE: {result.stdout.strip()}")
+    return result.stdout.strip()
+
+
 def test_dump_file_is_bounded_when_every_dump_was_read() -> None:
     """issue 9 (item 8, optional): the capture file no longer grows without
     end; it starts afresh once every dump in it was read."""
@@ -359,6 +389,64 @@ def test_dump_file_is_bounded_when_every_dump_was_read() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert int(result.stdout) < 128 * 1024  # 1000 dumps are ~180 KiB
+
+
+def test_writer_rearming_at_once_is_recorded_as_itself() -> None:
+    """issue 9 item 8 (the dump-file bound under Linux 6.1): a writer that
+    reads its record and calls protect() before the handler finished
+    resolving its fault got the old record filed again in the new arming,
+    its own next write counted only as a duplicate, and the old dump read
+    twice, so the capture file never started afresh (163 KB in qemu)."""
+    out = run_with_lagging_handler(
+        """
+        from pytest_uffd_guard import attribution
+        seqs, lines, dups, sizes = [], set(), 0, []
+        with GuardedBuffer(4096, stacks=1) as b:
+            for i in range(1000):
+                b[0] = i & 0xff                                # the write
+                rec, = b.writes
+                seqs.append(rec.seq)
+                lines.add(rec.stack[-1].lineno)
+                dups += b.duplicates
+                sizes.append(os.fstat(attribution._state.file.fileno()).st_size)
+                b.protect()
+        print(json.dumps([len(set(seqs)), len(lines), dups, max(sizes)]))
+        """
+    )
+    distinct, lines, dups, size = json.loads(out)
+    # Old code: about every other round (504 of 1000 here, 19 of 400 under
+    # 6.1).  A copy is still filed when protect() had bumped the arming but
+    # not yet protected the page when the handler looked (1 of 1000 seen
+    # under 6.1): conservative, and counted, so the bound holds.
+    assert distinct >= 990 and dups == 1000 - distinct and lines == 1, out
+    assert size < 128 * 1024, out
+
+
+def test_forked_parent_rearming_is_recorded_as_itself() -> None:
+    """issue 9 item 8: the flaky fork test (tests/test_attribution.py::
+    test_forked_child_captures_into_its_own_file), made deterministic: the
+    parent's write after fork() and protect() was shown as its first write."""
+    out = run_with_lagging_handler(
+        """
+        wrong = 0
+        with GuardedBuffer(4096) as a:
+            for i in range(100):
+                a[0] = 1
+                first, = a.writes
+                pid = os.fork()
+                if pid == 0:
+                    os._exit(0)
+                a.protect()
+                line = sys._getframe().f_lineno + 1
+                a[2] = 1
+                os.waitpid(pid, 0)
+                rec, = a.writes
+                wrong += rec.seq == first.seq or rec.stack[-1].lineno != line
+                a.protect()
+        print(wrong)
+        """
+    )
+    assert out == "0", f"{out} of 100 rounds showed the first write for the second"
 
 
 def test_unread_dumps_are_kept() -> None:
