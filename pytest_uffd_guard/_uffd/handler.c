@@ -144,6 +144,7 @@ struct fault {
     int record;             /* r is a first write of its unit: store it */
     int capture;            /* name the writer */
     int hold;               /* _debug(hold=1): keep the writer blocked */
+    uint64_t owner;         /* id of the guard holding the address, 0: none */
     /* Which arming of which guard r was stored in (see rearmed_locked);
      * guard_id 0: not stored. */
     uint64_t guard_id;
@@ -203,6 +204,7 @@ classify_fault_locked(struct fault *f)
         return;
     }
     struct guard *g = &H.guards[i];
+    f->owner = g->id;
     f->unit = g->unit;
     uint64_t page = f->r.address & ~(f->unit - 1);
     size_t unit_index = (size_t)((page - g->start) / f->unit);
@@ -267,6 +269,16 @@ hold_fault(const struct fault *f)
 static int
 resolve_fault(const struct fault *f)
 {
+    /* The fault's guard went away while the fault was held (closed during
+     * a naming wait or a test hold): unregistering woke the writer.  If
+     * another guard took the range since, un-protecting would open that
+     * guard's page with no record there, so only wake.  (A guard added
+     * between this check and the ioctl is not caught: that window is the
+     * ioctl's, not the naming wait's.) */
+    if (!owner_unchanged(f->r.address, f->owner)) {
+        uffd_wake(H.uffd, f->start, f->unit);
+        return 0;
+    }
     /* Round down ourselves: without EXACT_ADDRESS some kernels report the
      * exact address anyway, and the ioctl wants an aligned range. */
     if (f->guard_id != 0 && rearmed(f->r.address, f->guard_id, f->arming)) {

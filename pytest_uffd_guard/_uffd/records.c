@@ -84,6 +84,18 @@ rearmed(uint64_t addr, uint64_t id, uint64_t arming)
     return yes;
 }
 
+/* 1 when the guard holding addr is still the one with id owner (or, for
+ * owner 0, there is still none).  Takes H.lock. */
+int
+owner_unchanged(uint64_t addr, uint64_t owner)
+{
+    pthread_mutex_lock(&H.lock);
+    long i = find_guard(addr);
+    uint64_t now = i >= 0 ? H.guards[i].id : 0;
+    pthread_mutex_unlock(&H.lock);
+    return now == owner;
+}
+
 /* Runs on the handler thread, after the un-protect. */
 void
 record_again_if_rearmed(const struct fault_record *r, uint64_t id, uint64_t arming)

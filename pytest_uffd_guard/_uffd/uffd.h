@@ -430,6 +430,7 @@ void clear_recorded_locked(struct guard *g, uint64_t start, uint64_t end);
 void store_record_locked(const struct fault_record *r);
 void set_record_attr_locked(uint64_t addr, uint64_t seq, uint32_t attr);
 int rearmed(uint64_t addr, uint64_t id, uint64_t arming);
+int owner_unchanged(uint64_t addr, uint64_t owner);
 void record_again_if_rearmed(const struct fault_record *r, uint64_t id, uint64_t arming);
 
 /* --------------------------------------------------------------- remove.c */
