@@ -37,7 +37,18 @@ if sys.platform.startswith("linux"):
     ext_modules.append(
         Extension(
             "pytest_uffd_guard._uffd",
-            sources=["pytest_uffd_guard/_uffd.c"],
+            sources=[
+                "pytest_uffd_guard/_uffd/module.c",
+                "pytest_uffd_guard/_uffd/capture_py.c",
+                "pytest_uffd_guard/_uffd/ioctl.c",
+                "pytest_uffd_guard/_uffd/handler.c",
+                "pytest_uffd_guard/_uffd/records.c",
+                "pytest_uffd_guard/_uffd/remove.c",
+                "pytest_uffd_guard/_uffd/table.c",
+                "pytest_uffd_guard/_uffd/capture.c",
+                "pytest_uffd_guard/_uffd/namer.c",
+                "pytest_uffd_guard/_uffd/diff.c",
+            ],
             define_macros=[("Py_LIMITED_API", "0x03090000")] if LIMITED_API else [],
             py_limited_api=LIMITED_API,
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],

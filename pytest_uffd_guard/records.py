@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from types import ModuleType
 
 
 def _short_path(path: str) -> str:
@@ -34,8 +35,13 @@ KIND_NAMES = {KIND_WRITE: "write", KIND_DISCARD: "discard"}
 
 def core_mismatch(core: object) -> str | None:
     """Why the C extension ``core`` does not speak this module's record
-    layout, or None when it does (checked when the engine starts)."""
+    layout, or None when it does (checked when the engine starts, and by
+    :func:`load_core`)."""
     theirs = getattr(core, "RECORD_SIZE", None)
+    if theirs is None:
+        # ``_uffd/`` (the C sources) imports as an empty namespace package
+        # where the extension was never built.
+        return "the C extension pytest_uffd_guard._uffd is not built"
     kinds = (getattr(core, "KIND_WRITE", None), getattr(core, "KIND_DISCARD", None))
     if theirs != RECORD_SIZE or kinds != (KIND_WRITE, KIND_DISCARD):
         return (
@@ -43,6 +49,22 @@ def core_mismatch(core: object) -> str | None:
             f"the Python package expects {RECORD_SIZE}: they come from different versions"
         )
     return None
+
+
+def load_core() -> ModuleType:
+    """Import the C extension and check that its record layout is
+    this module's (the contract of ``_uffd/uffd.h``).
+
+    Raises ImportError, naming the problem, when the extension is missing,
+    unbuilt or from another version.  Not done when this module is
+    imported: importing the package must load nothing (tests/test_core.py).
+    """
+    from . import _uffd
+
+    mismatch = core_mismatch(_uffd)
+    if mismatch is not None:
+        raise ImportError(mismatch)
+    return _uffd
 
 
 @dataclass(frozen=True)
