@@ -9,6 +9,7 @@ API, so it gets the full API and a wheel tagged for that interpreter
 (``cp313t``).
 """
 
+import os
 import sys
 import sysconfig
 
@@ -32,12 +33,30 @@ class AbiThreeWheel(bdist_wheel):
             self.py_limited_api = "cp39"
 
 
+def multiarch_include_dirs() -> list[str]:
+    """Where Debian's multiarch pyconfig.h is, when the compiler would not
+    look there by itself: Debian's ``python3.X/pyconfig.h`` only includes
+    ``<MULTIARCH/python3.X/pyconfig.h>``, which is under ``/usr/include``
+    on a Debian system but elsewhere in an unpacked Debian root (the 3.14
+    of tools/prepare-pythons)."""
+    include = sysconfig.get_path("include")
+    multiarch = sysconfig.get_config_var("MULTIARCH")
+    if not include or not multiarch:
+        return []
+    parent = os.path.dirname(include)
+    wrapped = os.path.join(parent, multiarch, os.path.basename(include), "pyconfig.h")
+    if parent == "/usr/include" or not os.path.exists(wrapped):
+        return []
+    return [parent]
+
+
 ext_modules = []
 if sys.platform.startswith("linux"):
     ext_modules.append(
         Extension(
             "pytest_uffd_guard._uffd",
             sources=["pytest_uffd_guard/_uffd.c"],
+            include_dirs=multiarch_include_dirs(),
             define_macros=[("Py_LIMITED_API", "0x03090000")] if LIMITED_API else [],
             py_limited_api=LIMITED_API,
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
