@@ -6,7 +6,8 @@ pure Python, imports, and reports userfaultfd as unavailable.
 GIL builds get the limited API (one ``cp39-abi3`` wheel for 3.9 and
 later); a free-threaded build (3.13t, ``Py_GIL_DISABLED``) has no limited
 API, so it gets the full API and a wheel tagged for that interpreter
-(``cp313t``).
+(``cp313t``), and so does a build with headers whose ``Py_RETURN_NONE``
+breaks the limited API of older Pythons (3.12, see ``headers_break_abi3``).
 """
 
 import os
@@ -21,7 +22,30 @@ except ImportError:  # setuptools < 70.1
     from wheel.bdist_wheel import bdist_wheel
 
 FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
-LIMITED_API = sys.platform.startswith("linux") and not FREE_THREADED
+
+
+def headers_break_abi3() -> bool:
+    """Whether this Python's headers make Py_RETURN_NONE (and _TRUE, _FALSE)
+    skip the reference it owes even for the limited API of 3.11 and older.
+
+    3.12's headers, and 3.13's and 3.14's before the fix of CPython
+    gh-134989 (June 2025), treat None as immortal there too: a cp39-abi3
+    extension built with them takes a reference to None from 3.9-3.11 on
+    every such return, until 3.11 aborts with "none_dealloc: deallocating
+    None" (seen with pyenv's 3.12.1).  Built with them, the extension gets
+    the full API and a wheel for this version only."""
+    if sys.version_info < (3, 12):
+        return False
+    try:
+        with open(os.path.join(sysconfig.get_path("include"), "object.h")) as f:
+            text = f.read()
+    except OSError:
+        return True
+    fixed = "Py_LIMITED_API+0 < 0x030c0000\n#  define Py_RETURN_NONE return Py_NewRef(Py_None)"
+    return fixed not in text
+
+
+LIMITED_API = sys.platform.startswith("linux") and not FREE_THREADED and not headers_break_abi3()
 
 
 class AbiThreeWheel(bdist_wheel):

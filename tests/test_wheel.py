@@ -392,3 +392,29 @@ def test_repacked_dependencies_are_pure(installed: Installed) -> None:
     names = set(result.stdout.split())
     assert DIST in names and "pytest" in names and "tabulate" in names, names
     assert "numpy" not in names and "pytest-xdist" not in names, names
+
+
+SETUP_PROBE = """\
+import runpy, setuptools
+setuptools.setup = lambda **kw: None
+g = runpy.run_path("setup.py")
+print("limited" if g["LIMITED_API"] else "full")
+"""
+
+
+def test_no_abi3_build_with_headers_that_break_it() -> None:
+    """Issue 12: 3.12's headers make Py_RETURN_NONE skip None's reference
+    even for the limited API of 3.9-3.11 (CPython gh-134989): an abi3
+    extension built with them aborts a 3.11 ("none_dealloc: deallocating
+    None", seen with pyenv's 3.12.1).  setup.py builds the full API there."""
+    header = Path(sysconfig.get_path("include"), "object.h")
+    text = header.read_text() if header.exists() else ""
+    broken = sys.version_info >= (3, 12) and (
+        "Py_LIMITED_API+0 < 0x030c0000\n#  define Py_RETURN_NONE return Py_NewRef(Py_None)"
+        not in text
+    )
+    result = _run([sys.executable, "-c", SETUP_PROBE], RUN_TIMEOUT, cwd=ROOT, env=_clean_env())
+    assert result.returncode == 0, result.stderr
+    gil = not sysconfig.get_config_var("Py_GIL_DISABLED")
+    expected = "limited" if gil and not broken else "full"
+    assert result.stdout.strip() == expected, (header, broken)
