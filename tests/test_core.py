@@ -546,9 +546,20 @@ def test_import_opens_nothing() -> None:
 
 
 def _python_for_nobody() -> str | None:
-    """An interpreter the user nobody may run (the venv may live under /root)."""
+    """An interpreter the user nobody may run (the venv may live under /root)
+    and that can load this package's compiled core (issue 12: a 3.11 cannot
+    load the cpython-313t extension of a free-threaded run)."""
     import shutil
     import subprocess
+
+    import pytest_uffd_guard
+
+    package = os.path.dirname(pytest_uffd_guard.__file__)
+    suffixes = sorted(
+        n[len("_uffd") :]
+        for n in os.listdir(package)
+        if n.startswith("_uffd.") and n.endswith(".so")
+    )
 
     setpriv = shutil.which("setpriv")
     if setpriv is None:
@@ -563,7 +574,8 @@ def _python_for_nobody() -> str | None:
                     "--clear-groups",
                     candidate,
                     "-c",
-                    "import sys; assert sys.version_info >= (3, 9)",
+                    "import importlib.machinery as m, sys; assert sys.version_info >= (3, 9)"
+                    f" and any(s in m.EXTENSION_SUFFIXES for s in {suffixes!r})",
                 ],
                 capture_output=True,
                 timeout=30,

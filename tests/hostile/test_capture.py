@@ -137,7 +137,7 @@ def test_writer_holding_the_gil_in_a_system_call_does_not_hang() -> None:
     and the next writer is named again."""
     result = run_python(
         """
-        import ctypes, os
+        import ctypes, os, sys
         from pytest_uffd_guard import GuardedBuffer
         libc = ctypes.PyDLL(None)   # PyDLL: the GIL stays held during the call
         libc.read.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
@@ -151,7 +151,14 @@ def test_writer_holding_the_gil_in_a_system_call_does_not_hang() -> None:
             os.readv(r, [memoryview(buf)[4096:4106]])          # line 13
             held, named = buf.writes
         assert held.syscall == "read" and not held.stack_captured, held
-        assert "held the GIL inside a system call" in held.stack_note, held
+        # Issue 12: with the GIL off (3.13t) the writer keeps its thread state
+        # attached inside PyDLL's read(), so the namer's stop-the-world read of
+        # its stack cannot finish: the note says that instead.
+        gil = getattr(sys, "_is_gil_enabled", lambda: True)()
+        note = held.stack_note or ""
+        assert "held the GIL inside a system call" in note or (
+            not gil and "did not finish reading the writer's stack" in note
+        ), held
         assert named.syscall == "readv" and named.stack_captured, named
         assert named.stack[0].lineno == 13, named
         print("ok")
