@@ -31,7 +31,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .probe import (
+from .engines import (
+    KERNEL_WRITES_NAMED,
+    USER_MODE_ONLY_WRITERS,
+    EngineChoice,
+    choose_engine,
+)
+from .kernel.capabilities import (
     FEATURE_NOTES,
     FEATURES,
     KERNEL_WRITES_REMEDY,
@@ -39,12 +45,6 @@ from .probe import (
     Capabilities,
     feature_since,
     probe,
-)
-from .tracking import (
-    KERNEL_WRITES_NAMED,
-    USER_MODE_ONLY_WRITERS,
-    EngineChoice,
-    choose_engine,
 )
 
 PAGE = mmap.PAGESIZE
@@ -193,14 +193,14 @@ def _ioctl_names(mask: int) -> str:
 
 def register_kinds(caps: Capabilities) -> list[Check]:
     """Register one page (or huge page) of each memory kind in WP mode."""
-    from .backing import hugetlb_unavailable, open_mapping
+    from .kernel.backing import hugetlb_unavailable, open_mapping
 
     rows = []
     if caps.open_method is None:
         return [Check("register", "skipped", INFO, "no userfaultfd could be opened")]
     from . import _uffd
-    from .memory import address_of
-    from .probe import open_uffd
+    from .kernel.capabilities import open_uffd
+    from .kernel.memory import address_of
 
     features = FEATURES["pagefault_flag_wp"]
     if caps.has("wp_hugetlbfs_shmem"):
@@ -282,8 +282,8 @@ def _sync_case(method: str, features: int, touched: bool) -> bool:
     import threading
 
     from . import _uffd
-    from .memory import address_of
-    from .probe import open_uffd
+    from .kernel.capabilities import open_uffd
+    from .kernel.memory import address_of
 
     region = mmap.mmap(-1, PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     start = address_of(region)
@@ -319,9 +319,9 @@ def _async_case(method: str) -> bool:
     import ctypes
 
     from . import _uffd
-    from .memory import address_of
-    from .pagemap import Pagemap
-    from .probe import open_uffd
+    from .kernel.capabilities import open_uffd
+    from .kernel.memory import address_of
+    from .kernel.pagemap import Pagemap
 
     region = mmap.mmap(-1, 2 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     start = address_of(region)

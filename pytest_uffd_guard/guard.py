@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any, Union
 
-from .backing import open_mapping, overlay
+from .engines import Region, Tracker, make_tracker
 from .errors import (
     BufferAllocationError,
     BufferClosedError,
@@ -31,11 +31,11 @@ from .errors import (
     UffdGuardError,
     UnsupportedPlatformError,
 )
-from .forksafe import ForkSafeLock
-from .memory import PAGE_SIZE, address_of, anonymous_map, copy, resource_error, round_up
+from .kernel.backing import open_mapping, overlay
+from .kernel.memory import PAGE_SIZE, address_of, anonymous_map, copy, resource_error, round_up
+from .kernel.process import ForkSafeLock
+from .kernel.records import Change, WriteRecord
 from .names import ENGINES
-from .records import Change, WriteRecord
-from .tracking import Region, Tracker, make_tracker
 
 Source = Union[int, bytes, bytearray, memoryview, Any]
 
@@ -55,7 +55,7 @@ _show.maxstring = _show.maxother = 60
 
 def _diff_runs(a: int, b: int, length: int) -> list[tuple[int, int]]:
     """Runs of differing bytes between two raw memories of ``length`` bytes."""
-    from .diff_tracker import diff_runs
+    from .engines.diff import diff_runs
 
     return diff_runs(a, b, length)
 

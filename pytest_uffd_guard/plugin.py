@@ -74,9 +74,9 @@ from .state import (
 from .verdict import Range
 
 if TYPE_CHECKING:
+    from .engines import EngineChoice
     from .guard import GuardedBuffer
-    from .records import WriteRecord
-    from .tracking import EngineChoice
+    from .kernel.records import WriteRecord
 
 __all__ = [
     "BAD_MARKER",
@@ -124,7 +124,7 @@ def engine_choice(config: pytest.Config) -> tuple[str, str]:
     A two-field view of ``tracking.choose_engine`` kept for the JSON writer;
     new code should read the ``EngineChoice`` (``choose_engine(...).as_dict()``).
     """
-    from .tracking import choose_engine
+    from .engines import choose_engine
 
     choice = choose_engine(engine_request(config))
     if choice.usable:
@@ -135,7 +135,7 @@ def engine_choice(config: pytest.Config) -> tuple[str, str]:
 
 def engine_name(config: pytest.Config) -> str:
     """The engine in use, as shown to users: "sync (auto)", "diff"."""
-    from .tracking import choose_engine
+    from .engines import choose_engine
 
     requested = engine_request(config)
     engine = choose_engine(requested).runs
@@ -252,8 +252,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    from .probe import capabilities
-    from .tracking import choose_engine
+    from .engines import choose_engine
+    from .kernel.capabilities import capabilities
 
     caps = capabilities()
     settings = config.stash[settings_key]
@@ -332,7 +332,7 @@ class Manager:
             item_state(item).marked = marked
 
     def _check_available(self) -> None:
-        from .tracking import choose_engine
+        from .engines import choose_engine
 
         choice = choose_engine(engine_request(self.config))
         if choice.usable:
@@ -446,7 +446,7 @@ class Manager:
             return False
         if not (isinstance(excinfo.value, OSError) and excinfo.value.errno == errno.EFAULT):
             return False
-        from .probe import capabilities
+        from .kernel.capabilities import capabilities
 
         if not capabilities().user_mode_only:
             return False
@@ -455,8 +455,8 @@ class Manager:
         )
 
     def _efault_hint(self) -> str:
-        from .probe import KERNEL_WRITES_REMEDY
-        from .tracking import choose_engine
+        from .engines import choose_engine
+        from .kernel.capabilities import KERNEL_WRITES_REMEDY
 
         auto = choose_engine("auto")
         return (
@@ -599,7 +599,7 @@ class Manager:
         path = self.settings.report_json
         if path is None or is_worker(self.config):
             return
-        from .probe import capabilities
+        from .kernel.capabilities import capabilities
 
         caps = capabilities()
         engine, why = engine_choice(self.config)

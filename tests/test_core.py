@@ -26,7 +26,7 @@ from pytest_uffd_guard import (
     capabilities,
 )
 from pytest_uffd_guard import _uffd as core
-from pytest_uffd_guard.probe import wp_since
+from pytest_uffd_guard.kernel.capabilities import wp_since
 
 from .conftest import bound, expected_offset, expected_write, run_python, sync_buffers
 

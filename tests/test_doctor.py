@@ -21,7 +21,7 @@ import pytest
 
 from pytest_uffd_guard import doctor
 from pytest_uffd_guard.doctor import UNTOUCHED_TRAP, Check, Problem, Report, diagnose, render
-from pytest_uffd_guard.probe import KERNEL_WRITES_REMEDY, SECCOMP_REMEDY, capabilities
+from pytest_uffd_guard.kernel.capabilities import KERNEL_WRITES_REMEDY, SECCOMP_REMEDY, capabilities
 
 from .conftest import bound, run_python
 
@@ -223,7 +223,7 @@ def test_guarded_buffer_under_seccomp_runs_diff(seccomp_deny: str) -> None:
     result = run_python(
         """
         from pytest_uffd_guard import GuardedBuffer
-        from pytest_uffd_guard.tracking import choose_engine
+        from pytest_uffd_guard.engines import choose_engine
         assert not choose_engine("auto").usable
         with GuardedBuffer(8192, engine="diff") as buf:
             buf[100] = 1
@@ -321,7 +321,7 @@ def test_open_failure_wording_follows_the_kernel() -> None:
     from 6.1, and a forced user-mode-only open on 5.10 needs 5.11, not the sysctl."""
     import errno
 
-    from pytest_uffd_guard.probe import OpenAttempt, _explain_open_failure, _why_no_fd
+    from pytest_uffd_guard.kernel.capabilities import OpenAttempt, _explain_open_failure, _why_no_fd
 
     old, new = (5, 10, 0), (6, 12, 0)
     for method in ("syscall", "syscall-user-mode-only"):
@@ -346,7 +346,7 @@ def test_open_failure_wording_follows_the_kernel() -> None:
 
 def test_no_write_protect_reason_names_the_architecture() -> None:
     """issue 13 item 3: arm64 gained uffd-wp in Linux 6.10, not 5.7."""
-    from pytest_uffd_guard.probe import _no_wp_reason, feature_since, wp_since
+    from pytest_uffd_guard.kernel.capabilities import _no_wp_reason, feature_since, wp_since
 
     assert wp_since("x86_64") == "5.7" and wp_since("aarch64") == "6.10"
     assert feature_since("pagefault_flag_wp", "aarch64") == "6.10"

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from pytest_uffd_guard import BufferClosedError, GuardedBuffer, capabilities
-from pytest_uffd_guard.async_tracker import async_unavailable
+from pytest_uffd_guard.engines.async_ import async_unavailable
 from tests.conftest import run_python
 
 PAGE = mmap.PAGESIZE
@@ -93,7 +93,7 @@ def test_forksafe_lock_is_free_in_the_child_unless_the_forker_holds_it() -> None
     result = run_python(
         """
         import os, threading
-        from pytest_uffd_guard.forksafe import ForkSafeLock
+        from pytest_uffd_guard.kernel.process import ForkSafeLock
         other, mine = ForkSafeLock(), ForkSafeLock()
         held, release = threading.Event(), threading.Event()
         def hold():

@@ -8,7 +8,7 @@ import mmap
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .errors import UffdGuardError
+    from ..errors import UffdGuardError
 
 PAGE_SIZE = mmap.PAGESIZE
 
@@ -72,7 +72,7 @@ def resource_error(exc: OSError, doing: str) -> UffdGuardError:
     memory itself, each with its own remedy.  ``doing`` reads like
     "mapping 4096 bytes for a guarded buffer".
     """
-    from .errors import BufferAllocationError, ResourceLimitError
+    from ..errors import BufferAllocationError, ResourceLimitError
 
     code = exc.errno
     reason = exc.strerror or str(exc)

@@ -24,18 +24,18 @@ import os
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
-from .diff_tracker import PageLog, first_changes
-from .errors import UffdUnavailableError
-from .forksafe import ForkSafeLock
-from .pagemap import Pagemap
-from .probe import FEATURES, Capabilities, capabilities, open_for
-from .records import WriteRecord
-from .tracking import KernelTracked
+from ..errors import UffdUnavailableError
+from ..kernel.capabilities import FEATURES, Capabilities, capabilities, open_for
+from ..kernel.pagemap import Pagemap
+from ..kernel.process import ForkSafeLock
+from ..kernel.records import WriteRecord
+from . import KernelTracked
+from .diff import PageLog, first_changes
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from .tracking import Region
+    from . import Region
 
 ASYNC_REMEDY = (
     "the async engine needs Linux 6.7+ (UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN); "
@@ -83,7 +83,7 @@ class AsyncEngine:
                 features |= FEATURES["wp_hugetlbfs_shmem"]
             fd = open_for(caps, "async userfaultfd")
             try:
-                from . import _uffd
+                from .. import _uffd
 
                 _uffd.api(fd, features)
                 pagemap = Pagemap()
@@ -115,7 +115,7 @@ class AsyncTracker(KernelTracked):
     def __init__(
         self, region: Region, *, max_records: int | None, stacks: int | None = None
     ) -> None:
-        from . import _uffd
+        from .. import _uffd
 
         self._core = _uffd
         self._fd, self._pagemap = ASYNC.start()

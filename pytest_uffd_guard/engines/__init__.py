@@ -38,13 +38,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from .errors import InvalidBufferError, TrackingStoppedError, UffdUnavailableError
-from .memory import PAGE_SIZE
-from .names import ENGINES
-from .records import WriteRecord
+from ..errors import InvalidBufferError, TrackingStoppedError, UffdUnavailableError
+from ..kernel.memory import PAGE_SIZE
+from ..kernel.records import WriteRecord
+from ..names import ENGINES
 
 if TYPE_CHECKING:
-    from .probe import Capabilities
+    from ..kernel.capabilities import Capabilities
 
 
 #: auto runs buffers at least this big on the hybrid engine where it exists:
@@ -201,7 +201,7 @@ def choose_engine(
     * no usable userfaultfd: unusable (the plugin skips; ``engine="diff"``
       must be asked for by name).
     """
-    from .probe import capabilities
+    from ..kernel.capabilities import capabilities
 
     if requested not in ENGINES:
         raise InvalidBufferError(
@@ -337,7 +337,7 @@ def _auto(
 
 
 def _requested_async(async_reason: str | None) -> EngineChoice:
-    from .async_tracker import ASYNC_REMEDY
+    from .async_ import ASYNC_REMEDY
 
     if async_reason is not None:
         return EngineChoice(
@@ -362,10 +362,10 @@ def _requested_async(async_reason: str | None) -> EngineChoice:
 def _requested_sync(
     requested: str, caps: Capabilities, how: str, async_reason: str | None
 ) -> EngineChoice:
-    from .probe import KERNEL_WRITES_REMEDY
+    from ..kernel.capabilities import KERNEL_WRITES_REMEDY
 
     if requested == "hybrid":
-        from .hybrid_tracker import BUDGET
+        from .hybrid import BUDGET
 
         if async_reason is not None:
             return EngineChoice(
@@ -406,13 +406,13 @@ def async_ok(caps: Capabilities) -> bool:
 
 
 def _async_unavailable(caps: Capabilities) -> str | None:
-    from .async_tracker import async_unavailable
+    from .async_ import async_unavailable
 
     return async_unavailable(caps)
 
 
 def _diff_limits() -> str:
-    from .diff_tracker import LIMITS
+    from .diff import LIMITS
 
     return LIMITS
 
@@ -455,13 +455,13 @@ def make_tracker(
     choice.check()
     engine = choice.engine
     if engine == "diff":
-        from .diff_tracker import DiffTracker as factory
+        from .diff import DiffTracker as factory
     elif engine == "async":
-        from .async_tracker import AsyncTracker as factory  # type: ignore[assignment]
+        from .async_ import AsyncTracker as factory  # type: ignore[assignment]
     elif engine == "hybrid":
-        from .hybrid_tracker import HybridTracker as factory  # type: ignore[assignment]
+        from .hybrid import HybridTracker as factory  # type: ignore[assignment]
     else:
-        from .sync_tracker import SyncTracker as factory  # type: ignore[assignment]
+        from .sync import SyncTracker as factory  # type: ignore[assignment]
     tracker: Tracker = factory(region, max_records=max_records, stacks=stacks)
     try:
         tracker.arm()

@@ -19,11 +19,11 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from .forksafe import ForkSafeLock
-from .records import WriteRecord
+from ..kernel.process import ForkSafeLock
+from ..kernel.records import WriteRecord
 
 if TYPE_CHECKING:
-    from .tracking import Region
+    from . import Region
 
 #: Why the diff engine is weaker; shown by the header, the doctor and docs.
 LIMITS = (
@@ -54,7 +54,7 @@ def diff_runs(a: int, b: int, length: int) -> list[tuple[int, int]]:
     if length <= 0:
         return []
     try:
-        from . import _uffd
+        from .. import _uffd
     except ImportError:
         return _diff_runs_py(a, b, length)
     runs, _ = _uffd.diff_runs(a, b, length, 1 << 62)

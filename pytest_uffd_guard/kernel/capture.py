@@ -241,7 +241,7 @@ def ensure_started() -> str | None:
     Returns None when writers can be named, else why not (the records then
     carry that as their ``stack_note``).
     """
-    from . import _uffd
+    from .. import _uffd
 
     # Names are kept whether or not stacks can be captured.
     watch_threads()
@@ -327,7 +327,7 @@ def _read_dump(raw: RawFault, wait: float) -> tuple[bool, tuple[Frame, ...]] | s
 
 def _dump_consumed() -> None:
     """Count one dump as read; once all are, the file may start afresh."""
-    from . import _uffd
+    from .. import _uffd
 
     with _consumed_lock:
         _state.consumed += 1
@@ -467,7 +467,7 @@ def _frames_of(tid: int) -> _Named:
 def _take_named(seq: int, wait: float) -> _Named:
     """The namer's answer for fault ``seq``; waits up to ``wait`` seconds
     while the handler is still asking (a record read before the answer)."""
-    from . import _uffd
+    from .. import _uffd
 
     deadline = time.monotonic() + wait
     while True:
@@ -616,8 +616,12 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 # ------------------------------------------------------- presentation
 
 
+#: The package's own directory (this module lives in its kernel/ folder).
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def _excluded_prefixes() -> tuple[str, ...]:
-    here = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    here = _PACKAGE + os.sep
     paths = sysconfig.get_paths()
     stdlib = {paths.get("stdlib"), paths.get("platstdlib")}
     return (here, *(os.path.join(p, "") for p in stdlib if p))
@@ -628,7 +632,7 @@ def _is_own_or_stdlib(filename: str) -> bool:
         return filename.startswith("<frozen ")
     path = os.path.abspath(filename)
     if "site-packages" in path or "dist-packages" in path:
-        here = os.path.dirname(os.path.abspath(__file__))
+        here = _PACKAGE
         # pytest's and pluggy's frames only say "a test ran": never the writer.
         runner = tuple(f"{os.sep}{name}{os.sep}" for name in ("_pytest", "pytest", "pluggy"))
         return path.startswith(here + os.sep) or any(part in path for part in runner)

@@ -299,7 +299,7 @@ def _explain_open_failure(
 
 
 def open_flags(method: str) -> int:
-    from . import _uffd
+    from .. import _uffd
 
     flags = int(_uffd.O_CLOEXEC | _uffd.O_NONBLOCK)
     if method == "syscall-user-mode-only":
@@ -309,7 +309,7 @@ def open_flags(method: str) -> int:
 
 def open_uffd(method: str) -> int:
     """Open a userfaultfd by ``method`` (one of ``OPEN_METHODS``)."""
-    from . import _uffd
+    from .. import _uffd
 
     return int(_uffd.open("dev" if method == "dev" else "syscall", open_flags(method)))
 
@@ -320,7 +320,7 @@ def open_for(caps: Capabilities, what: str) -> int:
     ``what`` names it in the error ("userfaultfd", "async userfaultfd").
     Raises UffdUnavailableError with the probe's remedy.
     """
-    from .errors import UffdUnavailableError
+    from ..errors import UffdUnavailableError
 
     assert caps.open_method is not None
     try:
@@ -350,7 +350,7 @@ def probe() -> Capabilities:
             "run the tests on Linux; elsewhere guarded buffers are skipped",
         )
     try:
-        from . import _uffd
+        from .. import _uffd
     except ImportError as exc:
         return _unavailable(
             base,
@@ -444,7 +444,7 @@ def register_probe(method: str, features: int) -> tuple[int | None, str | None]:
     Returns the range ioctls and an error message (None when write-protect
     is granted).
     """
-    from . import _uffd
+    from .. import _uffd
 
     page = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     fd = open_uffd(method)

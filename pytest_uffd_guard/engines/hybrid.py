@@ -48,14 +48,14 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
-from .async_tracker import AsyncTracker
-from .diff_tracker import first_changes, page_record
-from .forksafe import ForkSafeLock
-from .records import WriteRecord
-from .sync_tracker import SyncTracker
+from ..kernel.process import ForkSafeLock
+from ..kernel.records import WriteRecord
+from .async_ import AsyncTracker
+from .diff import first_changes, page_record
+from .sync import SyncTracker
 
 if TYPE_CHECKING:
-    from .tracking import Region
+    from . import Region
 
 #: Sync faults (pages) per buffer before it moves to the async engine.
 BUDGET = 1024

@@ -19,10 +19,10 @@ import os
 import weakref
 from typing import TYPE_CHECKING, Protocol
 
-from .errors import UffdUnavailableError
-from .forksafe import ForkSafeLock
+from ..errors import UffdUnavailableError
+from .capabilities import FEATURES, Capabilities, capabilities, open_for
 from .memory import PAGE_SIZE
-from .probe import FEATURES, Capabilities, capabilities, open_for
+from .process import ForkSafeLock
 from .records import core_mismatch
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ class Engine:
 
     @property
     def core(self) -> ModuleType:
-        from . import _uffd
+        from .. import _uffd
 
         core: ModuleType = _uffd
         return core

@@ -13,16 +13,16 @@ import weakref
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
-from . import attribution
-from .attribution import thread_names
-from .engine import ENGINE
-from .errors import UffdUnavailableError
-from .memory import PAGE_SIZE
-from .records import KIND_DISCARD, KIND_NAMES, WriteRecord, unpack_faults
-from .tracking import KernelTracked
+from ..errors import UffdUnavailableError
+from ..kernel import capture as attribution
+from ..kernel.capture import thread_names
+from ..kernel.handler import ENGINE
+from ..kernel.memory import PAGE_SIZE
+from ..kernel.records import KIND_DISCARD, KIND_NAMES, WriteRecord, unpack_faults
+from . import KernelTracked
 
 if TYPE_CHECKING:
-    from .tracking import Region
+    from . import Region
 
 #: Records kept per buffer beyond one per page: the C core logs each page
 #: once per protection (later faults on it are counted as duplicates), so
