@@ -33,12 +33,12 @@ New engines implement the same protocol and are picked in ``make_tracker``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from ..errors import InvalidBufferError, TrackingStoppedError, UffdUnavailableError
+from ..kernel import process
 from ..kernel.memory import PAGE_SIZE
 from ..kernel.records import WriteRecord
 from ..names import ENGINES
@@ -87,12 +87,17 @@ class KernelTracked:
     """Stop state shared by the trackers that hold kernel registrations
     (sync, async): a copy inherited across fork() is never tracked."""
 
-    _pid: int
+    #: The process generation the tracker was made in (``kernel.process``).
+    _made_in: int
     _stopped: str | None
 
     @property
+    def _inherited(self) -> bool:
+        return process.inherited(self._made_in)
+
+    @property
     def stopped(self) -> str | None:
-        if self._pid != os.getpid():
+        if self._inherited:
             return "this buffer was inherited across fork(); it is not tracked in the child"
         return self._stopped
 

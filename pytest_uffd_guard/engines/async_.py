@@ -25,6 +25,7 @@ from contextlib import suppress
 from typing import TYPE_CHECKING
 
 from ..errors import UffdUnavailableError
+from ..kernel import process
 from ..kernel.capabilities import FEATURES, Capabilities, capabilities, open_for
 from ..kernel.pagemap import Pagemap
 from ..kernel.process import ForkSafeLock
@@ -124,7 +125,7 @@ class AsyncTracker(KernelTracked):
         self._length = length
         self._snapshot = region.snapshot
         self._unit = region.unit
-        self._pid = os.getpid()
+        self._made_in = process.generation()
         self._lock = ForkSafeLock()
         self._log = PageLog(max_records)
         self._paused = True

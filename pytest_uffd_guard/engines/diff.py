@@ -14,7 +14,6 @@ them to place each written page's record on its first changed byte.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -31,7 +30,7 @@ LIMITS = (
     "that stores the value already there is not seen and the writer is unknown"
 )
 
-_seq_lock = threading.Lock()
+_seq_lock = ForkSafeLock()
 _seq_next = 1
 
 

@@ -8,13 +8,13 @@ and the writer goes on.  See ``_uffd.c``.
 
 from __future__ import annotations
 
-import os
 import weakref
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UffdUnavailableError
 from ..kernel import capture as attribution
+from ..kernel import process
 from ..kernel.capture import thread_names
 from ..kernel.handler import ENGINE
 from ..kernel.memory import PAGE_SIZE
@@ -51,7 +51,7 @@ class SyncTracker(KernelTracked):
         address, length = region.address, region.length
         self._address = address
         self._length = length
-        self._pid = os.getpid()
+        self._made_in = process.generation()
         self._stopped: str | None = None
         self.overflow = 0
         #: Faults on pages already recorded since they were protected
@@ -148,7 +148,7 @@ class SyncTracker(KernelTracked):
 
     def close(self) -> list[WriteRecord]:
         self._finalizer.detach()
-        if self._pid == os.getpid():
+        if not self._inherited:
             self._take(*ENGINE.core.guard_remove(self._gid))
             ENGINE.untrack(self)
         self._stopped = self._stopped or "closed"

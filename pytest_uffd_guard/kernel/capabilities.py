@@ -26,6 +26,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from . import process
+
 OPEN_METHODS = ("dev", "syscall", "syscall-user-mode-only")
 
 #: Every userfaultfd feature bit that matters here, by name.
@@ -511,12 +513,21 @@ def _why_no_fd(
     )
 
 
-_cached: tuple[int, Capabilities] | None = None
+_cached: Capabilities | None = None
 
 
 def capabilities(refresh: bool = False) -> Capabilities:
     """What guarded buffers can do here (probed once per process)."""
     global _cached
-    if refresh or _cached is None or _cached[0] != os.getpid():
-        _cached = (os.getpid(), probe())
-    return _cached[1]
+    if refresh or _cached is None:
+        _cached = probe()
+    return _cached
+
+
+def _forget() -> None:
+    # A forked child probes again: it may have other rights (setuid, seccomp).
+    global _cached
+    _cached = None
+
+
+process.on_fork_child(_forget)

@@ -20,6 +20,7 @@ import weakref
 from typing import TYPE_CHECKING, Protocol
 
 from ..errors import UffdUnavailableError
+from . import process
 from .capabilities import FEATURES, Capabilities, capabilities, open_for
 from .memory import PAGE_SIZE
 from .process import ForkSafeLock
@@ -40,10 +41,18 @@ class Engine:
 
     def __init__(self) -> None:
         self._lock = ForkSafeLock()
-        self._pid = 0
+        #: The handler runs in this process (False again in a forked child).
+        self._running = False
         self._capabilities: Capabilities | None = None
         self._tracked: weakref.WeakSet[Tracked] = weakref.WeakSet()
         self._atexit_registered = False
+        process.on_fork_child(self._forget)
+
+    def _forget(self) -> None:
+        # A forked child: the C core already dropped the parent's fd and
+        # table; the buffers inherited here are plain copies.
+        self._running = False
+        self._tracked = weakref.WeakSet()
 
     @property
     def core(self) -> ModuleType:
@@ -58,8 +67,7 @@ class Engine:
         Raises UffdUnavailableError when the machine cannot guard memory.
         """
         with self._lock:
-            pid = os.getpid()
-            if self._pid == pid:
+            if self._running:
                 state = self.core.handler_state()
                 if state["running"]:
                     assert self._capabilities is not None
@@ -68,10 +76,7 @@ class Engine:
                 # way out).  Tell the buffers, then start afresh.
                 self._detach_all(f"the fault handler stopped: {state['error']}")
                 self.core.handler_stop()
-            elif self._pid:
-                # A forked child: the C core already dropped the parent's fd
-                # and table; the buffers inherited here are plain copies.
-                self._tracked = weakref.WeakSet()
+                self._running = False
             caps = capabilities()
             if not caps.available:
                 raise UffdUnavailableError(caps.reason or "userfaultfd is unavailable", caps.remedy)
@@ -91,7 +96,7 @@ class Engine:
             except (OSError, RuntimeError) as exc:
                 os.close(fd)
                 raise UffdUnavailableError(f"starting the fault handler failed: {exc}") from exc
-            self._pid = pid
+            self._running = True
             self._capabilities = caps
             if not self._atexit_registered:
                 atexit.register(self.stop)
@@ -108,7 +113,7 @@ class Engine:
 
     def failure(self) -> str | None:
         """Why this process's handler gave up, if it did (cheap)."""
-        if self._pid != os.getpid():
+        if not self._running:
             return None
         failure: str | None = self.core.handler_failure()
         return failure
@@ -128,11 +133,11 @@ class Engine:
         its last records first, so ``writes`` read later are whole.
         """
         with self._lock:
-            if self._pid != os.getpid():
+            if not self._running:
                 return
             self._detach_all("the engine was stopped")
             self.core.handler_stop()
-            self._pid = 0
+            self._running = False
 
     def _detach_all(self, reason: str) -> None:
         for buffer in list(self._tracked):
