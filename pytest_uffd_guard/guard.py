@@ -22,7 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any, Union
 
-from .engines import Region, Tracker, make_tracker
+from .engines import make_tracker
+from .engines.base import Region, Tracker
 from .errors import (
     BufferAllocationError,
     BufferClosedError,
@@ -55,7 +56,7 @@ _show.maxstring = _show.maxother = 60
 
 def _diff_runs(a: int, b: int, length: int) -> list[tuple[int, int]]:
     """Runs of differing bytes between two raw memories of ``length`` bytes."""
-    from .engines.diff import diff_runs
+    from .engines.pagediff import diff_runs
 
     return diff_runs(a, b, length)
 

@@ -51,7 +51,7 @@ class _Changes:
         self._snapshot = snapshot if isinstance(snapshot, int) else 0
         self._live = not buffer.closed and bool(self._address and self._snapshot)
         if self._live:
-            from .engines.diff import diff_runs
+            from .engines.pagediff import diff_runs
 
             self.runs = diff_runs(self._address, self._snapshot, len(buffer))
         else:

@@ -414,7 +414,7 @@ def test_first_changes_numpy_matches_byte_diff() -> None:
     pytest.importorskip("numpy")
     import random
 
-    from pytest_uffd_guard.engines import diff as diff_engine
+    from pytest_uffd_guard.engines import pagediff
     from pytest_uffd_guard.kernel.memory import address_of
 
     n = 128 * PAGE
@@ -426,14 +426,14 @@ def test_first_changes_numpy_matches_byte_diff() -> None:
     a[0], a[n - 1], a[7 * PAGE + PAGE - 1] = 1, 2, 3
     pa, pb = address_of(a), address_of(b)
     expected: dict[int, int] = {}
-    for offset, length in diff_engine.diff_runs(pa, pb, n):
+    for offset, length in pagediff.diff_runs(pa, pb, n):
         page = offset - offset % PAGE
         while page < offset + length:
             expected.setdefault(page, max(offset, page))
             page += PAGE
-    assert diff_engine._first_changes_numpy(pa, pb, 0, n, PAGE) == expected
+    assert pagediff._first_changes_numpy(pa, pb, 0, n, PAGE) == expected
     inner = {k: v for k, v in expected.items() if 2 * PAGE <= k < n - PAGE}
-    assert diff_engine._first_changes_numpy(pa, pb, 2 * PAGE, n - PAGE, PAGE) == inner
+    assert pagediff._first_changes_numpy(pa, pb, 2 * PAGE, n - PAGE, PAGE) == inner
 
 
 @pytest.mark.timeout(bound(60))

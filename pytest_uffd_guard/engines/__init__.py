@@ -1,21 +1,22 @@
-"""How a guarded buffer learns about writes: the Tracker seam.
+"""The engine registry: which engine tracks a buffer, and why.
 
-A GuardedBuffer owns its mapping and snapshot; a Tracker owns everything
-kernel-side about seeing writes into it.  Engines:
+An engine is a tracking strategy: a :class:`~.base.Tracker` that sees the
+writes into one buffer's memory (the seam itself is ``engines/base.py``;
+the engines import it, never this module, which imports them).  Engines:
 
 ``sync``
     userfaultfd write-protect with the native handler thread
-    (:mod:`pytest_uffd_guard.sync_tracker`): every first write into a page
+    (:mod:`pytest_uffd_guard.engines.sync`): every first write into a page
     is recorded with its exact offset and thread.
 ``async``
     ``UFFD_FEATURE_WP_ASYNC`` + ``PAGEMAP_SCAN`` (Linux 6.7+,
-    :mod:`pytest_uffd_guard.async_tracker`): writes never block; every
+    :mod:`pytest_uffd_guard.engines.async_`): writes never block; every
     written page is found, the writer is not known.
 ``hybrid``
     sync for the first writes of each buffer (named), then async for the
-    rest (Linux 6.7+, :mod:`pytest_uffd_guard.hybrid_tracker`).
+    rest (Linux 6.7+, :mod:`pytest_uffd_guard.engines.hybrid`).
 ``diff``
-    no userfaultfd (:mod:`pytest_uffd_guard.diff_tracker`): pages whose bytes
+    no userfaultfd (:mod:`pytest_uffd_guard.engines.diff`): pages whose bytes
     differ from the snapshot; blind to same-value writes and to the writer.
 ``auto``
     decided by ``choose_engine`` (one place; the plugin's skip, header and
@@ -33,80 +34,21 @@ New engines implement the same protocol and are picked in ``make_tracker``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..errors import InvalidBufferError, TrackingStoppedError, UffdUnavailableError
-from ..kernel import process
+from ..errors import InvalidBufferError, UffdUnavailableError
 from ..kernel.memory import PAGE_SIZE
-from ..kernel.records import WriteRecord
 from ..names import ENGINES
 
 if TYPE_CHECKING:
     from ..kernel.capabilities import Capabilities
+    from .base import Region, Tracker
 
 
 #: auto runs buffers at least this big on the hybrid engine where it exists:
 #: written in full under sync they would cost ~10 s per GiB in faults.
 AUTO_HYBRID_BYTES = 256 << 20
-
-
-class Tracker(Protocol):
-    """Kernel-side tracking of one mapping."""
-
-    #: Engine name shown to users ("sync", ...).
-    name: str
-    #: Writes recorded since the last drain did not fit the log.
-    overflow: int
-
-    def arm(self) -> None:
-        """Protect every page.  Called on a range that is not protected."""
-
-    def pause(self) -> None:
-        """Un-protect every page (waking blocked writers); record nothing."""
-
-    def resume(self) -> None:
-        """Protect every page again after ``pause``."""
-
-    def drain(self) -> list[WriteRecord]:
-        """Records that arrived since the last drain, oldest first."""
-
-    def discard(self) -> None:
-        """Drop records not drained yet (used when re-arming)."""
-
-    def close(self) -> list[WriteRecord]:
-        """Stop tracking for good, free any blocked writer, return the last records."""
-
-    @property
-    def stopped(self) -> str | None:
-        """Why tracking stopped early (handler failure, fork), or None."""
-
-
-class KernelTracked:
-    """Stop state shared by the trackers that hold kernel registrations
-    (sync, async): a copy inherited across fork() is never tracked."""
-
-    #: The process generation the tracker was made in (``kernel.process``).
-    _made_in: int
-    _stopped: str | None
-
-    @property
-    def _inherited(self) -> bool:
-        return process.inherited(self._made_in)
-
-    @property
-    def stopped(self) -> str | None:
-        if self._inherited:
-            return "this buffer was inherited across fork(); it is not tracked in the child"
-        return self._stopped
-
-    def _check(self) -> None:
-        reason = self.stopped
-        if reason is not None:
-            raise TrackingStoppedError(
-                f"the buffer is no longer tracked: {reason}", "create a new GuardedBuffer"
-            )
 
 
 #: What happens to writes made by the kernel inside system calls (readinto,
@@ -420,26 +362,6 @@ def _diff_limits() -> str:
     from .diff import LIMITS
 
     return LIMITS
-
-
-@dataclass(frozen=True)
-class Region:
-    """The memory a tracker watches."""
-
-    #: Start of the mapping.
-    address: int
-    #: Mapped bytes: whole units.
-    length: int
-    #: Bytes in use (``len()`` of the buffer).
-    size: int
-    #: Address of the snapshot taken at arming (``length`` bytes).
-    snapshot: int
-    #: Page size of the mapping (a huge page for hugetlb).
-    unit: int = PAGE_SIZE
-    #: A weak reference to the object that owns the memory: a background
-    #: thread (the hybrid watcher) holds the owner while it works on the
-    #: region, so the memory cannot be unmapped under it.
-    owner: Callable[[], object | None] | None = field(default=None, compare=False, repr=False)
 
 
 def make_tracker(

@@ -30,13 +30,13 @@ from ..kernel.capabilities import FEATURES, Capabilities, capabilities, open_for
 from ..kernel.pagemap import Pagemap
 from ..kernel.process import ForkSafeLock
 from ..kernel.records import WriteRecord
-from . import KernelTracked
-from .diff import PageLog, first_changes
+from .base import KernelTracked
+from .pagediff import PageLog, first_changes
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from . import Region
+    from .base import Region
 
 ASYNC_REMEDY = (
     "the async engine needs Linux 6.7+ (UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN); "

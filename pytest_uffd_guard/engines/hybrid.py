@@ -51,11 +51,11 @@ from typing import TYPE_CHECKING
 from ..kernel.process import ForkSafeLock
 from ..kernel.records import WriteRecord
 from .async_ import AsyncTracker
-from .diff import first_changes, page_record
+from .pagediff import first_changes, page_record
 from .sync import SyncTracker
 
 if TYPE_CHECKING:
-    from . import Region
+    from .base import Region
 
 #: Sync faults (pages) per buffer before it moves to the async engine.
 BUDGET = 1024

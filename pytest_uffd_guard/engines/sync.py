@@ -19,10 +19,10 @@ from ..kernel.capture import thread_names
 from ..kernel.handler import ENGINE
 from ..kernel.memory import PAGE_SIZE
 from ..kernel.records import KIND_DISCARD, KIND_NAMES, WriteRecord, unpack_faults
-from . import KernelTracked
+from .base import KernelTracked
 
 if TYPE_CHECKING:
-    from . import Region
+    from .base import Region
 
 #: Records kept per buffer beyond one per page: the C core logs each page
 #: once per protection (later faults on it are counted as duplicates), so

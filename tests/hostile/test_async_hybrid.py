@@ -424,7 +424,8 @@ def test_tracker_dropped_while_switching_keeps_its_memory(wp_async: None) -> Non
         from dataclasses import fields
         from pytest_uffd_guard.engines import hybrid
         from pytest_uffd_guard.kernel.memory import address_of
-        from pytest_uffd_guard.engines import Region, make_tracker
+        from pytest_uffd_guard.engines import make_tracker
+        from pytest_uffd_guard.engines.base import Region
         hybrid.BUDGET = 8
         P = mmap.PAGESIZE
         SIZE = 64 << 20
