@@ -46,6 +46,7 @@ from .kernel.capabilities import (
     feature_since,
     probe,
 )
+from .names import ENGINES
 
 PAGE = mmap.PAGESIZE
 
@@ -97,7 +98,7 @@ class Report:
     sections: dict[str, list[Check]] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     verdict: str = ""
-    #: What ``--uffd-engine=auto`` does here (``tracking.choose_engine``).
+    #: What ``--uffd-engine=auto`` does here (``engines.choose_engine``).
     engine: str = ""
     engine_reason: str = ""
     engine_usable: bool = False
@@ -532,7 +533,9 @@ def diagnose(e2e: bool = True) -> Report:
         Check("auto picks", auto.runs, OK if full else WARN, brief(auto.reason)),
         Check("kernel writes under auto", auto.kernel_writes, OK if full else WARN),
     ]
-    for name in ("sync", "async", "hybrid", "diff"):
+    for name in ENGINES:
+        if name == "auto":
+            continue
         choice = choose_engine(name, caps=caps)
         engines.append(
             Check(

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any, Union
 
-from .engines import make_tracker
+from .engines import EngineChoice, choose_engine, make_tracker
 from .engines.base import Region, Tracker
 from .errors import (
     BufferAllocationError,
@@ -30,7 +30,6 @@ from .errors import (
     InvalidBufferError,
     TrackingStoppedError,
     UffdGuardError,
-    UnsupportedPlatformError,
 )
 from .kernel.backing import open_mapping, overlay
 from .kernel.memory import PAGE_SIZE, address_of, anonymous_map, copy, resource_error, round_up
@@ -200,7 +199,7 @@ class GuardedBuffer(mmap.mmap):
     ``engine`` is ``"auto"`` (sync, or hybrid for very big buffers),
     ``"sync"``, ``"async"``, ``"hybrid"`` or ``"diff"`` (no userfaultfd: a
     byte comparison, blind to same-value writes and to the writer; the only
-    engine that runs where userfaultfd cannot) - see ``tracking.py``.
+    engine that runs where userfaultfd cannot) - see ``engines/__init__.py``.
     ``backing`` is ``"anonymous"``, ``"shmem"`` or ``"hugetlb"`` (``backing.py``).
     """
 
@@ -213,6 +212,7 @@ class GuardedBuffer(mmap.mmap):
     _source: memoryview | None
     _max_records: int | None
     _stacks: int | None
+    _choice: EngineChoice
 
     def __new__(
         cls,
@@ -226,12 +226,6 @@ class GuardedBuffer(mmap.mmap):
     ) -> GuardedBuffer:
         # Everything is checked before anything is mapped.
         engine = _check_choice(engine, "engine", ENGINES)
-        # Only the diff engine, asked for by name, runs off Linux.
-        if not sys.platform.startswith("linux") and engine != "diff":
-            raise UnsupportedPlatformError(
-                f"guarded buffers need Linux userfaultfd; this is {sys.platform}",
-                "run on Linux; the pytest plugin skips guarded tests elsewhere",
-            )
         size, view = _parse_source(source)
         name = _check_name(name)
         if max_records is not None:
@@ -253,6 +247,12 @@ class GuardedBuffer(mmap.mmap):
             )
         kind = open_mapping(backing, size, name or "buffer")
         try:
+            # The one decision (engines.choose_engine), before any mapping:
+            # off Linux only the diff engine, asked for by name, runs.
+            choice = choose_engine(
+                engine, round_up(size, kind.unit), unit=kind.unit, backing=backing
+            )
+            choice.check()
             self = super().__new__(
                 cls,
                 kind.fd if not kind.overlay else -1,
@@ -275,6 +275,7 @@ class GuardedBuffer(mmap.mmap):
         finally:
             if kind.fd >= 0:
                 os.close(kind.fd)
+        self._choice = choice
         self._size = size
         self._unit = kind.unit
         self._source = view
@@ -341,7 +342,7 @@ class GuardedBuffer(mmap.mmap):
             )
             try:
                 self._tracker: Tracker = make_tracker(
-                    engine,
+                    self._choice,
                     region,
                     max_records=self._max_records,
                     backing=self.backing,

@@ -109,7 +109,7 @@ DIFF_HINT = f"or run with {ENGINE_OPTION}=diff to compare bytes instead (weaker:
 def engine_request(config: pytest.Config) -> str:
     """The engine the plugin asks GuardedBuffer for (``--uffd-engine``).
 
-    What it resolves to is ``tracking.choose_engine``'s answer, the same for
+    What it resolves to is ``engines.choose_engine``'s answer, the same for
     the skip (``Manager._check_available``), the header and the JSON: where
     nothing can track, guarded tests are skipped; diffing runs only when
     asked for by name.
@@ -121,7 +121,7 @@ def engine_choice(config: pytest.Config) -> tuple[str, str]:
     """The session's engine and why, for the JSON header: the engine that
     runs, or "none" with the skip's own message when nothing can.
 
-    A two-field view of ``tracking.choose_engine`` kept for the JSON writer;
+    A two-field view of ``engines.choose_engine`` kept for the JSON writer;
     new code should read the ``EngineChoice`` (``choose_engine(...).as_dict()``).
     """
     from .engines import choose_engine
@@ -436,7 +436,8 @@ class Manager:
         """Did the test fail with EFAULT from a kernel write our engine broke?
 
         Only the sync phase (sync, hybrid) of a user-mode-only userfaultfd
-        does that; auto never picks it there (``tracking.choose_engine``).
+        does that; auto never picks it there.  Which engine breaks kernel
+        writes is ``engines.choose_engine``'s answer (``kernel_writes``).
         """
         import errno
 
@@ -446,12 +447,13 @@ class Manager:
             return False
         if not (isinstance(excinfo.value, OSError) and excinfo.value.errno == errno.EFAULT):
             return False
-        from .kernel.capabilities import capabilities
+        from .engines import KERNEL_WRITES_BREAK, choose_engine
+        from .names import ENGINES
 
-        if not capabilities().user_mode_only:
-            return False
+        running = {getattr(entry.buffer, "engine", None) for entry in state.entries}
         return any(
-            getattr(entry.buffer, "engine", None) in ("sync", "hybrid") for entry in state.entries
+            name in ENGINES and choose_engine(name).kernel_writes == KERNEL_WRITES_BREAK
+            for name in running
         )
 
     def _efault_hint(self) -> str:

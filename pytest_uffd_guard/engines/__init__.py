@@ -37,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import InvalidBufferError, UffdUnavailableError
+from ..errors import InvalidBufferError, UffdUnavailableError, UnsupportedPlatformError
 from ..kernel.memory import PAGE_SIZE
 from ..names import ENGINES
 
@@ -92,6 +92,8 @@ class EngineChoice:
     kernel_writes: str = KERNEL_WRITES_NAMED
     #: Unusable because of the request itself (e.g. sync on hugetlb), not the machine.
     misuse: bool = False
+    #: Unusable because this is not Linux (UnsupportedPlatformError).
+    off_linux: bool = False
 
     @property
     def runs(self) -> str:
@@ -114,6 +116,8 @@ class EngineChoice:
             return
         if self.misuse:
             raise InvalidBufferError(self.reason, self.remedy)
+        if self.off_linux:
+            raise UnsupportedPlatformError(self.reason, self.remedy)
         raise UffdUnavailableError(self.reason, self.remedy)
 
 
@@ -148,7 +152,7 @@ def choose_engine(
     * no usable userfaultfd: unusable (the plugin skips; ``engine="diff"``
       must be asked for by name).
     """
-    from ..kernel.capabilities import capabilities
+    from ..kernel.capabilities import capabilities, not_linux
 
     if requested not in ENGINES:
         raise InvalidBufferError(
@@ -162,6 +166,18 @@ def choose_engine(
             "requested; " + _diff_limits(),
             "requested: bytes compared at the end; same-value writes and writers not seen",
             kernel_writes=KERNEL_WRITES_COMPARED,
+        )
+    off_linux = not_linux()
+    if off_linux is not None:
+        return EngineChoice(
+            requested,
+            "sync" if requested == "auto" else requested,
+            False,
+            off_linux[0],
+            "not Linux",
+            off_linux[1],
+            KERNEL_WRITES_NONE,
+            off_linux=True,
         )
     if caps is None:
         caps = capabilities()
@@ -365,7 +381,7 @@ def _diff_limits() -> str:
 
 
 def make_tracker(
-    engine: str,
+    engine: str | EngineChoice,
     region: Region,
     *,
     max_records: int | None,
@@ -375,17 +391,21 @@ def make_tracker(
     """Start tracking ``region``, which must hold its initial contents and
     not be protected yet; the tracker is armed on return.
 
+    ``engine`` is a request ("auto", ...) or the ``choose_engine`` answer
+    the caller already has (GuardedBuffer asks before it maps anything).
+
     ``stacks`` bounds how many writers are named (None: the default; only
     the sync phase of the sync and hybrid engines names writers).
     """
-    choice = choose_engine(engine, region.length, unit=region.unit, backing=backing)
-    choice.check()
-    engine = choice.engine
-    if engine == "diff":
+    if isinstance(engine, str):
+        engine = choose_engine(engine, region.length, unit=region.unit, backing=backing)
+    engine.check()
+    name = engine.engine
+    if name == "diff":
         from .diff import DiffTracker as factory
-    elif engine == "async":
+    elif name == "async":
         from .async_ import AsyncTracker as factory  # type: ignore[assignment]
-    elif engine == "hybrid":
+    elif name == "hybrid":
         from .hybrid import HybridTracker as factory  # type: ignore[assignment]
     else:
         from .sync import SyncTracker as factory  # type: ignore[assignment]

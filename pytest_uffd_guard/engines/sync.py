@@ -16,7 +16,7 @@ from ..errors import UffdUnavailableError
 from ..kernel import capture as attribution
 from ..kernel import process
 from ..kernel.capture import thread_names
-from ..kernel.handler import ENGINE
+from ..kernel.handler import HANDLER
 from ..kernel.memory import PAGE_SIZE
 from ..kernel.records import KIND_DISCARD, KIND_NAMES, WriteRecord, unpack_faults
 from .base import KernelTracked
@@ -37,7 +37,7 @@ DISCARD_NOTE = "madvise discarded these bytes; the kernel does not say which thr
 def _release_guard(gid: int) -> None:
     """Finalizer: forget a guard whose tracker was garbage-collected."""
     with suppress(Exception):  # interpreter shutdown may have torn things down
-        ENGINE.core.guard_remove(gid)
+        HANDLER.core.guard_remove(gid)
 
 
 class SyncTracker(KernelTracked):
@@ -63,7 +63,7 @@ class SyncTracker(KernelTracked):
             if max_records is not None
             else min(pages + RECORD_SLACK, MAX_DEFAULT_RECORDS)
         )
-        caps = ENGINE.start()
+        caps = HANDLER.start()
         self._stacks = attribution.DEFAULT_STACKS if stacks is None else stacks
         # Why writers cannot be named in this process, if they cannot.
         self._stack_note = attribution.ensure_started() if self._stacks else None
@@ -71,7 +71,7 @@ class SyncTracker(KernelTracked):
         # insert per thread start).
         attribution.watch_threads()
         budget = self._stacks if self._stack_note is None else 0
-        core = ENGINE.core
+        core = HANDLER.core
         self._gid, ioctls = core.guard_add(address, length, PAGE_SIZE, capacity, budget)
         # The register mask, not UFFDIO_API, says whether this range can be
         # write-protected (the probe checked anonymous memory only).
@@ -83,20 +83,20 @@ class SyncTracker(KernelTracked):
                 "use backing='anonymous' (or a newer kernel for shmem/hugetlb), "
                 "or engine='diff' for this buffer",
             )
-        # atexit=False: at exit the engine detaches (drains) every tracker
+        # atexit=False: at exit the handler detaches (drains) every tracker
         # before it stops; an exit-time finalizer would drop the records.
         self._finalizer = weakref.finalize(self, _release_guard, self._gid)
         self._finalizer.atexit = False
         self._wp_unpopulated = caps.has("wp_unpopulated")
         self._exact = caps.has("exact_address")
         self._pending: list[WriteRecord] = []
-        ENGINE.track(self)
+        HANDLER.track(self)
 
     @property
     def stopped(self) -> str | None:
         reason = super().stopped
         if reason is None:
-            failure = ENGINE.failure()
+            failure = HANDLER.failure()
             if failure is not None:
                 # The handler gave up (and unregistered every range): keep
                 # what was recorded, stop tracking, say why.
@@ -108,14 +108,14 @@ class SyncTracker(KernelTracked):
         """A core call on this guard; a handler that gave up meanwhile
         becomes TrackingStoppedError, not the core's RuntimeError."""
         try:
-            return getattr(ENGINE.core, name)(self._gid, *args)
+            return getattr(HANDLER.core, name)(self._gid, *args)
         except RuntimeError:
             self._check()  # raises TrackingStoppedError if the handler gave up
             raise
 
     def arm(self) -> None:
         self._check()
-        core = ENGINE.core
+        core = HANDLER.core
         if not self._wp_unpopulated:
             # Before Linux 6.4 (no WP_UNPOPULATED) protecting a page that
             # was never touched silently does nothing: fault them all in.
@@ -149,17 +149,17 @@ class SyncTracker(KernelTracked):
     def close(self) -> list[WriteRecord]:
         self._finalizer.detach()
         if not self._inherited:
-            self._take(*ENGINE.core.guard_remove(self._gid))
-            ENGINE.untrack(self)
+            self._take(*HANDLER.core.guard_remove(self._gid))
+            HANDLER.untrack(self)
         self._stopped = self._stopped or "closed"
         records, self._pending = self._pending, []
         return records
 
     def _detach(self, reason: str) -> None:
-        """Called by the engine when the handler stops: keep what we have."""
+        """Called by the handler when it stops: keep what we have."""
         if self._stopped is None:
             self._stopped = reason
-            self._take(*ENGINE.core.guard_drain(self._gid))
+            self._take(*HANDLER.core.guard_drain(self._gid))
 
     def _take(self, blob: bytes, overflow: int, duplicates: int = 0) -> None:
         self.overflow += overflow

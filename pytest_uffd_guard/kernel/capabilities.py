@@ -209,7 +209,7 @@ class Capabilities:
         With ``UFFD_USER_MODE_ONLY`` they do not: under those engines the
         system call fails with EFAULT or comes back short.  WP_ASYNC faults
         are resolved by the kernel itself, so the async engine records kernel
-        writes either way; which engine runs is ``tracking.choose_engine``'s
+        writes either way; which engine runs is ``engines.choose_engine``'s
         call (``EngineChoice.kernel_writes`` says what happens to them).
         """
         return self.available and not self.user_mode_only
@@ -333,6 +333,17 @@ def open_for(caps: Capabilities, what: str) -> int:
         ) from exc
 
 
+def not_linux() -> tuple[str, str] | None:
+    """Why this platform has no userfaultfd and what to do, or None on Linux."""
+    if sys.platform.startswith("linux"):
+        return None
+    return (
+        f"userfaultfd exists only on Linux, not on {sys.platform}",
+        "run the tests on Linux; elsewhere guarded buffers are skipped "
+        "(engine='diff' runs anywhere)",
+    )
+
+
 def _unavailable(base: dict[str, Any], reason: str, remedy: str | None) -> Capabilities:
     return Capabilities(available=False, reason=reason, remedy=remedy, **base)
 
@@ -345,12 +356,9 @@ def probe() -> Capabilities:
         "kernel": release,
         "kernel_version": kernel_version(release),
     }
-    if not sys.platform.startswith("linux"):
-        return _unavailable(
-            base,
-            f"userfaultfd exists only on Linux, not on {sys.platform}",
-            "run the tests on Linux; elsewhere guarded buffers are skipped",
-        )
+    off_linux = not_linux()
+    if off_linux is not None:
+        return _unavailable(base, *off_linux)
     try:
         from .. import _uffd
     except ImportError as exc:

@@ -1,13 +1,14 @@
 """The process's userfaultfd and its fault-handler thread.
 
-One engine per process: one userfaultfd, one native handler thread, any
-number of guarded ranges.  It starts on the first guarded buffer (importing
+One handler per process: one userfaultfd, one native handler thread, any
+number of guarded ranges (the sync engine's, and the hybrid engine's sync
+phases).  It starts on the first guarded buffer (importing
 the package opens nothing), restarts in a forked child that creates buffers
 of its own, and stops at interpreter exit: every tracked buffer first takes
 its last records (so an unclosed buffer's ``writes`` stay whole), then every
 range is unregistered so that no writer can be left blocked.
 
-Where the kernel offers ``UFFD_FEATURE_EVENT_REMOVE`` the engine asks for
+Where the kernel offers ``UFFD_FEATURE_EVENT_REMOVE`` the handler asks for
 it on top of the probe's features: ``madvise`` discarding guarded pages is
 then recorded, and the pages protected again (see ``_uffd.c``).
 """
@@ -31,12 +32,12 @@ if TYPE_CHECKING:
 
 
 class Tracked(Protocol):
-    """What the engine needs from a buffer it tracks."""
+    """What the handler needs from a tracker it serves."""
 
     def _detach(self, reason: str) -> None: ...
 
 
-class Engine:
+class Handler:
     """Owns this process's handler; see the module docstring."""
 
     def __init__(self) -> None:
@@ -135,7 +136,7 @@ class Engine:
         with self._lock:
             if not self._running:
                 return
-            self._detach_all("the engine was stopped")
+            self._detach_all("the fault handler was stopped")
             self.core.handler_stop()
             self._running = False
 
@@ -145,5 +146,5 @@ class Engine:
         self._tracked = weakref.WeakSet()
 
 
-#: The engine of this process.
-ENGINE = Engine()
+#: The fault handler of this process.
+HANDLER = Handler()
