@@ -29,6 +29,7 @@ from . import process
 from .memory import address_of
 from .uffd import (
     OPEN_METHODS,
+    HandshakeError,
     OpenAttempt,
     explain_open_failure,
     fresh_fd,
@@ -356,7 +357,7 @@ def register_probe(method: str, features: int) -> tuple[int | None, str | None]:
                 ioctls = register_once(fd, address_of(page), mmap.PAGESIZE)
             except OSError as exc:
                 return None, f"UFFDIO_REGISTER in write-protect mode failed: {exc.strerror}"
-    except OSError as exc:
+    except HandshakeError as exc:
         return None, f"UFFDIO_API with features {features:#x} failed: {exc.strerror}"
     finally:
         page.close()

@@ -141,16 +141,24 @@ def open_for(caps: Capabilities, what: str) -> int:
         ) from exc
 
 
+class HandshakeError(OSError):
+    """UFFDIO_API refused the features (the fd itself could be opened)."""
+
+
 @contextmanager
 def fresh_fd(method: str, features: int) -> Iterator[int]:
     """A new userfaultfd opened by ``method``, after UFFDIO_API with
     ``features``; closed on exit (which unregisters its ranges and lets any
-    blocked writer go on).  Raises OSError."""
+    blocked writer go on).  Raises OSError when it cannot be opened (EMFILE
+    is the caller's resource error), HandshakeError when UFFDIO_API fails."""
     from .. import _uffd
 
     fd = open_uffd(method)
     try:
-        _uffd.api(fd, features)
+        try:
+            _uffd.api(fd, features)
+        except OSError as exc:
+            raise HandshakeError(exc.errno, exc.strerror) from exc
         yield fd
     finally:
         os.close(fd)
