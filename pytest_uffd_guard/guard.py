@@ -374,6 +374,19 @@ class GuardedBuffer(ClosableMapping):
     def _runs(self) -> list[tuple[int, int]]:
         return diff_runs(self.address, self._snapshot_address, self._size)
 
+    def _changed_runs(self) -> list[tuple[int, int]]:
+        """``(offset, length)`` of each changed run, nothing copied (harvest)."""
+        with self._lock:
+            self._check_open()
+            return self._runs()
+
+    def _run_bytes(self, offset: int, n: int) -> tuple[bytes, bytes]:
+        """``n`` bytes at ``offset``: the snapshot's and the buffer's (harvest)."""
+        with self._lock:
+            self._check_open()
+            before = self._live_snapshot()[offset : offset + n]
+            return before, mmap.mmap.__getitem__(self, slice(offset, offset + n))
+
     def _diff(self, runs: list[tuple[int, int]], preview: int | None) -> list[Change]:
         snapshot = self._live_snapshot()
         result = []

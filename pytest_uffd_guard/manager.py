@@ -19,7 +19,7 @@ from .report import Finding
 from .session import engine_choice, engine_request, unavailable_message
 from .settings import ENGINE_INI, ENGINE_OPTION, Settings
 from .state import FIXTURE, REQUIRED_SUFFIX, Entry, is_worker, item_state, item_state_key
-from .verdict import Range
+from .verdict import Range, normalize_range
 
 if TYPE_CHECKING:
     from .guard import GuardedBuffer
@@ -92,7 +92,7 @@ class Manager:
             if problem is not None:  # outside the except: no chained traceback
                 pytest.fail(problem, pytrace=False)
             try:
-                allow = tuple(report.normalize_range(a, len(buffer)) for a in arg.allow)
+                allow = tuple(normalize_range(a, len(buffer)) for a in arg.allow)
             except ValueError as exc:
                 buffer.close()
                 pytest.fail(BAD_MARKER.format(test=item.nodeid, problem=exc), pytrace=False)
@@ -288,7 +288,7 @@ class Manager:
         entry = next((e for e in state.entries if e.buffer is buffer), None) if state else None
         if entry is None or not entry.allow:
             return None
-        return harvest.allowed_by_ranges(record, changes, entry.allow)
+        return harvest.allowed_by_ranges(record, changes, entry.allow, harvest.unit_of(buffer))
 
     # -- reports: status letter, collection, session summary
 
