@@ -206,12 +206,9 @@ class GuardedBuffer(ClosableMapping):
             # a one-byte write into a 2 MiB fault unit.
             if self.backing != "hugetlb" and hasattr(mmap, "MADV_NOHUGEPAGE"):
                 mmap.mmap.madvise(self, mmap.MADV_NOHUGEPAGE)
-            try:
-                self._snapshot = anonymous_map(self._length)
-            except OSError as exc:
-                raise resource_error(
-                    exc, f"mapping the {self._size}-byte snapshot of guarded buffer {self.name!r}"
-                ) from exc
+            self._snapshot = self._scratch(
+                f"mapping the {self._size}-byte snapshot of guarded buffer {self.name!r}"
+            )
             self._snapshot_address = address_of(self._snapshot)
             view, self._source = self._source, None
             if view is not None:
@@ -253,6 +250,14 @@ class GuardedBuffer(ClosableMapping):
             self._abandon()
             raise
 
+    def _scratch(self, doing: str) -> mmap.mmap:
+        """A private mapping of the buffer's length (snapshot, pause copy);
+        a refusal is the resource error for ``doing``."""
+        try:
+            return anonymous_map(self._length)
+        except OSError as exc:
+            raise resource_error(exc, doing) from exc
+
     @property
     def engine(self) -> str:
         """Name of the engine tracking this buffer."""
@@ -293,12 +298,9 @@ class GuardedBuffer(ClosableMapping):
         with self._lock:
             self._check_open()
             if self._pauses == 0:
-                try:
-                    self._pause_copy = anonymous_map(self._length)
-                except OSError as exc:
-                    raise resource_error(
-                        exc, f"copying guarded buffer {self.name!r} for unprotected()"
-                    ) from exc
+                self._pause_copy = self._scratch(
+                    f"copying guarded buffer {self.name!r} for unprotected()"
+                )
                 copy(address_of(self._pause_copy), self.address, self._size)
                 self._tracker.pause()
             self._pauses += 1

@@ -101,14 +101,12 @@ class EngineChoice:
         return self.engine if self.usable else "none"
 
     def as_dict(self) -> dict[str, object]:
-        return {
-            "engine": self.runs,
-            "engine_requested": self.requested,
-            "engine_usable": self.usable,
-            "engine_reason": self.reason,
-            "engine_remedy": self.remedy,
-            "kernel_writes": self.kernel_writes,
-        }
+        """The JSON fields: ``engine`` (what runs, or "none"), then
+        ``engine_requested``, ``engine_usable``, ``engine_reason``,
+        ``engine_remedy`` and ``kernel_writes``."""
+        names = ("runs", "requested", "usable", "reason", "remedy", "kernel_writes")
+        keys = ("engine", "engine_requested", "engine_usable", "engine_reason", "engine_remedy")
+        return {key: getattr(self, name) for key, name in zip((*keys, "kernel_writes"), names)}
 
     def check(self) -> None:
         """Raise the project's error for an unusable choice."""

@@ -225,8 +225,19 @@ def kernel_version(release: str) -> tuple[int, ...]:
     return tuple(numbers)
 
 
-def _env_list(name: str) -> list[str]:
-    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
+def _env_names(
+    variable: str, what: str, known: tuple[str, ...]
+) -> tuple[list[str], tuple[str, str] | None]:
+    """The comma-separated names in ``variable``, and the reason and remedy
+    when some are not ``known``."""
+    names = [item.strip() for item in os.environ.get(variable, "").split(",") if item.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        return names, (
+            f"{variable} names unknown {what}: {', '.join(unknown)}",
+            f"use {what} from: {', '.join(known)}",
+        )
+    return names, None
 
 
 def not_linux() -> tuple[str, str] | None:
@@ -268,23 +279,14 @@ def probe() -> Capabilities:
     seccomp = seccomp_mode()
     base["seccomp"] = seccomp
     base["unprivileged_userfaultfd"] = unprivileged_userfaultfd()
-    hidden = tuple(_env_list("PYTEST_UFFD_GUARD_HIDE_FEATURES"))
-    unknown = [name for name in hidden if name not in FEATURES]
-    if unknown:
-        return _unavailable(
-            base,
-            f"PYTEST_UFFD_GUARD_HIDE_FEATURES names unknown features: {', '.join(unknown)}",
-            f"use names from: {', '.join(FEATURES)}",
-        )
-    base["hidden_features"] = hidden
-    methods = _env_list("PYTEST_UFFD_GUARD_OPEN") or list(OPEN_METHODS)
-    bad = [m for m in methods if m not in OPEN_METHODS]
-    if bad:
-        return _unavailable(
-            base,
-            f"PYTEST_UFFD_GUARD_OPEN names unknown methods: {', '.join(bad)}",
-            f"use methods from: {', '.join(OPEN_METHODS)}",
-        )
+    hidden, bad = _env_names("PYTEST_UFFD_GUARD_HIDE_FEATURES", "features", tuple(FEATURES))
+    if bad is not None:
+        return _unavailable(base, *bad)
+    base["hidden_features"] = tuple(hidden)
+    methods, bad = _env_names("PYTEST_UFFD_GUARD_OPEN", "methods", OPEN_METHODS)
+    if bad is not None:
+        return _unavailable(base, *bad)
+    methods = methods or list(OPEN_METHODS)
 
     attempts: list[OpenAttempt] = []
     fd = -1
