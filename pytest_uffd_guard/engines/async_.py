@@ -26,11 +26,10 @@ from typing import TYPE_CHECKING
 
 from ..errors import UffdUnavailableError
 from ..kernel import process
-from ..kernel.capabilities import FEATURES, Capabilities, capabilities
+from ..kernel.capabilities import FEATURES, Capabilities, capabilities, open_for
 from ..kernel.pagemap import Pagemap
 from ..kernel.process import ForkSafeLock
 from ..kernel.records import WriteRecord
-from ..kernel.uffd import open_for
 from .base import KernelTracked
 from .pagediff import PageLog, first_changes
 

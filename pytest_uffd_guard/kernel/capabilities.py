@@ -240,6 +240,23 @@ def _env_names(
     return names, None
 
 
+def open_for(caps: Capabilities, what: str) -> int:
+    """Open a userfaultfd the way the probe found to work, for an engine.
+
+    ``what`` names it in the error ("userfaultfd", "async userfaultfd").
+    Raises UffdUnavailableError with the probe's remedy.
+    """
+    from ..errors import UffdUnavailableError
+
+    assert caps.open_method is not None
+    try:
+        return open_uffd(caps.open_method)
+    except OSError as exc:
+        raise UffdUnavailableError(
+            f"opening the {what} ({caps.open_method}) failed: {exc.strerror}", caps.remedy
+        ) from exc
+
+
 def not_linux() -> tuple[str, str] | None:
     """Why this platform has no userfaultfd and what to do, or None on Linux."""
     if sys.platform.startswith("linux"):

@@ -22,11 +22,10 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..errors import UffdUnavailableError
 from . import process
-from .capabilities import FEATURES, Capabilities, capabilities
+from .capabilities import FEATURES, Capabilities, capabilities, open_for
 from .memory import PAGE_SIZE
 from .process import ForkSafeLock
 from .records import core_mismatch
-from .uffd import open_for
 
 if TYPE_CHECKING:
     from types import ModuleType

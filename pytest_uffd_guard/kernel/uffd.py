@@ -13,10 +13,6 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .capabilities import Capabilities
 
 OPEN_METHODS = ("dev", "syscall", "syscall-user-mode-only")
 
@@ -122,23 +118,6 @@ def open_uffd(method: str) -> int:
     from .. import _uffd
 
     return int(_uffd.open("dev" if method == "dev" else "syscall", open_flags(method)))
-
-
-def open_for(caps: Capabilities, what: str) -> int:
-    """Open a userfaultfd the way the probe found to work, for an engine.
-
-    ``what`` names it in the error ("userfaultfd", "async userfaultfd").
-    Raises UffdUnavailableError with the probe's remedy.
-    """
-    from ..errors import UffdUnavailableError
-
-    assert caps.open_method is not None
-    try:
-        return open_uffd(caps.open_method)
-    except OSError as exc:
-        raise UffdUnavailableError(
-            f"opening the {what} ({caps.open_method}) failed: {exc.strerror}", caps.remedy
-        ) from exc
 
 
 class HandshakeError(OSError):
