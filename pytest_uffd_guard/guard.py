@@ -407,7 +407,8 @@ class GuardedBuffer(ClosableMapping):
     @property
     def stopped_reason(self) -> str | None:
         """Why tracking stopped early (handler error, fork), or None."""
-        return None if self._closed else self._tracker.stopped
+        stop = None if self._closed else self._tracker.stopped
+        return None if stop is None else str(stop)
 
     # --------------------------------------------------------- lifecycle
 
@@ -425,8 +426,9 @@ class GuardedBuffer(ClosableMapping):
             if self._closed:
                 return
             self._closed = True
-            self._records.extend(self._tracker.close())
-            self._overflow += self._tracker.overflow
+            last = self._tracker.close()
+            self._records.extend(last.records)
+            self._overflow += last.overflow
             # One pass over the runs, and at most KEEP_AT_CLOSE bytes (or a
             # preview of each run) copied out: never every changed byte.
             runs = self._runs()
@@ -469,9 +471,9 @@ class GuardedBuffer(ClosableMapping):
 
     def _drain(self) -> None:
         if not self._closed:
-            self._records.extend(self._tracker.drain())
-            self._overflow += self._tracker.overflow
-            self._tracker.overflow = 0
+            drained = self._tracker.drain()
+            self._records.extend(drained.records)
+            self._overflow += drained.overflow
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("tracking" if self.tracking else "not tracking")

@@ -17,7 +17,7 @@ import pytest
 
 from pytest_uffd_guard import GuardedBuffer, UffdUnavailableError, capabilities
 from pytest_uffd_guard.engines import ENGINES, choose_engine
-from pytest_uffd_guard.engines.async_ import async_unavailable
+from pytest_uffd_guard.kernel.asyncfd import async_unavailable
 
 from .conftest import bound, exact_address, expected_offset, run_python
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from pytest_uffd_guard import GuardedBuffer, UffdUnavailableError, capabilities
-from pytest_uffd_guard.engines.async_ import async_unavailable
+from pytest_uffd_guard.kernel.asyncfd import async_unavailable
 from pytest_uffd_guard.kernel.backing import huge_page_size, hugetlb_unavailable, meminfo
 
 from .conftest import bound, run_python

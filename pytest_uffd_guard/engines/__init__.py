@@ -298,7 +298,7 @@ def _auto(
 
 
 def _requested_async(async_reason: str | None) -> EngineChoice:
-    from .async_ import ASYNC_REMEDY
+    from ..kernel.asyncfd import ASYNC_REMEDY
 
     if async_reason is not None:
         return EngineChoice(
@@ -367,7 +367,7 @@ def async_ok(caps: Capabilities) -> bool:
 
 
 def _async_unavailable(caps: Capabilities) -> str | None:
-    from .async_ import async_unavailable
+    from ..kernel.asyncfd import async_unavailable
 
     return async_unavailable(caps)
 

@@ -20,95 +20,23 @@ read from several threads; each written page is reported once.
 
 from __future__ import annotations
 
-import os
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
 from ..errors import UffdUnavailableError
 from ..kernel import process
-from ..kernel.capabilities import FEATURES, Capabilities, capabilities, open_for
-from ..kernel.pagemap import Pagemap
+from ..kernel.asyncfd import ASYNC_FD
 from ..kernel.process import ForkSafeLock
-from ..kernel.records import WriteRecord
-from .base import KernelTracked
-from .pagediff import PageLog, first_changes
+from .base import CLOSED, Drained, KernelTracked, Stop
+from .pagediff import PageLog, PageLogged, first_changes
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from .base import Region
 
-ASYNC_REMEDY = (
-    "the async engine needs Linux 6.7+ (UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN); "
-    "use --uffd-engine=sync (or auto) on older kernels"
-)
 
-
-def async_unavailable(caps: Capabilities) -> str | None:
-    """Why the async engine cannot run here, or None if it can."""
-    if not caps.available:
-        return caps.reason or "userfaultfd is unavailable"
-    if not caps.has("wp_async"):
-        return "this kernel has no UFFD_FEATURE_WP_ASYNC (Linux 6.7+)"
-    return None
-
-
-class AsyncEngine:
-    """This process's async userfaultfd and pagemap fds, opened on first use."""
-
-    def __init__(self) -> None:
-        self._lock = ForkSafeLock()
-        self._pid = 0
-        self.fd = -1
-        self.features = 0
-        self.pagemap: Pagemap | None = None
-
-    def start(self) -> tuple[int, Pagemap]:
-        """This process's async userfaultfd and pagemap, opened if needed.
-
-        Raises UffdUnavailableError when the kernel cannot run the engine.
-        """
-        with self._lock:
-            if self._pid == os.getpid() and self.pagemap is not None:
-                return self.fd, self.pagemap
-            if self._pid:
-                # A forked child: the inherited fds speak for the parent's
-                # memory; drop them without touching the parent's ranges.
-                self._forget()
-            caps = capabilities()
-            reason = async_unavailable(caps)
-            if reason is not None:
-                raise UffdUnavailableError(reason, caps.remedy or ASYNC_REMEDY)
-            features = FEATURES["wp_async"] | FEATURES["wp_unpopulated"]
-            if caps.has("wp_hugetlbfs_shmem"):
-                features |= FEATURES["wp_hugetlbfs_shmem"]
-            fd = open_for(caps, "async userfaultfd")
-            try:
-                from .. import _uffd
-
-                _uffd.api(fd, features)
-                pagemap = Pagemap()
-            except OSError as exc:
-                os.close(fd)
-                raise UffdUnavailableError(
-                    f"setting up the async engine failed: {exc.strerror or exc}", ASYNC_REMEDY
-                ) from exc
-            self.fd, self.features, self.pagemap, self._pid = fd, features, pagemap, os.getpid()
-            return fd, pagemap
-
-    def _forget(self) -> None:
-        with suppress(OSError):
-            os.close(self.fd)
-        if self.pagemap is not None:
-            self.pagemap.close()
-        self.fd, self.pagemap, self._pid = -1, None, 0
-
-
-#: The async engine of this process.
-ASYNC = AsyncEngine()
-
-
-class AsyncTracker(KernelTracked):
+class AsyncTracker(PageLogged, KernelTracked):
     """Tracks one range on the process's WP_ASYNC userfaultfd."""
 
     name = "async"
@@ -119,7 +47,7 @@ class AsyncTracker(KernelTracked):
         from .. import _uffd
 
         self._core = _uffd
-        self._fd, self._pagemap = ASYNC.start()
+        self._fd, self._pagemap = ASYNC_FD.start()
         address, length = region.address, region.length
         self._address = address
         self._length = length
@@ -129,7 +57,7 @@ class AsyncTracker(KernelTracked):
         self._lock = ForkSafeLock()
         self._log = PageLog(max_records)
         self._paused = True
-        self._stopped: str | None = None
+        self._stopped: Stop | None = None
         try:
             ioctls = int(_uffd.register_wp(self._fd, address, length))
         except OSError as exc:
@@ -143,16 +71,6 @@ class AsyncTracker(KernelTracked):
                 f"UFFDIO_REGISTER did not grant UFFDIO_WRITEPROTECT (ioctls {ioctls:#x})",
                 "use engine='diff' for this memory kind",
             )
-
-    @property
-    def overflow(self) -> int:
-        with self._lock:
-            return self._log.overflow
-
-    @overflow.setter
-    def overflow(self, value: int) -> None:
-        with self._lock:
-            self._log.overflow = value
 
     def _protect(self, protect: bool) -> None:
         self._core.writeprotect(self._fd, self._address, self._length, protect)
@@ -179,24 +97,15 @@ class AsyncTracker(KernelTracked):
                 self._protect(True)
                 self._paused = False
 
-    def drain(self) -> list[WriteRecord]:
-        with self._lock:
-            self._collect()
-            return self._log.take()
-
-    def discard(self) -> None:
-        with self._lock:
-            self._log.reset()
-
-    def close(self) -> list[WriteRecord]:
+    def close(self) -> Drained:
         with self._lock:
             if self.stopped is None:
                 self._collect()
                 with suppress(OSError):
                     self._core.unregister(self._fd, self._address, self._length)
-            self._stopped = self._stopped or "closed"
+            self._stopped = self._stopped or CLOSED
             self._paused = True
-            return self._log.take()
+            return self._log.outbox.hand_over()
 
     def mark_reported(self, pages: Iterable[int]) -> None:
         """Treat ``pages`` (offsets) as reported already (hybrid: the pages

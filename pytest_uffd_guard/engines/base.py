@@ -8,6 +8,7 @@ Engines implement the protocol and import this module, never the registry
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -17,8 +18,62 @@ from ..kernel import process
 from ..kernel.memory import PAGE_SIZE
 from ..kernel.records import WriteRecord
 
-#: Why a tracker that holds kernel registrations stopped in a forked child.
-INHERITED = "this buffer was inherited across fork(); it is not tracked in the child"
+
+class StopReason(enum.Enum):
+    """Why a tracker no longer tracks."""
+
+    #: ``close()`` was called.
+    CLOSED = "closed"
+    #: The tracker was inherited across fork(): the child's copy is not tracked.
+    INHERITED = "inherited"
+    #: The fault handler gave up, or was stopped (interpreter exit).
+    HANDLER = "handler"
+    #: The hybrid engine could move the buffer neither to async nor back to sync.
+    LOST = "lost"
+
+
+@dataclass(frozen=True)
+class Stop:
+    """A reason to stop, and the sentence users see (``stopped_reason``)."""
+
+    reason: StopReason
+    detail: str
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+CLOSED = Stop(StopReason.CLOSED, "closed")
+INHERITED = Stop(
+    StopReason.INHERITED, "this buffer was inherited across fork(); it is not tracked in the child"
+)
+
+
+@dataclass(frozen=True)
+class Drained:
+    """What a tracker hands over at ``drain()`` or ``close()``: the records
+    since the last drain, oldest first, and how many more did not fit the
+    log (the count is the caller's from then on)."""
+
+    records: list[WriteRecord] = field(default_factory=list)
+    overflow: int = 0
+
+
+class Outbox:
+    """Records and an overflow count waiting for the next drain.
+
+    Not locked itself: its tracker holds its lock around every use.
+    """
+
+    def __init__(self) -> None:
+        self.records: list[WriteRecord] = []
+        self.overflow = 0
+
+    def hand_over(self) -> Drained:
+        """Everything waiting, which is the caller's from now on."""
+        drained = Drained(self.records, self.overflow)
+        self.records, self.overflow = [], 0
+        return drained
 
 
 class Tracker(Protocol):
@@ -26,8 +81,6 @@ class Tracker(Protocol):
 
     #: Engine name shown to users ("sync", ...).
     name: str
-    #: Writes recorded since the last drain did not fit the log.
-    overflow: int
 
     def arm(self) -> None:
         """Protect every page.  Called on a range that is not protected."""
@@ -38,18 +91,18 @@ class Tracker(Protocol):
     def resume(self) -> None:
         """Protect every page again after ``pause``."""
 
-    def drain(self) -> list[WriteRecord]:
-        """Records that arrived since the last drain, oldest first."""
+    def drain(self) -> Drained:
+        """Records that arrived since the last drain, and the overflow count."""
 
     def discard(self) -> None:
-        """Drop records not drained yet (used when re-arming)."""
+        """Drop records and overflow not drained yet (used when re-arming)."""
 
-    def close(self) -> list[WriteRecord]:
-        """Stop tracking for good, free any blocked writer, return the last records."""
+    def close(self) -> Drained:
+        """Stop tracking for good, free any blocked writer, hand over the rest."""
 
     @property
-    def stopped(self) -> str | None:
-        """Why tracking stopped early (handler failure, fork), or None."""
+    def stopped(self) -> Stop | None:
+        """Why tracking stopped (closed, handler failure, fork), or None."""
 
 
 class KernelTracked:
@@ -58,14 +111,14 @@ class KernelTracked:
 
     #: The process generation the tracker was made in (``kernel.process``).
     _made_in: int
-    _stopped: str | None
+    _stopped: Stop | None
 
     @property
     def _inherited(self) -> bool:
         return process.inherited(self._made_in)
 
     @property
-    def stopped(self) -> str | None:
+    def stopped(self) -> Stop | None:
         if self._inherited:
             return INHERITED
         return self._stopped

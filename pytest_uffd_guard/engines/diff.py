@@ -17,8 +17,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..kernel.process import ForkSafeLock
-from ..kernel.records import WriteRecord
-from .pagediff import PageLog, first_changes
+from .base import CLOSED, Drained, Stop
+from .pagediff import PageLog, PageLogged, first_changes
 
 if TYPE_CHECKING:
     from .base import Region
@@ -30,7 +30,7 @@ LIMITS = (
 )
 
 
-class DiffTracker:
+class DiffTracker(PageLogged):
     """Finds changed pages by comparing the buffer with its snapshot."""
 
     name = "diff"
@@ -48,18 +48,8 @@ class DiffTracker:
         self._closed = False
 
     @property
-    def overflow(self) -> int:
-        with self._lock:
-            return self._log.overflow
-
-    @overflow.setter
-    def overflow(self, value: int) -> None:
-        with self._lock:
-            self._log.overflow = value
-
-    @property
-    def stopped(self) -> str | None:
-        return "closed" if self._closed else None
+    def stopped(self) -> Stop | None:
+        return CLOSED if self._closed else None
 
     def arm(self) -> None:
         with self._lock:
@@ -70,24 +60,13 @@ class DiffTracker:
             self._collect()
             self._paused = True
 
-    def resume(self) -> None:
-        with self._lock:
-            self._paused = False
+    resume = arm
 
-    def drain(self) -> list[WriteRecord]:
-        with self._lock:
-            self._collect()
-            return self._log.take()
-
-    def discard(self) -> None:
-        with self._lock:
-            self._log.reset()
-
-    def close(self) -> list[WriteRecord]:
+    def close(self) -> Drained:
         with self._lock:
             self._collect()
             self._closed = True
-            return self._log.take()
+            return self._log.outbox.hand_over()
 
     def _collect(self) -> None:
         if self._paused or self._closed:

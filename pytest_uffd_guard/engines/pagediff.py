@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 from ..kernel.process import ForkSafeLock
 from ..kernel.records import WriteRecord
+from .base import Drained, Outbox
 
 _seq_lock = ForkSafeLock()
 _seq_next = 1
@@ -175,24 +176,40 @@ class PageLog:
     def __init__(self, capacity: int | None) -> None:
         self.capacity = capacity
         self.reported: set[int] = set()
-        self.pending: list[WriteRecord] = []
+        self.outbox = Outbox()
         self.kept = 0
-        self.overflow = 0
 
     def add(self, pages: Iterable[int], offsets: dict[int, int]) -> None:
         new = sorted(set(pages) - self.reported)
         self.reported.update(new)
         room = len(new) if self.capacity is None else max(0, self.capacity - self.kept)
         kept = new[:room]
-        self.overflow += len(new) - len(kept)
+        self.outbox.overflow += len(new) - len(kept)
         self.kept += len(kept)
-        self.pending.extend(page_records([offsets.get(p, p) for p in kept], time.monotonic()))
-
-    def take(self) -> list[WriteRecord]:
-        records, self.pending = self.pending, []
-        return records
+        found = page_records([offsets.get(p, p) for p in kept], time.monotonic())
+        self.outbox.records.extend(found)
 
     def reset(self) -> None:
         self.reported.clear()
-        self.pending = []
+        self.outbox = Outbox()
         self.kept = 0
+
+
+class PageLogged:
+    """``drain`` and ``discard`` of the trackers that find written pages
+    after the fact (async, diff): ``_collect`` adds them to ``_log``."""
+
+    _lock: ForkSafeLock
+    _log: PageLog
+
+    def _collect(self) -> None:
+        raise NotImplementedError
+
+    def drain(self) -> Drained:
+        with self._lock:
+            self._collect()
+            return self._log.outbox.hand_over()
+
+    def discard(self) -> None:
+        with self._lock:
+            self._log.reset()

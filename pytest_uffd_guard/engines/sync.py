@@ -19,7 +19,7 @@ from ..kernel.capture import thread_names
 from ..kernel.handler import HANDLER
 from ..kernel.memory import PAGE_SIZE
 from ..kernel.records import KIND_DISCARD, KIND_NAMES, WriteRecord, unpack_faults
-from .base import KernelTracked
+from .base import CLOSED, Drained, KernelTracked, Outbox, Stop, StopReason
 
 if TYPE_CHECKING:
     from .base import Region
@@ -52,8 +52,7 @@ class SyncTracker(KernelTracked):
         self._address = address
         self._length = length
         self._made_in = process.generation()
-        self._stopped: str | None = None
-        self.overflow = 0
+        self._stopped: Stop | None = None
         #: Faults on pages already recorded since they were protected
         #: (threads blocked on one page at once): counted, not recorded.
         self.duplicates = 0
@@ -89,11 +88,11 @@ class SyncTracker(KernelTracked):
         self._finalizer.atexit = False
         self._wp_unpopulated = caps.has("wp_unpopulated")
         self._exact = caps.has("exact_address")
-        self._pending: list[WriteRecord] = []
+        self._outbox = Outbox()
         HANDLER.track(self)
 
     @property
-    def stopped(self) -> str | None:
+    def stopped(self) -> Stop | None:
         reason = super().stopped
         if reason is None:
             failure = HANDLER.failure()
@@ -136,38 +135,36 @@ class SyncTracker(KernelTracked):
             self._take(*self._call("guard_drain"))
             self._call("guard_protect", True)
 
-    def drain(self) -> list[WriteRecord]:
+    def drain(self) -> Drained:
         if self.stopped is None:
             self._take(*self._call("guard_drain"))
-        records, self._pending = self._pending, []
-        return records
+        return self._outbox.hand_over()
 
     def discard(self) -> None:
         self.drain()
         self.duplicates = 0
 
-    def close(self) -> list[WriteRecord]:
+    def close(self) -> Drained:
         self._finalizer.detach()
         if not self._inherited:
             self._take(*HANDLER.core.guard_remove(self._gid))
             HANDLER.untrack(self)
-        self._stopped = self._stopped or "closed"
-        records, self._pending = self._pending, []
-        return records
+        self._stopped = self._stopped or CLOSED
+        return self._outbox.hand_over()
 
     def _detach(self, reason: str) -> None:
         """Called by the handler when it stops: keep what we have."""
         if self._stopped is None:
-            self._stopped = reason
+            self._stopped = Stop(StopReason.HANDLER, reason)
             self._take(*HANDLER.core.guard_drain(self._gid))
 
     def _take(self, blob: bytes, overflow: int, duplicates: int = 0) -> None:
-        self.overflow += overflow
+        self._outbox.overflow += overflow
         self.duplicates += duplicates
         names = thread_names() if blob else {}
         for raw in unpack_faults(blob):
             if raw.kind == KIND_DISCARD:
-                self._pending.append(
+                self._outbox.records.append(
                     WriteRecord(
                         offset=raw.address - self._address,
                         exact=True,
@@ -181,7 +178,7 @@ class SyncTracker(KernelTracked):
                     )
                 )
                 continue
-            self._pending.append(
+            self._outbox.records.append(
                 WriteRecord(
                     offset=raw.address - self._address,
                     exact=self._exact,

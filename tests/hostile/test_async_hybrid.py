@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from pytest_uffd_guard import capabilities
-from pytest_uffd_guard.engines.async_ import async_unavailable
+from pytest_uffd_guard.kernel.asyncfd import async_unavailable
 
 from ..conftest import run_python
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from pytest_uffd_guard import BufferClosedError, GuardedBuffer, capabilities
-from pytest_uffd_guard.engines.async_ import async_unavailable
+from pytest_uffd_guard.kernel.asyncfd import async_unavailable
 from tests.conftest import run_python
 
 PAGE = mmap.PAGESIZE
