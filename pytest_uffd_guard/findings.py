@@ -57,7 +57,7 @@ class WriteInfo:
     @classmethod
     def from_record(cls, record: Any, status: str, test_file: str | None = None) -> WriteInfo:
         """Plain data from a ``WriteRecord`` (its writer named where captured)."""
-        from .kernel.capture import describe_writer, user_frames
+        from .stacks import describe_writer, user_frames
 
         stack, dropped = _frames.trim([(f.filename, f.lineno, f.function) for f in record.stack])
         return cls(

@@ -26,8 +26,9 @@ import pytest_uffd_guard
 from pytest_uffd_guard import GuardedBuffer
 from pytest_uffd_guard.kernel import capture
 from pytest_uffd_guard.kernel.capabilities import capabilities
-from pytest_uffd_guard.kernel.capture import DEFAULT_STACKS, parse_dump, user_frames
+from pytest_uffd_guard.kernel.capture import DEFAULT_STACKS, parse_dump
 from pytest_uffd_guard.kernel.records import Frame, WriteRecord
+from pytest_uffd_guard.stacks import describe_writer, user_frames
 
 from .conftest import bound, sync_buffers, sync_engine_code
 
@@ -171,7 +172,7 @@ def test_pthread_without_python_state(pthread_writer: ctypes.CDLL) -> None:
     assert tid > 0 and rec.thread_id == tid
     assert rec.stack_captured and rec.has_python is False and rec.stack == ()
     assert rec.thread_name is None and rec.thread_comm
-    assert "without Python state" in capture.describe_writer(rec)
+    assert "without Python state" in describe_writer(rec)
     assert buf.changes()[0].after == b"\x09"
 
 
@@ -429,7 +430,7 @@ def test_user_frames_skip_package_and_stdlib() -> None:
     rec = WriteRecord(0, True, 1, "t", 0.0, 1, stack=stack, stack_captured=True)
     assert user_frames(rec) == [stack[3], stack[4]]
     assert user_frames(rec, 1) == [stack[3]]
-    assert "/proj/mod.py:4 in g" in capture.describe_writer(rec)
+    assert "/proj/mod.py:4 in g" in describe_writer(rec)
 
 
 def test_syscall_names() -> None:

@@ -13,11 +13,10 @@ from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UffdUnavailableError
-from ..kernel import capture as attribution
-from ..kernel import process
-from ..kernel.capture import thread_names
+from ..kernel import capture, process
 from ..kernel.handler import HANDLER
 from ..kernel.memory import PAGE_SIZE
+from ..kernel.namer import thread_names, watch_threads
 from ..kernel.records import KIND_DISCARD, KIND_NAMES, WriteRecord, unpack_faults
 from .base import CLOSED, Drained, KernelTracked, Outbox, Stop, StopReason
 
@@ -63,12 +62,12 @@ class SyncTracker(KernelTracked):
             else min(pages + RECORD_SLACK, MAX_DEFAULT_RECORDS)
         )
         caps = HANDLER.start()
-        self._stacks = attribution.DEFAULT_STACKS if stacks is None else stacks
+        self._stacks = capture.DEFAULT_STACKS if stacks is None else stacks
         # Why writers cannot be named in this process, if they cannot.
-        self._stack_note = attribution.ensure_started() if self._stacks else None
+        self._stack_note = capture.ensure_started() if self._stacks else None
         # Thread names are kept even when stacks are off (cheap: one dict
         # insert per thread start).
-        attribution.watch_threads()
+        watch_threads()
         budget = self._stacks if self._stack_note is None else 0
         core = HANDLER.core
         self._gid, ioctls = core.guard_add(address, length, PAGE_SIZE, capacity, budget)
@@ -186,6 +185,6 @@ class SyncTracker(KernelTracked):
                     thread_name=names.get(raw.tid) if raw.tid else None,
                     time=raw.time_ns / 1e9,
                     seq=raw.seq,
-                    **attribution.describe(raw, self._stack_note),
+                    **capture.describe(raw, self._stack_note),
                 )
             )

@@ -21,8 +21,8 @@ import pytest
 
 from pytest_uffd_guard import GuardedBuffer
 from pytest_uffd_guard.kernel.capabilities import capabilities
-from pytest_uffd_guard.kernel.capture import user_frames
 from pytest_uffd_guard.kernel.records import Frame, WriteRecord
+from pytest_uffd_guard.stacks import user_frames
 from tests.conftest import run_python
 
 P = mmap.PAGESIZE
