@@ -50,7 +50,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     "registry": ("engines",),
     # the Python API
-    "guard": ("guard", "guard_args", "guard_mapping", "watch"),
+    "guard": ("guard", "guard_args", "guard_mapping", "guard_results", "watch"),
     # pure: plain data in, plain data out
     "pure": ("frames", "stacks", "verdict", "findings", "harvest", "report"),
     # the command line doctor
