@@ -32,7 +32,7 @@ from collections.abc import Callable
 from tabulate import tabulate
 
 from pytest_uffd_guard import GuardedBuffer
-from pytest_uffd_guard.attribution import DEFAULT_STACKS
+from pytest_uffd_guard.kernel.capture import DEFAULT_STACKS
 
 PAGE = mmap.PAGESIZE
 GiB = 1 << 30

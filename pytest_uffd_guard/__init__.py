@@ -36,10 +36,10 @@ __all__ = [
 
 _WHERE = {
     "GuardedBuffer": "guard",
-    "Capabilities": "probe",
-    "capabilities": "probe",
-    "Change": "records",
-    "WriteRecord": "records",
+    "Capabilities": "kernel.capabilities",
+    "capabilities": "kernel.capabilities",
+    "Change": "kernel.records",
+    "WriteRecord": "kernel.records",
     "BufferAllocationError": "errors",
     "BufferClosedError": "errors",
     "InvalidBufferError": "errors",
@@ -62,8 +62,8 @@ if TYPE_CHECKING:
         UnsupportedPlatformError,
     )
     from .guard import GuardedBuffer
-    from .probe import Capabilities, capabilities
-    from .records import Change, WriteRecord
+    from .kernel.capabilities import Capabilities, capabilities
+    from .kernel.records import Change, WriteRecord
 
 
 def __getattr__(name: str) -> Any:

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "_e2e":
-        from .doctor import run_e2e_cases
+        from .doctor_e2e import run_e2e_cases
 
         print(json.dumps(run_e2e_cases()))
         return 0

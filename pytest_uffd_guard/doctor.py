@@ -2,11 +2,13 @@
 
 ``diagnose()`` probes and returns a :class:`Report` (plain data: rows of
 checks, problems with their exact remedy, a verdict); ``render()`` turns it
-into text tables and ``Report.as_dict()`` into JSON.  Used by
+into text tables and ``Report.as_dict()`` into JSON.  The rows about the
+system are ``doctor_checks.py``'s, the end-to-end checks ``doctor_e2e.py``'s;
+the engine rows and the verdict are ``engines.choose_engine``'s answers.  Used by
 ``python -m pytest_uffd_guard doctor`` and by ``pytest --uffd-doctor``.
 
 The end-to-end write checks run in a child process on fresh userfaultfds,
-so a running engine is never disturbed and a kernel bug cannot hang the
+so a running handler is never disturbed and a kernel bug cannot hang the
 caller.  They answer the two questions users ask most:
 
 * "``UFFDIO_WRITEPROTECT`` looks unsupported in ``UFFDIO_API``": it is never
@@ -20,74 +22,40 @@ caller.  They answer the two questions users ask most:
 from __future__ import annotations
 
 import errno
-import gzip
 import json
-import mmap
 import os
-import stat
-import subprocess
-import sys
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .probe import (
-    FEATURE_NOTES,
-    FEATURES,
-    KERNEL_WRITES_REMEDY,
-    SECCOMP_REMEDY,
-    Capabilities,
-    feature_since,
-    probe,
+from .doctor_checks import (
+    FAIL,
+    INFO,
+    OK,
+    WARN,
+    Check,
+    Problem,
+    dev_userfaultfd,
+    kernel_config,
+    register_kinds,
+    sysctl_meaning,
 )
-from .tracking import (
+from .doctor_e2e import UNTOUCHED_TRAP, end_to_end, run_e2e_cases
+from .engines import (
     KERNEL_WRITES_NAMED,
     USER_MODE_ONLY_WRITERS,
     EngineChoice,
     choose_engine,
 )
-
-PAGE = mmap.PAGESIZE
-
-CONFIG_OPTIONS = (
-    "CONFIG_USERFAULTFD",
-    "CONFIG_HAVE_ARCH_USERFAULTFD_WP",
-    "CONFIG_PTE_MARKER_UFFD_WP",
+from .kernel.capabilities import (
+    FEATURE_NOTES,
+    FEATURES,
+    KERNEL_WRITES_REMEDY,
+    Capabilities,
+    feature_since,
+    probe,
 )
-
-#: Range ioctl bits returned by UFFDIO_REGISTER (``_UFFDIO_*``).
-RANGE_IOCTLS = {
-    2: "WAKE",
-    3: "COPY",
-    4: "ZEROPAGE",
-    5: "MOVE",
-    6: "WRITEPROTECT",
-    7: "CONTINUE",
-    8: "POISON",
-}
-
-UNTOUCHED_TRAP = (
-    "not caught - expected on kernels without WP_UNPOPULATED; "
-    "pytest-uffd-guard pre-faults pages to avoid it"
-)
-
-OK, WARN, FAIL, INFO = "ok", "warn", "FAIL", "info"
-
-
-@dataclass(frozen=True)
-class Check:
-    """One row: what was looked at, what was found, whether that is fine."""
-
-    item: str
-    value: str
-    status: str = INFO
-    detail: str = ""
-
-
-@dataclass(frozen=True)
-class Problem:
-    problem: str
-    remedy: str
+from .kernel.uffd import SECCOMP_REMEDY, seccomp_status
+from .names import ENGINES
 
 
 @dataclass
@@ -97,7 +65,7 @@ class Report:
     sections: dict[str, list[Check]] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     verdict: str = ""
-    #: What ``--uffd-engine=auto`` does here (``tracking.choose_engine``).
+    #: What ``--uffd-engine=auto`` does here (``engines.choose_engine``).
     engine: str = ""
     engine_reason: str = ""
     engine_usable: bool = False
@@ -109,279 +77,6 @@ class Report:
 
     def to_json(self) -> str:
         return json.dumps(self.as_dict(), indent=2)
-
-
-# ------------------------------------------------------------------ probes
-
-
-def kernel_config(release: str | None = None) -> tuple[str | None, dict[str, str | None]]:
-    """Where the kernel config was read and the value of each CONFIG_OPTIONS."""
-    release = release or os.uname().release
-    candidates = ["/proc/config.gz", f"/boot/config-{release}"]
-    for path in candidates:
-        try:
-            if path.endswith(".gz"):
-                with gzip.open(path, "rt") as f:
-                    text = f.read()
-            else:
-                with open(path) as f:
-                    text = f.read()
-        except OSError:
-            continue
-        values: dict[str, str | None] = dict.fromkeys(CONFIG_OPTIONS)
-        for line in text.splitlines():
-            for option in CONFIG_OPTIONS:
-                if line.startswith(option + "="):
-                    values[option] = line.split("=", 1)[1]
-                elif line == f"# {option} is not set":
-                    values[option] = "n"
-        return path, values
-    return None, dict.fromkeys(CONFIG_OPTIONS)
-
-
-def seccomp_status() -> tuple[int | None, int | None]:
-    """(Seccomp mode, number of filters) from /proc/self/status."""
-    mode = filters = None
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Seccomp:"):
-                    mode = int(line.split()[1])
-                elif line.startswith("Seccomp_filters:"):
-                    filters = int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return mode, filters
-
-
-def _sysctl_meaning(version: tuple[int, ...]) -> str:
-    """What vm.unprivileged_userfaultfd means on kernel ``version``."""
-    if version and version < (5, 11):
-        return (
-            "1: any user may handle kernel faults; 0 (before Linux 5.11): unprivileged "
-            "users get no userfaultfd at all (user-mode-only came in 5.11)"
-        )
-    return (
-        "1: any user may handle kernel faults; 0: unprivileged users get "
-        "user-mode-only userfaultfds"
-    )
-
-
-def dev_userfaultfd(path: str = "/dev/userfaultfd", version: tuple[int, ...] = ()) -> Check:
-    try:
-        st = os.stat(path)
-    except OSError:
-        if version and version < (6, 1):
-            return Check(path, "absent", INFO, "it came in Linux 6.1")
-        return Check(path, "absent", INFO, "Linux < 6.1, or not passed into this container")
-    mode = stat.filemode(st.st_mode)
-    access = os.access(path, os.R_OK | os.W_OK)
-    return Check(
-        path,
-        f"{mode} uid={st.st_uid} gid={st.st_gid}",
-        OK if access else INFO,
-        "read-write access: kernel faults can be handled"
-        if access
-        else "no read-write access for this user",
-    )
-
-
-def _ioctl_names(mask: int) -> str:
-    names = [name for bit, name in RANGE_IOCTLS.items() if mask & (1 << bit)]
-    return f"{mask:#x} ({', '.join(names) or 'none'})"
-
-
-def register_kinds(caps: Capabilities) -> list[Check]:
-    """Register one page (or huge page) of each memory kind in WP mode."""
-    from .backing import hugetlb_unavailable, open_mapping
-
-    rows = []
-    if caps.open_method is None:
-        return [Check("register", "skipped", INFO, "no userfaultfd could be opened")]
-    from . import _uffd
-    from .memory import address_of
-    from .probe import open_uffd
-
-    features = FEATURES["pagefault_flag_wp"]
-    if caps.has("wp_hugetlbfs_shmem"):
-        features |= FEATURES["wp_hugetlbfs_shmem"]
-    for kind in ("anonymous", "shmem", "hugetlb"):
-        if kind == "hugetlb":
-            reason = hugetlb_unavailable()
-            if reason is not None:
-                rows.append(Check(f"register WP: {kind}", "not tried", INFO, reason))
-                continue
-        try:
-            mapping = open_mapping(kind, PAGE, "doctor")
-        except Exception as exc:
-            rows.append(Check(f"register WP: {kind}", "not tried", INFO, str(exc)))
-            continue
-        region = mmap.mmap(mapping.fd, mapping.length, flags=mapping.flags)
-        if mapping.fd >= 0:
-            os.close(mapping.fd)
-        fd = open_uffd(caps.open_method)
-        try:
-            _uffd.api(fd, features)
-            start = address_of(region)
-            try:
-                ioctls = int(_uffd.register_wp(fd, start, mapping.length))
-            except OSError as exc:
-                need = "" if kind == "anonymous" else " (needs WP_HUGETLBFS_SHMEM, 5.19+)"
-                rows.append(
-                    Check(f"register WP: {kind}", f"refused: {exc.strerror}", WARN, need.strip())
-                )
-                continue
-            _uffd.unregister(fd, start, mapping.length)
-            granted = bool(ioctls & (1 << int(_uffd.IOCTL_WRITEPROTECT_BIT)))
-            rows.append(
-                Check(
-                    f"register WP: {kind}",
-                    _ioctl_names(ioctls),
-                    OK if granted else WARN,
-                    "UFFDIO_WRITEPROTECT granted" if granted else "UFFDIO_WRITEPROTECT not granted",
-                )
-            )
-        except OSError as exc:
-            rows.append(Check(f"register WP: {kind}", f"error: {exc.strerror}", WARN))
-        finally:
-            os.close(fd)
-            region.close()
-    return rows
-
-
-def end_to_end(timeout: float = 30) -> list[dict[str, Any]]:
-    """Run the write checks in a child process; list of case dicts."""
-    try:
-        result = subprocess.run(
-            [sys.executable, "-m", "pytest_uffd_guard", "_e2e"],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired:
-        return [{"case": "end-to-end", "caught": None, "note": f"child hung for {timeout}s"}]
-    except OSError as exc:
-        note = f"not run: could not start {sys.executable}: {exc.strerror}"
-        return [{"case": "end-to-end", "caught": None, "note": note}]
-    try:
-        cases: list[dict[str, Any]] = json.loads(result.stdout)
-    except ValueError:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-        return [{"case": "end-to-end", "caught": None, "note": f"child failed: {tail[0]}"}]
-    return cases
-
-
-def _sync_case(method: str, features: int, touched: bool) -> bool:
-    """Write into a protected page from a thread; True if a fault arrives.
-
-    The fd is fresh (its own UFFDIO_API with ``features``); the page is
-    resolved and the fd closed before returning, so no writer stays blocked.
-    """
-    import ctypes
-    import select
-    import threading
-
-    from . import _uffd
-    from .memory import address_of
-    from .probe import open_uffd
-
-    region = mmap.mmap(-1, PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    start = address_of(region)
-    if touched:
-        region[0] = 0
-    fd = open_uffd(method)
-    writer: threading.Thread | None = None
-    try:
-        _uffd.api(fd, features)
-        _uffd.register_wp(fd, start, PAGE)
-        _uffd.writeprotect(fd, start, PAGE, True)
-        writer = threading.Thread(target=ctypes.memset, args=(start + 8, 1, 1), daemon=True)
-        writer.start()
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline:
-            if poller.poll(50):
-                msg = os.read(fd, 32)
-                _uffd.writeprotect(fd, start, PAGE, False)
-                return len(msg) == 32 and msg[0] == 0x12
-            if not writer.is_alive():
-                return False
-        return False
-    finally:
-        os.close(fd)  # unregisters: a writer still blocked goes on
-        if writer is not None:
-            writer.join(5)
-        region.close()
-
-
-def _async_case(method: str) -> bool:
-    import ctypes
-
-    from . import _uffd
-    from .memory import address_of
-    from .pagemap import Pagemap
-    from .probe import open_uffd
-
-    region = mmap.mmap(-1, 2 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    start = address_of(region)
-    fd = open_uffd(method)
-    try:
-        _uffd.api(fd, FEATURES["wp_async"] | FEATURES["wp_unpopulated"])
-        _uffd.register_wp(fd, start, 2 * PAGE)
-        _uffd.writeprotect(fd, start, 2 * PAGE, True)
-        ctypes.memset(start + PAGE + 1, 1, 1)
-        with Pagemap() as pm:
-            return pm.written(start, start + 2 * PAGE) == [(start + PAGE, start + 2 * PAGE)]
-    finally:
-        os.close(fd)
-        region.close()
-
-
-def run_e2e_cases() -> list[dict[str, Any]]:
-    """The child side of ``end_to_end`` (``python -m pytest_uffd_guard _e2e``)."""
-    caps = probe()
-    if caps.open_method is None or not caps.has("pagefault_flag_wp"):
-        return [
-            {
-                "case": "end-to-end",
-                "caught": None,
-                "note": "not run: no usable userfaultfd (see 'opening a userfaultfd')",
-            }
-        ]
-    method = caps.open_method
-    base = FEATURES["pagefault_flag_wp"]
-    cases: list[tuple[str, Any, str, bool]] = [
-        ("write into a touched protected page", lambda: _sync_case(method, base, True), "", True),
-        (
-            "write into an untouched protected page (fd without WP_UNPOPULATED)",
-            lambda: _sync_case(method, base, False),
-            UNTOUCHED_TRAP,
-            False,
-        ),
-    ]
-    if caps.has("wp_unpopulated"):
-        cases.append(
-            (
-                "write into an untouched protected page (fd with WP_UNPOPULATED)",
-                lambda: _sync_case(method, base | FEATURES["wp_unpopulated"], False),
-                "",
-                True,
-            )
-        )
-    if caps.has("wp_async"):
-        cases.append(
-            ("async: write seen by PAGEMAP_SCAN (WP_ASYNC)", lambda: _async_case(method), "", True)
-        )
-    out = []
-    for name, run, note_if_missed, expected in cases:
-        try:
-            caught: bool | None = bool(run())
-            note = note_if_missed if not caught else ""
-        except OSError as exc:
-            caught, note = None, f"error: {exc.strerror or exc}"
-        out.append({"case": name, "caught": caught, "expected": expected, "note": note})
-    return out
 
 
 # --------------------------------------------------------------- diagnose
@@ -423,7 +118,7 @@ def diagnose(e2e: bool = True) -> Report:
             "vm.unprivileged_userfaultfd",
             "unknown" if unpriv is None else str(unpriv),
             INFO,
-            _sysctl_meaning(caps.kernel_version),
+            sysctl_meaning(caps.kernel_version),
         )
     )
     system.append(Check("euid", str(os.geteuid()) if hasattr(os, "geteuid") else "?", INFO))
@@ -532,7 +227,9 @@ def diagnose(e2e: bool = True) -> Report:
         Check("auto picks", auto.runs, OK if full else WARN, brief(auto.reason)),
         Check("kernel writes under auto", auto.kernel_writes, OK if full else WARN),
     ]
-    for name in ("sync", "async", "hybrid", "diff"):
+    for name in ENGINES:
+        if name == "auto":
+            continue
         choice = choose_engine(name, caps=caps)
         engines.append(
             Check(
@@ -645,3 +342,14 @@ def render(report: Report) -> str:
     else:
         out.append("No problems found.")
     return "\n".join(out) + "\n"
+
+
+__all__ = [
+    "UNTOUCHED_TRAP",
+    "Check",
+    "Problem",
+    "Report",
+    "diagnose",
+    "render",
+    "run_e2e_cases",
+]

@@ -9,7 +9,7 @@ at most :data:`DETAIL` writes and changed runs in detail, at most
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import frames as _frames
@@ -57,7 +57,7 @@ class WriteInfo:
     @classmethod
     def from_record(cls, record: Any, status: str, test_file: str | None = None) -> WriteInfo:
         """Plain data from a ``WriteRecord`` (its writer named where captured)."""
-        from .attribution import describe_writer, user_frames
+        from .stacks import describe_writer, user_frames
 
         stack, dropped = _frames.trim([(f.filename, f.lineno, f.function) for f in record.stack])
         return cls(
@@ -98,45 +98,45 @@ class WriteInfo:
         return f"{self.thread_name} (tid {self.thread_id})"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "offset": self.offset,
-            "exact": self.exact,
-            "thread_id": self.thread_id,
-            "thread_name": self.thread_name,
-            "status": self.status,
-            "writer": self.description,
-            "syscall": self.syscall,
-            "has_python": self.has_python,
-            "thread_comm": self.thread_comm,
-            "stack": [{"filename": f, "lineno": n, "function": fn} for f, n, fn in self.stack],
-            "stack_note": self.stack_note,
-            "user_stack": list(self.user_stack),
-            "where": list(self.where),
-            "runner_frames": self.runner_frames,
-            "kind": self.kind,
-            "note": self.note,
-        }
+        data = {key: getattr(self, name) for key, name in _WRITE_KEYS}
+        data["stack"] = [{"filename": f, "lineno": n, "function": fn} for f, n, fn in self.stack]
+        data["user_stack"], data["where"] = list(self.user_stack), list(self.where)
+        return data
 
     @classmethod
     def from_dict(cls, w: dict[str, Any]) -> WriteInfo:
-        return cls(
-            w["offset"],
-            w["exact"],
-            w["thread_id"],
-            w["thread_name"],
-            w["status"],
-            description=w.get("writer"),
-            stack=tuple((f["filename"], f["lineno"], f["function"]) for f in w.get("stack", ())),
-            user_stack=tuple(w.get("user_stack", ())),
-            syscall=w.get("syscall"),
-            has_python=w.get("has_python"),
-            stack_note=w.get("stack_note"),
-            thread_comm=w.get("thread_comm"),
-            where=tuple(w.get("where", ())),
-            runner_frames=w.get("runner_frames", 0),
-            kind=w.get("kind"),
-            note=w.get("note"),
+        values: dict[str, Any] = {name: w[key] for key, name in _WRITE_KEYS if key in w}
+        values["stack"] = tuple(
+            (f["filename"], f["lineno"], f["function"]) for f in w.get("stack", ())
         )
+        values["user_stack"] = tuple(w.get("user_stack", ()))
+        values["where"] = tuple(w.get("where", ()))
+        values["runner_frames"] = w.get("runner_frames", 0)
+        return cls(**values)
+
+
+#: A write's JSON keys, in order, and the WriteInfo field each holds.
+_WRITE_KEYS = tuple(
+    (key, {"writer": "description"}.get(key, key))
+    for key in [
+        "offset",
+        "exact",
+        "thread_id",
+        "thread_name",
+        "status",
+        "writer",
+        "syscall",
+        "has_python",
+        "thread_comm",
+        "stack",
+        "stack_note",
+        "user_stack",
+        "where",
+        "runner_frames",
+        "kind",
+        "note",
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -158,14 +158,9 @@ class ChangeInfo:
         return self.offset + self.length
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "offset": self.offset,
-            "length": self.length,
-            "before": self.before,
-            "after": self.after,
-            "truncated": self.truncated,
-            "status": self.status,
-        }
+        data = asdict(self)
+        status = data.pop("status")
+        return {**data, "truncated": self.truncated, "status": status}
 
     @classmethod
     def from_dict(cls, c: dict[str, Any]) -> ChangeInfo:

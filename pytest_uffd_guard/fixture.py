@@ -7,7 +7,7 @@ manager harvests them after each phase and closes them at teardown.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -26,22 +26,6 @@ if TYPE_CHECKING:
 
 #: Error of the fixture for a name that is not a str.
 BAD_NAME = "guarded_buffer(name=...) must be a str, got {type} {value!r}"
-
-
-class GuardedBufferFactory(Protocol):
-    """Type of the ``guarded_buffer`` fixture's value."""
-
-    def __call__(
-        self,
-        source: Any,
-        *,
-        name: str | None = None,
-        readonly: bool = True,
-        engine: str | None = None,
-        backing: str | None = None,
-        stacks: int | None = None,
-        max_records: int | None = None,
-    ) -> GuardedBuffer: ...
 
 
 def new_buffer(item: pytest.Item, source: Any, name: str, **options: Any) -> GuardedBuffer:
@@ -65,22 +49,16 @@ def new_buffer(item: pytest.Item, source: Any, name: str, **options: Any) -> Gua
         pytest.skip(text)
 
 
-@pytest.fixture
-def guarded_buffer(request: pytest.FixtureRequest) -> Iterator[GuardedBufferFactory]:
-    """Factory of guarded buffers: ``guarded_buffer(4096)``,
-    ``guarded_buffer(b"data", name="frame", readonly=False)``.
+class GuardedBufferFactory:
+    """The ``guarded_buffer`` fixture's value (and its type for annotations):
+    call it to guard a buffer for the running test."""
 
-    A read-only buffer (the default) fails the test when the test's call
-    writes into it; a ``readonly=False`` buffer only reports writes.
-    ``engine=``, ``backing=``, ``stacks=`` and ``max_records=`` are passed
-    to ``GuardedBuffer`` and win over ``--uffd-engine``/``--uffd-stacks``.
-    The buffers are closed at teardown.
-    """
-    item = request.node
-    assert isinstance(item, pytest.Item)
-    state = item_state(item)
+    def __init__(self, item: pytest.Item) -> None:
+        self._item = item
+        self._state = item_state(item)
 
-    def factory(
+    def __call__(
+        self,
         source: Any,
         *,
         name: str | None = None,
@@ -98,9 +76,10 @@ def guarded_buffer(request: pytest.FixtureRequest) -> Iterator[GuardedBufferFact
                 BAD_NAME.format(type=type(name).__name__, value=name),
                 "pass a str, e.g. name='frame' (decode bytes first)",
             )
+        state = self._state
         state.counter += 1
         buffer = new_buffer(
-            item,
+            self._item,
             source,
             name if name is not None else f"buffer-{state.counter}",
             engine=engine,
@@ -118,8 +97,22 @@ def guarded_buffer(request: pytest.FixtureRequest) -> Iterator[GuardedBufferFact
         )
         return buffer
 
-    yield factory
-    for entry in state.entries:
+
+@pytest.fixture
+def guarded_buffer(request: pytest.FixtureRequest) -> Iterator[GuardedBufferFactory]:
+    """Factory of guarded buffers: ``guarded_buffer(4096)``,
+    ``guarded_buffer(b"data", name="frame", readonly=False)``.
+
+    A read-only buffer (the default) fails the test when the test's call
+    writes into it; a ``readonly=False`` buffer only reports writes.
+    ``engine=``, ``backing=``, ``stacks=`` and ``max_records=`` are passed
+    to ``GuardedBuffer`` and win over ``--uffd-engine``/``--uffd-stacks``.
+    The buffers are closed at teardown.
+    """
+    item = request.node
+    assert isinstance(item, pytest.Item)
+    yield GuardedBufferFactory(item)
+    for entry in item_state(item).entries:
         if entry.origin == FIXTURE:
             entry.buffer.close()
 

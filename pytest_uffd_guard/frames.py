@@ -20,7 +20,7 @@ FrameTuple = tuple[str, int, str]
 
 _HERE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _RUNNER_PARTS = tuple(f"{os.sep}{name}{os.sep}" for name in ("_pytest", "pytest", "pluggy"))
-_LIBRARY_PARTS = (f"{os.sep}site-packages{os.sep}", f"{os.sep}dist-packages{os.sep}")
+LIBRARY_PARTS = (f"{os.sep}site-packages{os.sep}", f"{os.sep}dist-packages{os.sep}")
 
 
 def _stdlib_prefixes() -> tuple[str, ...]:
@@ -29,7 +29,7 @@ def _stdlib_prefixes() -> tuple[str, ...]:
     return tuple(os.path.join(p, "") for p in found if p)
 
 
-_STDLIB = _stdlib_prefixes()
+STDLIB = _stdlib_prefixes()
 
 
 def is_runner(filename: str) -> bool:
@@ -51,7 +51,7 @@ def is_library(filename: str) -> bool:
     if filename.startswith("<"):
         return True
     path = os.path.abspath(filename)
-    return any(part in path for part in _LIBRARY_PARTS) or path.startswith(_STDLIB)
+    return any(part in path for part in LIBRARY_PARTS) or path.startswith(STDLIB)
 
 
 def short_path(filename: str) -> str:
@@ -59,7 +59,7 @@ def short_path(filename: str) -> str:
     installed code, from the package directory on (``numpy/lib/x.py``)."""
     if filename.startswith("<"):
         return filename
-    for part in _LIBRARY_PARTS:
+    for part in LIBRARY_PARTS:
         if part in filename:
             return filename.split(part, 1)[1]
     try:

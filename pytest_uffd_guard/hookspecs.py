@@ -12,7 +12,7 @@ import pytest
 
 if TYPE_CHECKING:
     from .guard import GuardedBuffer
-    from .records import WriteRecord
+    from .kernel.records import WriteRecord
 
 
 @pytest.hookspec(firstresult=True)

@@ -16,8 +16,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .findings import ChangeInfo, Finding, WriteInfo
-from .verdict import ALLOWED, FORBIDDEN, REPORTED, Block, Range, Ranges, covered
-from .verdict import write_in_ranges as _write_in_ranges
+from .verdict import ALLOWED, FORBIDDEN, REPORTED, Block, covered
 
 #: Version of the JSON report's layout; bumped on any incompatible change.
 #: Version 2 (issue 9, item 11): writes and changes are bounded lists with
@@ -56,59 +55,9 @@ __all__ = [
     "failure_sentence",
     "finding_section",
     "json_document",
-    "normalize_range",
     "property_items",
     "summary_lines",
 ]
-
-# ------------------------------------------------------------ byte ranges
-
-
-def normalize_range(item: Any, size: int | None = None) -> Range:
-    """``slice(a, b)`` or ``(a, b)`` -> ``(start, stop)``; raises ValueError.
-
-    Negative bounds count from the end when ``size`` is known.
-    """
-    if isinstance(item, slice):
-        if item.step not in (None, 1):
-            raise ValueError(f"allow range {item!r} has a step; only contiguous ranges work")
-        start, stop = item.start, item.stop
-    elif isinstance(item, (tuple, list)) and len(item) == 2:
-        start, stop = item
-    else:
-        raise ValueError(f"allow range {item!r} is neither a slice nor a (start, stop) pair")
-    start = 0 if start is None else start
-    if stop is None:
-        if size is None:
-            raise ValueError(f"allow range {item!r} has no stop")
-        stop = size
-    if not isinstance(start, int) or not isinstance(stop, int):
-        raise ValueError(f"allow range {item!r} needs int bounds")
-    if size is not None:
-        start = start + size if start < 0 else start
-        stop = stop + size if stop < 0 else stop
-    if start < 0 or stop < start:
-        raise ValueError(f"allow range {item!r} is empty or reversed")
-    return (start, stop)
-
-
-def spans_in_page(spans: Sequence[Range], page_start: int, page_size: int) -> list[Range]:
-    """The parts of ``spans`` that fall inside one page."""
-    page_stop = page_start + page_size
-    return [
-        (max(a, page_start), min(b, page_stop))
-        for a, b in spans
-        if a < page_stop and b > page_start
-    ]
-
-
-def write_in_ranges(
-    offset: int, exact: bool, spans: Sequence[Range], page_size: int, ranges: Sequence[Range]
-) -> bool:
-    """Whether a write lies inside ``ranges``: its offset (when exact) and
-    every byte changed in its page (``spans``)."""
-    return _write_in_ranges(offset, exact, spans, page_size, Ranges(ranges))
-
 
 # ------------------------------------------------------------ formatting
 

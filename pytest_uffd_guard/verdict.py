@@ -15,6 +15,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 #: Status of a write or of a changed run.
 FORBIDDEN = "forbidden"  # fails the test
@@ -60,6 +61,34 @@ def covered(start: int, stop: int, ranges: Iterable[Range]) -> bool:
     return stop <= start or Ranges(ranges).covers(start, stop)
 
 
+def normalize_range(item: Any, size: int | None = None) -> Range:
+    """``slice(a, b)`` or ``(a, b)`` -> ``(start, stop)``; raises ValueError.
+
+    Negative bounds count from the end when ``size`` is known.
+    """
+    if isinstance(item, slice):
+        if item.step not in (None, 1):
+            raise ValueError(f"allow range {item!r} has a step; only contiguous ranges work")
+        start, stop = item.start, item.stop
+    elif isinstance(item, (tuple, list)) and len(item) == 2:
+        start, stop = item
+    else:
+        raise ValueError(f"allow range {item!r} is neither a slice nor a (start, stop) pair")
+    start = 0 if start is None else start
+    if stop is None:
+        if size is None:
+            raise ValueError(f"allow range {item!r} has no stop")
+        stop = size
+    if not isinstance(start, int) or not isinstance(stop, int):
+        raise ValueError(f"allow range {item!r} needs int bounds")
+    if size is not None:
+        start = start + size if start < 0 else start
+        stop = stop + size if stop < 0 else stop
+    if start < 0 or stop < start:
+        raise ValueError(f"allow range {item!r} is empty or reversed")
+    return (start, stop)
+
+
 class Runs:
     """Changed runs ``(offset, length)``, sorted and disjoint (as a diff gives them)."""
 
@@ -81,10 +110,17 @@ class Runs:
 
 
 def write_in_ranges(
-    offset: int, exact: bool, spans: Sequence[Range], page_size: int, allow: Ranges
+    offset: int,
+    exact: bool,
+    spans: Sequence[Range],
+    page_size: int,
+    allow: Ranges | Sequence[Range],
 ) -> bool:
     """Whether a write lies inside ``allow``: its offset (when exact) and
-    every byte changed in its page (``spans``)."""
+    every byte changed in its page (``spans``).  ``page_size`` is the
+    buffer's unit (a huge page for hugetlb)."""
+    if not isinstance(allow, Ranges):
+        allow = Ranges(allow)
     if not allow:
         return False
     page = offset - offset % page_size

@@ -22,10 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from pytest_uffd_guard import GuardedBuffer, attribution
-from pytest_uffd_guard.attribution import DEFAULT_STACKS, parse_dump, user_frames
-from pytest_uffd_guard.probe import capabilities
-from pytest_uffd_guard.records import Frame, WriteRecord
+import pytest_uffd_guard
+from pytest_uffd_guard import GuardedBuffer
+from pytest_uffd_guard.kernel import capture
+from pytest_uffd_guard.kernel.capabilities import capabilities
+from pytest_uffd_guard.kernel.capture import DEFAULT_STACKS, parse_dump
+from pytest_uffd_guard.kernel.records import Frame, WriteRecord
+from pytest_uffd_guard.stacks import describe_writer, user_frames
 
 from .conftest import bound, sync_buffers, sync_engine_code
 
@@ -169,7 +172,7 @@ def test_pthread_without_python_state(pthread_writer: ctypes.CDLL) -> None:
     assert tid > 0 and rec.thread_id == tid
     assert rec.stack_captured and rec.has_python is False and rec.stack == ()
     assert rec.thread_name is None and rec.thread_comm
-    assert "without Python state" in attribution.describe_writer(rec)
+    assert "without Python state" in describe_writer(rec)
     assert buf.changes()[0].after == b"\x09"
 
 
@@ -264,11 +267,11 @@ def test_errno_is_preserved() -> None:
 def test_thread_blocking_the_signal_is_not_signalled() -> None:
     """A thread that blocks the capture signal is recorded without a stack
     (a signal left pending would fire later, somewhere else)."""
-    signum = attribution.capture_signal()
+    signum = capture.capture_signal()
     if signum is None:
         with GuardedBuffer(PAGE) as warm:
             warm[0] = 0
-        signum = attribution.capture_signal()
+        signum = capture.capture_signal()
     assert signum is not None
 
     def writer(buf: GuardedBuffer) -> None:
@@ -355,13 +358,14 @@ def test_signal_in_use_is_not_picked() -> None:
     result = run_python(
         """
         import signal
-        from pytest_uffd_guard import GuardedBuffer, attribution
+        from pytest_uffd_guard import GuardedBuffer
+        from pytest_uffd_guard.kernel import capture
         hits = []
         signal.signal(signal.SIGRTMAX, lambda *a: hits.append(1))
         b = GuardedBuffer(4096)
         b[0] = 1
         assert b.writes[0].stack_captured
-        assert attribution.capture_signal() == signal.SIGRTMAX - 1
+        assert capture.capture_signal() == signal.SIGRTMAX - 1
         assert not hits
         print("ok")
         """
@@ -377,17 +381,18 @@ def test_user_faulthandler_dump_elsewhere_is_not_attributed() -> None:
     result = run_python(
         """
         import os, signal, threading
-        from pytest_uffd_guard import GuardedBuffer, attribution
+        from pytest_uffd_guard import GuardedBuffer
+        from pytest_uffd_guard.kernel import capture
         b = GuardedBuffer(2 * 4096)
         b[0] = 1
-        sig = attribution.capture_signal()
+        sig = capture.capture_signal()
         signal.pthread_kill(threading.main_thread().ident, sig)   # a stray one
         def inner():
-            b[4096] = 1                                            # line 10
+            b[4096] = 1                                            # line 11
         inner()
         w = b.writes
         assert [x.stack_captured for x in w] == [True, True], w
-        assert w[1].stack[1].function == "inner" and w[1].stack[1].lineno == 9, w[1]
+        assert w[1].stack[1].function == "inner" and w[1].stack[1].lineno == 10, w[1]
         print("ok")
         """
     )
@@ -413,7 +418,7 @@ def test_parse_dump() -> None:
 
 def test_user_frames_skip_package_and_stdlib() -> None:
     """user_frames drops this package's and the standard library's frames."""
-    pkg = os.path.dirname(attribution.__file__)
+    pkg = os.path.dirname(pytest_uffd_guard.__file__)
     stdlib = os.path.dirname(tempfile.__file__)
     stack = (
         Frame(os.path.join(pkg, "guard.py"), 1, "__setitem__"),
@@ -425,7 +430,7 @@ def test_user_frames_skip_package_and_stdlib() -> None:
     rec = WriteRecord(0, True, 1, "t", 0.0, 1, stack=stack, stack_captured=True)
     assert user_frames(rec) == [stack[3], stack[4]]
     assert user_frames(rec, 1) == [stack[3]]
-    assert "/proj/mod.py:4 in g" in attribution.describe_writer(rec)
+    assert "/proj/mod.py:4 in g" in describe_writer(rec)
 
 
 def test_syscall_names() -> None:
@@ -433,6 +438,6 @@ def test_syscall_names() -> None:
     import platform
 
     if platform.machine() == "x86_64":
-        assert attribution.syscall_name(0) == "read"
-        assert attribution.syscall_name(19) == "readv"
-    assert attribution.syscall_name(99999) == "syscall 99999"
+        assert capture.syscall_name(0) == "read"
+        assert capture.syscall_name(19) == "readv"
+    assert capture.syscall_name(99999) == "syscall 99999"

@@ -14,7 +14,9 @@ import types
 
 import pytest
 
-from pytest_uffd_guard import attribution, probe, records
+from pytest_uffd_guard.kernel import capabilities as probe
+from pytest_uffd_guard.kernel import capture as attribution
+from pytest_uffd_guard.kernel import records
 from tests.conftest import bound, run_python
 
 _uffd = pytest.importorskip("pytest_uffd_guard._uffd")
@@ -94,8 +96,9 @@ def test_an_unexpected_fork_event_is_named_and_frees_the_child() -> None:
         f"""
         import ctypes, mmap, os, sys, time
         from pytest_uffd_guard import _uffd as core
-        from pytest_uffd_guard.engine import ENGINE
-        from pytest_uffd_guard.probe import capabilities, open_uffd
+        from pytest_uffd_guard.kernel.handler import HANDLER as ENGINE
+        from pytest_uffd_guard.kernel.capabilities import capabilities
+        from pytest_uffd_guard.kernel.uffd import open_uffd
 
         P = mmap.PAGESIZE
         caps = capabilities()

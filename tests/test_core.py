@@ -26,7 +26,7 @@ from pytest_uffd_guard import (
     capabilities,
 )
 from pytest_uffd_guard import _uffd as core
-from pytest_uffd_guard.probe import wp_since
+from pytest_uffd_guard.kernel.capabilities import wp_since
 
 from .conftest import bound, expected_offset, expected_write, run_python, sync_buffers
 
@@ -378,7 +378,7 @@ def test_size_mmap_cannot_give() -> None:
 
 def test_not_linux_raises_documented_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "platform", "darwin")
-    with pytest.raises(UnsupportedPlatformError, match="need Linux userfaultfd"):
+    with pytest.raises(UnsupportedPlatformError, match="exists only on Linux"):
         GuardedBuffer(PAGE)
 
 

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_uffd_guard import doctor
+from pytest_uffd_guard import doctor_checks
 from pytest_uffd_guard.doctor import UNTOUCHED_TRAP, Check, Problem, Report, diagnose, render
-from pytest_uffd_guard.probe import KERNEL_WRITES_REMEDY, SECCOMP_REMEDY, capabilities
+from pytest_uffd_guard.kernel.capabilities import KERNEL_WRITES_REMEDY, capabilities
+from pytest_uffd_guard.kernel.uffd import SECCOMP_REMEDY
 
 from .conftest import bound, run_python
 
@@ -86,8 +87,8 @@ def test_kernel_config_parses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         raise OSError(2, "no")
 
     monkeypatch.setattr("builtins.open", fake_open)
-    monkeypatch.setattr(doctor.gzip, "open", fake_open)
-    source, values = doctor.kernel_config("9.9.9")
+    monkeypatch.setattr(doctor_checks.gzip, "open", fake_open)
+    source, values = doctor_checks.kernel_config("9.9.9")
     assert source == "/boot/config-9.9.9"
     assert values == {
         "CONFIG_USERFAULTFD": "y",
@@ -223,7 +224,7 @@ def test_guarded_buffer_under_seccomp_runs_diff(seccomp_deny: str) -> None:
     result = run_python(
         """
         from pytest_uffd_guard import GuardedBuffer
-        from pytest_uffd_guard.tracking import choose_engine
+        from pytest_uffd_guard.engines import choose_engine
         assert not choose_engine("auto").usable
         with GuardedBuffer(8192, engine="diff") as buf:
             buf[100] = 1
@@ -321,32 +322,32 @@ def test_open_failure_wording_follows_the_kernel() -> None:
     from 6.1, and a forced user-mode-only open on 5.10 needs 5.11, not the sysctl."""
     import errno
 
-    from pytest_uffd_guard.probe import OpenAttempt, _explain_open_failure, _why_no_fd
+    from pytest_uffd_guard.kernel.uffd import OpenAttempt, explain_open_failure, why_no_fd
 
     old, new = (5, 10, 0), (6, 12, 0)
     for method in ("syscall", "syscall-user-mode-only"):
-        text = _explain_open_failure(method, errno.EPERM, 0, old)
+        text = explain_open_failure(method, errno.EPERM, 0, old)
         assert "before Linux 5.11" in text and "no user-mode-only" in text
-    assert "user-mode faults only" in _explain_open_failure("syscall", errno.EPERM, 0, new)
-    assert "before Linux 6.1" in _explain_open_failure("dev", errno.ENOENT, 0, old)
-    assert "6.1" not in _explain_open_failure("dev", errno.ENOENT, 0, new)
+    assert "user-mode faults only" in explain_open_failure("syscall", errno.EPERM, 0, new)
+    assert "before Linux 6.1" in explain_open_failure("dev", errno.ENOENT, 0, old)
+    assert "6.1" not in explain_open_failure("dev", errno.ENOENT, 0, new)
 
     denied = [
         OpenAttempt(m, False, errno.EPERM if m != "dev" else errno.ENOENT, "", "")
         for m in ("dev", "syscall", "syscall-user-mode-only")
     ]
-    _, remedy = _why_no_fd(denied, 0, old)
+    _, remedy = why_no_fd(denied, 0, old)
     assert "vm.unprivileged_userfaultfd=1" in remedy and "before Linux 5.11" in remedy
     assert "grant" not in remedy
-    _, remedy = _why_no_fd([OpenAttempt("syscall-user-mode-only", False, errno.EINVAL)], 0, old)
+    _, remedy = why_no_fd([OpenAttempt("syscall-user-mode-only", False, errno.EINVAL)], 0, old)
     assert "needs Linux 5.11+" in remedy and "sysctl" not in remedy
-    _, remedy = _why_no_fd(denied, 0, new)
+    _, remedy = why_no_fd(denied, 0, new)
     assert "/dev/userfaultfd" in remedy
 
 
 def test_no_write_protect_reason_names_the_architecture() -> None:
     """issue 13 item 3: arm64 gained uffd-wp in Linux 6.10, not 5.7."""
-    from pytest_uffd_guard.probe import _no_wp_reason, feature_since, wp_since
+    from pytest_uffd_guard.kernel.capabilities import _no_wp_reason, feature_since, wp_since
 
     assert wp_since("x86_64") == "5.7" and wp_since("aarch64") == "6.10"
     assert feature_since("pagefault_flag_wp", "aarch64") == "6.10"

@@ -16,8 +16,8 @@ import threading
 import pytest
 
 from pytest_uffd_guard import GuardedBuffer, UffdUnavailableError, capabilities
-from pytest_uffd_guard.async_tracker import async_unavailable
-from pytest_uffd_guard.tracking import ENGINES, choose_engine
+from pytest_uffd_guard.engines import ENGINES, choose_engine
+from pytest_uffd_guard.kernel.asyncfd import async_unavailable
 
 from .conftest import bound, exact_address, expected_offset, run_python
 
@@ -242,9 +242,9 @@ def test_hybrid_names_first_writers_then_finds_every_page(
     reason = _skip_reason("hybrid")
     if reason is not None:
         pytest.skip(reason)
-    from pytest_uffd_guard import hybrid_tracker
+    from pytest_uffd_guard.engines import hybrid
 
-    monkeypatch.setattr(hybrid_tracker, "BUDGET", 16)
+    monkeypatch.setattr(hybrid, "BUDGET", 16)
     npages = 4096
     with GuardedBuffer(npages * PAGE, engine="hybrid") as buf:
         tids: list[int] = []
@@ -258,7 +258,7 @@ def test_hybrid_names_first_writers_then_finds_every_page(
         t.start()
         t.join(30)
         tracker = buf._tracker
-        assert isinstance(tracker, hybrid_tracker.HybridTracker)
+        assert isinstance(tracker, hybrid.HybridTracker)
         assert tracker.switches == 1 and tracker.phase == "async"
         writes = buf.writes
         assert sorted(w.page_offset for w in writes) == [i * PAGE for i in range(npages)]
@@ -289,7 +289,7 @@ def test_choose_engine_auto_prefers_sync(uffd: None) -> None:
 
 def test_choose_engine_auto_big_buffers_run_hybrid(uffd: None) -> None:
     """auto runs buffers of AUTO_HYBRID_BYTES or more hybrid where WP_ASYNC exists."""
-    from pytest_uffd_guard.tracking import AUTO_HYBRID_BYTES
+    from pytest_uffd_guard.engines import AUTO_HYBRID_BYTES
 
     _full_uffd()
     choice = choose_engine("auto", AUTO_HYBRID_BYTES)
@@ -322,7 +322,7 @@ def test_auto_without_userfaultfd_is_unusable() -> None:
         """
         import json
         from pytest_uffd_guard import GuardedBuffer, UffdUnavailableError
-        from pytest_uffd_guard.tracking import choose_engine
+        from pytest_uffd_guard.engines import choose_engine
         choice = choose_engine("auto")
         out = {"choice": [choice.runs, choice.usable, choice.reason]}
         with GuardedBuffer(8192, engine="diff") as buf:
@@ -358,7 +358,7 @@ def test_async_unavailable_before_6_7(uffd: None) -> None:
         """
         import json
         from pytest_uffd_guard import GuardedBuffer, UffdUnavailableError
-        from pytest_uffd_guard.tracking import choose_engine
+        from pytest_uffd_guard.engines import choose_engine
         choice = choose_engine("async")
         out = {"choice": [choice.engine, choice.usable, choice.reason]}
         try:
@@ -414,8 +414,8 @@ def test_first_changes_numpy_matches_byte_diff() -> None:
     pytest.importorskip("numpy")
     import random
 
-    from pytest_uffd_guard import diff_tracker
-    from pytest_uffd_guard.memory import address_of
+    from pytest_uffd_guard.engines import pagediff
+    from pytest_uffd_guard.kernel.memory import address_of
 
     n = 128 * PAGE
     a = mmap.mmap(-1, n)
@@ -426,14 +426,14 @@ def test_first_changes_numpy_matches_byte_diff() -> None:
     a[0], a[n - 1], a[7 * PAGE + PAGE - 1] = 1, 2, 3
     pa, pb = address_of(a), address_of(b)
     expected: dict[int, int] = {}
-    for offset, length in diff_tracker.diff_runs(pa, pb, n):
+    for offset, length in pagediff.diff_runs(pa, pb, n):
         page = offset - offset % PAGE
         while page < offset + length:
             expected.setdefault(page, max(offset, page))
             page += PAGE
-    assert diff_tracker._first_changes_numpy(pa, pb, 0, n, PAGE) == expected
+    assert pagediff._first_changes_numpy(pa, pb, 0, n, PAGE) == expected
     inner = {k: v for k, v in expected.items() if 2 * PAGE <= k < n - PAGE}
-    assert diff_tracker._first_changes_numpy(pa, pb, 2 * PAGE, n - PAGE, PAGE) == inner
+    assert pagediff._first_changes_numpy(pa, pb, 2 * PAGE, n - PAGE, PAGE) == inner
 
 
 @pytest.mark.timeout(bound(60))
@@ -444,7 +444,7 @@ def test_not_linux_runs_diff() -> None:
         import sys
         sys.platform = "darwin"
         from pytest_uffd_guard import GuardedBuffer, UnsupportedPlatformError
-        from pytest_uffd_guard.tracking import choose_engine
+        from pytest_uffd_guard.engines import choose_engine
         choice = choose_engine("auto")
         print(choice.runs, choice.reason)
         with GuardedBuffer(8192, engine="diff") as buf:
@@ -460,4 +460,4 @@ def test_not_linux_runs_diff() -> None:
     lines = result.stdout.splitlines()
     assert lines[0] == "none userfaultfd exists only on Linux, not on darwin"
     assert lines[1] == "diff [4097]"
-    assert lines[2].startswith("refused: guarded buffers need Linux userfaultfd")
+    assert lines[2] == "refused: userfaultfd exists only on Linux, not on darwin"

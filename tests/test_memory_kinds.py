@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import pytest
 
 from pytest_uffd_guard import GuardedBuffer, UffdUnavailableError, capabilities
-from pytest_uffd_guard.async_tracker import async_unavailable
-from pytest_uffd_guard.backing import huge_page_size, hugetlb_unavailable, meminfo
+from pytest_uffd_guard.kernel.asyncfd import async_unavailable
+from pytest_uffd_guard.kernel.backing import huge_page_size, hugetlb_unavailable, meminfo
 
 from .conftest import bound, run_python
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from pytest_uffd_guard.probe import capabilities
+from pytest_uffd_guard.kernel.capabilities import capabilities
 
 from .conftest import ROOT, bound
 
@@ -320,7 +320,7 @@ def test_the_wheel_installs_and_imports_without_a_compiler(installed: Installed)
 WRITER = """\
 import ctypes, mmap
 from pytest_uffd_guard import GuardedBuffer, capabilities
-from pytest_uffd_guard.attribution import user_frames
+from pytest_uffd_guard.stacks import user_frames
 
 engine = "sync" if capabilities().user_mode_only else "auto"
 P = mmap.PAGESIZE

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from pytest_uffd_guard import capabilities
-from pytest_uffd_guard.async_tracker import async_unavailable
+from pytest_uffd_guard.kernel.asyncfd import async_unavailable
 
 from ..conftest import run_python
 
@@ -141,8 +141,9 @@ def test_hybrid_records_read_from_threads_after_switch(wp_async: None) -> None:
     result = run_python(
         """
         import json, mmap, threading, time
-        from pytest_uffd_guard import GuardedBuffer, hybrid_tracker
-        hybrid_tracker.BUDGET = 4
+        from pytest_uffd_guard import GuardedBuffer
+        from pytest_uffd_guard.engines import hybrid
+        hybrid.BUDGET = 4
         P = mmap.PAGESIZE
         wrong, unswitched = [], []
         def work(k):
@@ -209,7 +210,7 @@ def test_pagemap_scan_stays_inside_the_range(wp_async: None) -> None:
     """Issue 9 item 1: every region a scan yields lies within the range asked
     about, even where the written pages extend beyond it."""
     from pytest_uffd_guard import GuardedBuffer
-    from pytest_uffd_guard.pagemap import PAGE_IS_WRITTEN, Pagemap
+    from pytest_uffd_guard.kernel.pagemap import PAGE_IS_WRITTEN, Pagemap
 
     with GuardedBuffer(8 * PAGE, engine="async") as buf:
         view = memoryview(buf)
@@ -279,8 +280,9 @@ def test_watcher_ends_after_last_hybrid_buffer_and_restarts(wp_async: None) -> N
         WATCHER_GONE
         + """
     import gc, json, mmap
-    from pytest_uffd_guard import GuardedBuffer, hybrid_tracker
-    hybrid_tracker.BUDGET = 4
+    from pytest_uffd_guard import GuardedBuffer
+    from pytest_uffd_guard.engines import hybrid
+    hybrid.BUDGET = 4
     P = mmap.PAGESIZE
     out = {}
     a = GuardedBuffer(16 * P, engine="hybrid")
@@ -325,8 +327,9 @@ def test_watcher_sleeps_when_no_buffer_needs_it(wp_async: None) -> None:
         WATCHER_GONE
         + """
     import json, mmap
-    from pytest_uffd_guard import GuardedBuffer, hybrid_tracker
-    hybrid_tracker.BUDGET = 4
+    from pytest_uffd_guard import GuardedBuffer
+    from pytest_uffd_guard.engines import hybrid
+    hybrid.BUDGET = 4
     P = mmap.PAGESIZE
 
     def switches(thread):
@@ -367,8 +370,9 @@ def test_watcher_runs_in_a_forked_child(wp_async: None) -> None:
         WATCHER_GONE
         + """
     import json, mmap, os
-    from pytest_uffd_guard import GuardedBuffer, hybrid_tracker
-    hybrid_tracker.BUDGET = 4
+    from pytest_uffd_guard import GuardedBuffer
+    from pytest_uffd_guard.engines import hybrid
+    hybrid.BUDGET = 4
     P = mmap.PAGESIZE
     parent = GuardedBuffer(16 * P, engine="hybrid")
     r, w = os.pipe()
@@ -418,10 +422,11 @@ def test_tracker_dropped_while_switching_keeps_its_memory(wp_async: None) -> Non
         """
         import ctypes, gc, mmap, time, weakref
         from dataclasses import fields
-        from pytest_uffd_guard import hybrid_tracker
-        from pytest_uffd_guard.memory import address_of
-        from pytest_uffd_guard.tracking import Region, make_tracker
-        hybrid_tracker.BUDGET = 8
+        from pytest_uffd_guard.engines import hybrid
+        from pytest_uffd_guard.kernel.memory import address_of
+        from pytest_uffd_guard.engines import make_tracker
+        from pytest_uffd_guard.engines.base import Region
+        hybrid.BUDGET = 8
         P = mmap.PAGESIZE
         SIZE = 64 << 20
 
@@ -512,16 +517,17 @@ def test_one_failing_hybrid_buffer_does_not_stop_the_others(wp_async: None) -> N
     result = run_python(
         """
         import json, mmap, time, warnings
-        from pytest_uffd_guard import GuardedBuffer, hybrid_tracker
-        hybrid_tracker.BUDGET = 4
+        from pytest_uffd_guard import GuardedBuffer
+        from pytest_uffd_guard.engines import hybrid
+        hybrid.BUDGET = 4
         P = mmap.PAGESIZE
-        real = hybrid_tracker.AsyncTracker
+        real = hybrid.AsyncTracker
         doomed = set()
         def failing(region, **kw):
             if region.address in doomed:
                 raise RuntimeError("injected failure")
             return real(region, **kw)
-        hybrid_tracker.AsyncTracker = failing
+        hybrid.AsyncTracker = failing
         warnings.simplefilter("always")
         out = {}
         with warnings.catch_warnings(record=True) as caught:
@@ -566,15 +572,16 @@ def test_watcher_survives_a_poll_that_raises(wp_async: None) -> None:
     result = run_python(
         """
         import json, mmap, threading, time
-        from pytest_uffd_guard import GuardedBuffer, hybrid_tracker
-        hybrid_tracker.BUDGET = 4
+        from pytest_uffd_guard import GuardedBuffer
+        from pytest_uffd_guard.engines import hybrid
+        hybrid.BUDGET = 4
         P = mmap.PAGESIZE
-        real = hybrid_tracker.HybridTracker.poll
+        real = hybrid.HybridTracker.poll
         def poll(self):
             if getattr(self, "doomed", False):
                 raise ValueError("poll exploded")
             return real(self)
-        hybrid_tracker.HybridTracker.poll = poll
+        hybrid.HybridTracker.poll = poll
         bad = GuardedBuffer(16 * P, engine="hybrid")
         bad._tracker.doomed = True
         deadline = time.monotonic() + 10

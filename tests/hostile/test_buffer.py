@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from pytest_uffd_guard import BufferClosedError, GuardedBuffer, capabilities
-from pytest_uffd_guard.async_tracker import async_unavailable
+from pytest_uffd_guard.kernel.asyncfd import async_unavailable
 from tests.conftest import bound, run_python
 
 PAGE = mmap.PAGESIZE
@@ -93,7 +93,7 @@ def test_forksafe_lock_is_free_in_the_child_unless_the_forker_holds_it() -> None
     result = run_python(
         """
         import os, threading
-        from pytest_uffd_guard.forksafe import ForkSafeLock
+        from pytest_uffd_guard.kernel.process import ForkSafeLock
         other, mine = ForkSafeLock(), ForkSafeLock()
         held, release = threading.Event(), threading.Event()
         def hold():
@@ -125,7 +125,7 @@ def test_forksafe_lock_is_free_in_the_child_unless_the_forker_holds_it() -> None
 
 
 #: The diff engine shares the numpy placement the async engine had to check:
-#: diff_tracker._first_changes_numpy reads a changed word twice.
+#: pagediff._first_changes_numpy reads a changed word twice.
 @pytest.mark.timeout(bound(180))
 @pytest.mark.parametrize("engine", ["sync", "async", "hybrid", "hybrid-switched"])
 def test_protect_racing_writers_loses_no_write(engine: str) -> None:
@@ -143,7 +143,8 @@ def test_protect_racing_writers_loses_no_write(engine: str) -> None:
         f"""
         import mmap, random, threading, warnings
         warnings.simplefilter("error")
-        from pytest_uffd_guard import GuardedBuffer, hybrid_tracker
+        from pytest_uffd_guard import GuardedBuffer
+        from pytest_uffd_guard.engines import hybrid as hybrid_tracker
         {budget}
         P = mmap.PAGESIZE
         pages = {pages}
@@ -200,10 +201,11 @@ def test_records_stay_on_their_page_while_writers_undo_writes(engine: str) -> No
         f"""
         import mmap, threading, time, warnings
         warnings.simplefilter("error")
-        from pytest_uffd_guard import GuardedBuffer, hybrid_tracker
+        from pytest_uffd_guard import GuardedBuffer
+        from pytest_uffd_guard.engines import hybrid as hybrid_tracker
         hybrid_tracker.BUDGET = 4
         P = mmap.PAGESIZE
-        pages = 2048  # runs of pages past diff_tracker.NUMPY_MIN: the numpy path
+        pages = 2048  # runs of pages past pagediff.NUMPY_MIN: the numpy path
         b = GuardedBuffer(pages * P, engine={engine!r}, stacks=0)
         hybrid = {engine!r} == "hybrid"
         passes = 0

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 from pytest_uffd_guard import GuardedBuffer
-from pytest_uffd_guard.attribution import user_frames
-from pytest_uffd_guard.probe import capabilities
-from pytest_uffd_guard.records import Frame, WriteRecord
+from pytest_uffd_guard.kernel.capabilities import capabilities
+from pytest_uffd_guard.kernel.records import Frame, WriteRecord
+from pytest_uffd_guard.stacks import user_frames
 from tests.conftest import run_python
 
 P = mmap.PAGESIZE
@@ -382,13 +382,14 @@ def test_dump_file_is_bounded_when_every_dump_was_read() -> None:
     result = run_python(
         """
         import os
-        from pytest_uffd_guard import GuardedBuffer, attribution
+        from pytest_uffd_guard import GuardedBuffer
+        from pytest_uffd_guard.kernel import capture
         sizes = []
         with GuardedBuffer(4096, stacks=1) as b:
             for i in range(1000):
                 b[0] = i & 0xff
                 assert b.writes[-1].stack_captured
-                sizes.append(os.fstat(attribution._state.file.fileno()).st_size)
+                sizes.append(os.fstat(capture._state.file.fileno()).st_size)
                 b.protect()
         print(max(sizes))
         """,
@@ -406,7 +407,7 @@ def test_writer_rearming_at_once_is_recorded_as_itself() -> None:
     twice, so the capture file never started afresh (163 KB in qemu)."""
     out = run_with_lagging_handler(
         """
-        from pytest_uffd_guard import attribution
+        from pytest_uffd_guard.kernel import capture as attribution
         seqs, lines, dups, sizes = [], set(), 0, []
         with GuardedBuffer(4096, stacks=1) as b:
             for i in range(1000):

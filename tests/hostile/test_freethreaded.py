@@ -19,7 +19,7 @@ import textwrap
 import pytest
 
 from pytest_uffd_guard import capabilities
-from pytest_uffd_guard.async_tracker import async_unavailable
+from pytest_uffd_guard.kernel.asyncfd import async_unavailable
 
 FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 ENGINE_NAMES = ("sync", "async", "hybrid", "diff")

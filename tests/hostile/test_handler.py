@@ -277,7 +277,8 @@ def test_handler_stop_releases_a_held_fault() -> None:
 
 def test_record_layout_is_checked_against_the_extension() -> None:
     """issue 9 item 17: the record size was never checked between C and Python."""
-    from pytest_uffd_guard import _uffd, records
+    from pytest_uffd_guard import _uffd
+    from pytest_uffd_guard.kernel import records
 
     assert records.core_mismatch(_uffd) is None
 
@@ -291,13 +292,14 @@ def test_record_layout_is_checked_against_the_extension() -> None:
 
 def test_shared_constants_come_from_the_extension() -> None:
     """issue 9 item 17: ATTR_*, SYSCALL_* and kinds are exported by the C core."""
-    from pytest_uffd_guard import _uffd, attribution, records
+    from pytest_uffd_guard import _uffd
+    from pytest_uffd_guard.kernel import capture, records
 
     for name in ("OFF", "BOUND", "SIGNALLED", "BUSY", "BLOCKED", "NO_TID", "FAILED"):
-        assert getattr(_uffd, f"ATTR_{name}") == getattr(attribution, f"ATTR_{name}")
+        assert getattr(_uffd, f"ATTR_{name}") == getattr(capture, f"ATTR_{name}")
     assert (_uffd.SYSCALL_USER, _uffd.SYSCALL_UNKNOWN) == (
-        attribution.SYSCALL_USER,
-        attribution.SYSCALL_UNKNOWN,
+        capture.SYSCALL_USER,
+        capture.SYSCALL_UNKNOWN,
     )
     assert (_uffd.KIND_WRITE, _uffd.KIND_DISCARD) == (records.KIND_WRITE, records.KIND_DISCARD)
     assert _uffd.RECORD_SIZE == records.RECORD_SIZE

@@ -28,8 +28,9 @@ def test_a_stale_fault_does_not_unprotect_the_next_guard_of_its_range() -> None:
     code = f"""
         import ctypes, mmap, os, signal, tempfile, threading, time
         from pytest_uffd_guard import _uffd as core
-        from pytest_uffd_guard.engine import ENGINE
-        from pytest_uffd_guard.probe import capabilities, open_uffd
+        from pytest_uffd_guard.kernel.handler import HANDLER as ENGINE
+        from pytest_uffd_guard.kernel.capabilities import capabilities
+        from pytest_uffd_guard.kernel.uffd import open_uffd
 
         P = mmap.PAGESIZE
         caps = capabilities()

@@ -422,7 +422,7 @@ def test_unusable_skip_header_json_doctor_agree(
 def test_auto_decides_hugetlb_and_big_buffers_in_one_place() -> None:
     """issue 10 / item 9: the hugetlb rule is part of choose_engine (the header's
     session answer names it); a user-mode-only user gets async for every size."""
-    from pytest_uffd_guard.tracking import AUTO_HYBRID_BYTES, choose_engine
+    from pytest_uffd_guard.engines import AUTO_HYBRID_BYTES, choose_engine
 
     caps = capabilities()
     if not caps.available:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_uffd_guard import report
+from pytest_uffd_guard import report, verdict
 from pytest_uffd_guard.report import ALLOWED, FORBIDDEN, ChangeInfo, Finding, WriteInfo
 from pytest_uffd_guard.settings import Settings, SettingsError, parse_report, resolve
 
@@ -43,17 +43,17 @@ def test_covered_and_ranges() -> None:
     """Coverage joins adjacent ranges; slices and pairs normalise alike."""
     assert report.covered(2, 6, [(0, 4), (4, 8)])
     assert not report.covered(2, 9, [(0, 4), (4, 8)])
-    assert report.normalize_range(slice(None, 4)) == (0, 4)
-    assert report.normalize_range((-4, None), size=16) == (12, 16)
+    assert verdict.normalize_range(slice(None, 4)) == (0, 4)
+    assert verdict.normalize_range((-4, None), size=16) == (12, 16)
     with pytest.raises(ValueError, match="step"):
-        report.normalize_range(slice(0, 4, 2))
+        verdict.normalize_range(slice(0, 4, 2))
 
 
 def test_write_in_ranges() -> None:
     """A write is allowed when its offset and the page's changed bytes are inside."""
-    assert report.write_in_ranges(2, True, [(2, 4)], 4096, [(0, 4)])
-    assert not report.write_in_ranges(2, True, [(2, 6)], 4096, [(0, 4)])
-    assert report.write_in_ranges(4096, False, [], 4096, [(5000, 5001)])
+    assert verdict.write_in_ranges(2, True, [(2, 4)], 4096, [(0, 4)])
+    assert not verdict.write_in_ranges(2, True, [(2, 6)], 4096, [(0, 4)])
+    assert verdict.write_in_ranges(4096, False, [], 4096, [(5000, 5001)])
 
 
 def test_failure_sentence_and_section() -> None:

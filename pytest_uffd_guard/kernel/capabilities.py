@@ -18,7 +18,6 @@ machine on a better one; both are read at probe time:
 
 from __future__ import annotations
 
-import errno
 import mmap
 import os
 import platform
@@ -26,7 +25,21 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-OPEN_METHODS = ("dev", "syscall", "syscall-user-mode-only")
+from . import process
+from .memory import address_of
+from .uffd import (
+    OPEN_METHODS,
+    HandshakeError,
+    OpenAttempt,
+    explain_open_failure,
+    fresh_fd,
+    grants_writeprotect,
+    open_uffd,
+    register_once,
+    seccomp_mode,
+    unprivileged_userfaultfd,
+    why_no_fd,
+)
 
 #: Every userfaultfd feature bit that matters here, by name.
 FEATURES: dict[str, int] = {
@@ -132,24 +145,6 @@ KERNEL_WRITES_REMEDY = (
     "/dev/userfaultfd (Linux 6.1+), e.g. `setfacl -m u:$USER:rw /dev/userfaultfd`"
 )
 
-SECCOMP_REMEDY = (
-    "allow the userfaultfd system call in the container's seccomp profile "
-    "(Docker: `--security-opt seccomp=<profile allowing userfaultfd>`, or "
-    "`--security-opt seccomp=unconfined` to test; Kubernetes: a Localhost "
-    "seccompProfile), or give the container /dev/userfaultfd (Linux 6.1+)"
-)
-
-
-@dataclass(frozen=True)
-class OpenAttempt:
-    """One way of opening a userfaultfd, and how it went."""
-
-    method: str
-    ok: bool
-    errno: int | None = None
-    error: str | None = None
-    explanation: str | None = None
-
 
 @dataclass(frozen=True)
 class Missing:
@@ -207,7 +202,7 @@ class Capabilities:
         With ``UFFD_USER_MODE_ONLY`` they do not: under those engines the
         system call fails with EFAULT or comes back short.  WP_ASYNC faults
         are resolved by the kernel itself, so the async engine records kernel
-        writes either way; which engine runs is ``tracking.choose_engine``'s
+        writes either way; which engine runs is ``engines.choose_engine``'s
         call (``EngineChoice.kernel_writes`` says what happens to them).
         """
         return self.available and not self.user_mode_only
@@ -230,88 +225,19 @@ def kernel_version(release: str) -> tuple[int, ...]:
     return tuple(numbers)
 
 
-def _read_int(path: str, prefix: str | None = None) -> int | None:
-    try:
-        with open(path) as f:
-            for line in f:
-                if prefix is None:
-                    return int(line.strip())
-                if line.startswith(prefix):
-                    return int(line[len(prefix) :].strip())
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def seccomp_mode() -> int | None:
-    """0 none, 1 strict, 2 filter (from /proc/self/status), None if unknown."""
-    return _read_int("/proc/self/status", "Seccomp:")
-
-
-def unprivileged_userfaultfd() -> int | None:
-    return _read_int("/proc/sys/vm/unprivileged_userfaultfd")
-
-
-def _env_list(name: str) -> list[str]:
-    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
-
-
-def _explain_open_failure(
-    method: str, err: int, seccomp: int | None, version: tuple[int, ...] = ()
-) -> str:
-    """Why opening a userfaultfd by ``method`` failed with ``err`` on kernel ``version``."""
-    before_5_11 = bool(version) and version < (5, 11)
-    if method == "dev":
-        if err == errno.ENOENT:
-            if version and version < (6, 1):
-                return "/dev/userfaultfd does not exist before Linux 6.1"
-            return (
-                "/dev/userfaultfd does not exist (not created, or not passed into this container)"
-            )
-        if err in (errno.EACCES, errno.EPERM):
-            return "no read-write permission on /dev/userfaultfd (usually root-only, mode 0600)"
-        if err == errno.EINVAL:
-            return "USERFAULTFD_IOC_NEW rejected the flags"
-        return f"/dev/userfaultfd failed: {os.strerror(err)}"
-    if err == errno.ENOSYS:
-        if seccomp == 2:
-            return "userfaultfd(2) answered ENOSYS under a seccomp filter (blocked by the filter)"
-        return "the kernel has no userfaultfd(2) (built without CONFIG_USERFAULTFD)"
-    if err == errno.EPERM:
-        if before_5_11:
-            # Before 5.11 the sysctl is checked before the flags: 0 refuses
-            # every unprivileged open, with UFFD_USER_MODE_ONLY or without.
-            return (
-                "not privileged: before Linux 5.11, vm.unprivileged_userfaultfd=0 denies "
-                "unprivileged users any userfaultfd (there is no user-mode-only mode yet)"
-            )
-        if method == "syscall":
-            return (
-                "not privileged: vm.unprivileged_userfaultfd=0 lets unprivileged processes "
-                "handle user-mode faults only"
-            )
-        if seccomp == 2:
-            return "denied by a seccomp filter (Seccomp: 2 in /proc/self/status)"
-        return "denied (a security module or a seccomp filter)"
-    if err == errno.EINVAL and method == "syscall-user-mode-only":
-        return "UFFD_USER_MODE_ONLY is unknown to this kernel (Linux < 5.11)"
-    return os.strerror(err)
-
-
-def open_flags(method: str) -> int:
-    from . import _uffd
-
-    flags = int(_uffd.O_CLOEXEC | _uffd.O_NONBLOCK)
-    if method == "syscall-user-mode-only":
-        flags |= int(_uffd.USER_MODE_ONLY)
-    return flags
-
-
-def open_uffd(method: str) -> int:
-    """Open a userfaultfd by ``method`` (one of ``OPEN_METHODS``)."""
-    from . import _uffd
-
-    return int(_uffd.open("dev" if method == "dev" else "syscall", open_flags(method)))
+def _env_names(
+    variable: str, what: str, known: tuple[str, ...]
+) -> tuple[list[str], tuple[str, str] | None]:
+    """The comma-separated names in ``variable``, and the reason and remedy
+    when some are not ``known``."""
+    names = [item.strip() for item in os.environ.get(variable, "").split(",") if item.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        return names, (
+            f"{variable} names unknown {what}: {', '.join(unknown)}",
+            f"use {what} from: {', '.join(known)}",
+        )
+    return names, None
 
 
 def open_for(caps: Capabilities, what: str) -> int:
@@ -320,7 +246,7 @@ def open_for(caps: Capabilities, what: str) -> int:
     ``what`` names it in the error ("userfaultfd", "async userfaultfd").
     Raises UffdUnavailableError with the probe's remedy.
     """
-    from .errors import UffdUnavailableError
+    from ..errors import UffdUnavailableError
 
     assert caps.open_method is not None
     try:
@@ -329,6 +255,17 @@ def open_for(caps: Capabilities, what: str) -> int:
         raise UffdUnavailableError(
             f"opening the {what} ({caps.open_method}) failed: {exc.strerror}", caps.remedy
         ) from exc
+
+
+def not_linux() -> tuple[str, str] | None:
+    """Why this platform has no userfaultfd and what to do, or None on Linux."""
+    if sys.platform.startswith("linux"):
+        return None
+    return (
+        f"userfaultfd exists only on Linux, not on {sys.platform}",
+        "run the tests on Linux; elsewhere guarded buffers are skipped "
+        "(engine='diff' runs anywhere)",
+    )
 
 
 def _unavailable(base: dict[str, Any], reason: str, remedy: str | None) -> Capabilities:
@@ -343,18 +280,17 @@ def probe() -> Capabilities:
         "kernel": release,
         "kernel_version": kernel_version(release),
     }
-    if not sys.platform.startswith("linux"):
-        return _unavailable(
-            base,
-            f"userfaultfd exists only on Linux, not on {sys.platform}",
-            "run the tests on Linux; elsewhere guarded buffers are skipped",
-        )
+    off_linux = not_linux()
+    if off_linux is not None:
+        return _unavailable(base, *off_linux)
     try:
-        from . import _uffd
+        from .records import load_core
+
+        _uffd = load_core()
     except ImportError as exc:
         return _unavailable(
             base,
-            f"the C extension pytest_uffd_guard._uffd is missing ({exc})",
+            f"the C extension pytest_uffd_guard._uffd is missing or unusable ({exc})",
             "reinstall from source with a C compiler: `pip install --force-reinstall "
             "--no-binary pytest-uffd-guard pytest-uffd-guard`",
         )
@@ -362,23 +298,14 @@ def probe() -> Capabilities:
     seccomp = seccomp_mode()
     base["seccomp"] = seccomp
     base["unprivileged_userfaultfd"] = unprivileged_userfaultfd()
-    hidden = tuple(_env_list("PYTEST_UFFD_GUARD_HIDE_FEATURES"))
-    unknown = [name for name in hidden if name not in FEATURES]
-    if unknown:
-        return _unavailable(
-            base,
-            f"PYTEST_UFFD_GUARD_HIDE_FEATURES names unknown features: {', '.join(unknown)}",
-            f"use names from: {', '.join(FEATURES)}",
-        )
-    base["hidden_features"] = hidden
-    methods = _env_list("PYTEST_UFFD_GUARD_OPEN") or list(OPEN_METHODS)
-    bad = [m for m in methods if m not in OPEN_METHODS]
-    if bad:
-        return _unavailable(
-            base,
-            f"PYTEST_UFFD_GUARD_OPEN names unknown methods: {', '.join(bad)}",
-            f"use methods from: {', '.join(OPEN_METHODS)}",
-        )
+    hidden, bad = _env_names("PYTEST_UFFD_GUARD_HIDE_FEATURES", "features", tuple(FEATURES))
+    if bad is not None:
+        return _unavailable(base, *bad)
+    base["hidden_features"] = tuple(hidden)
+    methods, bad = _env_names("PYTEST_UFFD_GUARD_OPEN", "methods", OPEN_METHODS)
+    if bad is not None:
+        return _unavailable(base, *bad)
+    methods = methods or list(OPEN_METHODS)
 
     attempts: list[OpenAttempt] = []
     fd = -1
@@ -394,7 +321,7 @@ def probe() -> Capabilities:
                     False,
                     err,
                     os.strerror(err),
-                    _explain_open_failure(candidate, err, seccomp, base["kernel_version"]),
+                    explain_open_failure(candidate, err, seccomp, base["kernel_version"]),
                 )
             )
             continue
@@ -403,7 +330,7 @@ def probe() -> Capabilities:
         break
     base["open_attempts"] = tuple(attempts)
     if method is None:
-        return _unavailable(base, *_why_no_fd(attempts, seccomp, base["kernel_version"]))
+        return _unavailable(base, *why_no_fd(attempts, seccomp, base["kernel_version"]))
     base["open_method"] = method
     base["user_mode_only"] = method == "syscall-user-mode-only"
 
@@ -444,26 +371,18 @@ def register_probe(method: str, features: int) -> tuple[int | None, str | None]:
     Returns the range ioctls and an error message (None when write-protect
     is granted).
     """
-    from . import _uffd
-
     page = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    fd = open_uffd(method)
     try:
-        _uffd.api(fd, features)
-        from .memory import address_of
-
-        start = address_of(page)
-        try:
-            ioctls = int(_uffd.register_wp(fd, start, mmap.PAGESIZE))
-        except OSError as exc:
-            return None, f"UFFDIO_REGISTER in write-protect mode failed: {exc.strerror}"
-        _uffd.unregister(fd, start, mmap.PAGESIZE)
-    except OSError as exc:
+        with fresh_fd(method, features) as fd:
+            try:
+                ioctls = register_once(fd, address_of(page), mmap.PAGESIZE)
+            except OSError as exc:
+                return None, f"UFFDIO_REGISTER in write-protect mode failed: {exc.strerror}"
+    except HandshakeError as exc:
         return None, f"UFFDIO_API with features {features:#x} failed: {exc.strerror}"
     finally:
-        os.close(fd)
         page.close()
-    if not ioctls & (1 << int(_uffd.IOCTL_WRITEPROTECT_BIT)):
+    if not grants_writeprotect(ioctls):
         return ioctls, (
             f"UFFDIO_REGISTER did not grant UFFDIO_WRITEPROTECT (range ioctls {ioctls:#x}): "
             "this kernel cannot write-protect anonymous memory"
@@ -471,52 +390,21 @@ def register_probe(method: str, features: int) -> tuple[int | None, str | None]:
     return ioctls, None
 
 
-def _why_no_fd(
-    attempts: list[OpenAttempt], seccomp: int | None, version: tuple[int, ...] = ()
-) -> tuple[str, str]:
-    detail = "; ".join(f"{a.method}: {a.explanation}" for a in attempts)
-    errnos = {a.errno for a in attempts}
-    if seccomp == 2 and errnos <= {errno.EPERM, errno.ENOSYS, errno.ENOENT, errno.EACCES}:
-        return f"userfaultfd is blocked ({detail})", SECCOMP_REMEDY
-    if errno.ENOSYS in errnos:
-        return (
-            f"userfaultfd is not available ({detail})",
-            "use a kernel built with CONFIG_USERFAULTFD=y (every major distribution's is)",
-        )
-    reason = f"userfaultfd could not be opened ({detail})"
-    known = bool(version)
-    if known and version < (5, 11):
-        methods = {a.method for a in attempts}
-        if methods == {"syscall-user-mode-only"} and errnos == {errno.EINVAL}:
-            return reason, (
-                "UFFD_USER_MODE_ONLY needs Linux 5.11+: run Linux 5.11 or newer, or let the "
-                "plain syscall be tried (unset PYTEST_UFFD_GUARD_OPEN)"
-            )
-        if errno.EPERM in errnos:
-            return reason, (
-                "before Linux 5.11 unprivileged users get a userfaultfd only with "
-                "`sysctl vm.unprivileged_userfaultfd=1` (no user-mode-only mode, and no "
-                "/dev/userfaultfd before 6.1): set it, run as root or with CAP_SYS_PTRACE, "
-                "or run Linux 5.11+ (user-mode-only userfaultfds with the sysctl at 0)"
-            )
-    if known and version < (6, 1):
-        return reason, (
-            "set `sysctl vm.unprivileged_userfaultfd=1` or run with CAP_SYS_PTRACE "
-            "(/dev/userfaultfd exists only from Linux 6.1); in a container, also check "
-            "its seccomp profile"
-        )
-    return reason, (
-        "set `sysctl vm.unprivileged_userfaultfd=1`, run with CAP_SYS_PTRACE, or grant "
-        "access to /dev/userfaultfd; in a container, also check its seccomp profile"
-    )
-
-
-_cached: tuple[int, Capabilities] | None = None
+_cached: Capabilities | None = None
 
 
 def capabilities(refresh: bool = False) -> Capabilities:
     """What guarded buffers can do here (probed once per process)."""
     global _cached
-    if refresh or _cached is None or _cached[0] != os.getpid():
-        _cached = (os.getpid(), probe())
-    return _cached[1]
+    if refresh or _cached is None:
+        _cached = probe()
+    return _cached
+
+
+def _forget() -> None:
+    # A forked child probes again: it may have other rights (setuid, seccomp).
+    global _cached
+    _cached = None
+
+
+process.on_fork_child(_forget)

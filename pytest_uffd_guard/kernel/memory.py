@@ -5,10 +5,11 @@ from __future__ import annotations
 import ctypes
 import errno
 import mmap
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .errors import UffdGuardError
+    from ..errors import UffdGuardError
 
 PAGE_SIZE = mmap.PAGESIZE
 
@@ -45,6 +46,43 @@ def anonymous_map(length: int) -> mmap.mmap:
     )
 
 
+def release_mapping(mapping: mmap.mmap) -> None:
+    """Unmap ``mapping``, or at least drop its pages when it cannot be closed.
+
+    A transient export (a ctypes view taking an address) that a parent
+    thread held at fork() never ends in the child: close() then refuses.
+    """
+    try:
+        mapping.close()
+    except BufferError:
+        with suppress(OSError):
+            mapping.madvise(mmap.MADV_DONTNEED)
+
+
+def free_pages(mapping: mmap.mmap, *, shared: bool) -> None:
+    """Give a mapping's memory back but keep its address range mapped.
+
+    A writer that was blocked in a fault when its range was unregistered
+    retries its store afterwards, through a raw address that holds no buffer
+    export (``ctypes.memset(buf.address, ...)``), and must find memory there
+    (a zero page), not a hole.  Live views (memoryview, numpy) are just as
+    safe.  Shared memory needs MADV_REMOVE: MADV_DONTNEED only drops this
+    process's page table entries, the pages stay in the file.
+
+    Never raises: Linux before 5.18 refuses MADV_DONTNEED on hugetlb
+    (EINVAL), and a private hugetlb mapping refuses MADV_REMOVE.  When every
+    advice is refused the pages stay until the range is unmapped at garbage
+    collection.
+    """
+    advices = [mmap.MADV_REMOVE, mmap.MADV_DONTNEED] if shared else [mmap.MADV_DONTNEED]
+    for advice in advices:
+        try:
+            mmap.mmap.madvise(mapping, advice)
+        except OSError:
+            continue
+        return
+
+
 def map_count() -> tuple[int, int] | None:
     """(mappings this process has, ``vm.max_map_count``), or None if unknown."""
     try:
@@ -72,7 +110,7 @@ def resource_error(exc: OSError, doing: str) -> UffdGuardError:
     memory itself, each with its own remedy.  ``doing`` reads like
     "mapping 4096 bytes for a guarded buffer".
     """
-    from .errors import BufferAllocationError, ResourceLimitError
+    from ..errors import BufferAllocationError, ResourceLimitError
 
     code = exc.errno
     reason = exc.strerror or str(exc)

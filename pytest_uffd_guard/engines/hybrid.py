@@ -39,7 +39,6 @@ recorded and named, at sync cost - and the other buffers go on.
 from __future__ import annotations
 
 import itertools
-import os
 import queue
 import threading
 import warnings
@@ -48,14 +47,15 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
-from .async_tracker import AsyncTracker, placed_changes
-from .diff_tracker import page_record
-from .forksafe import ForkSafeLock
-from .records import WriteRecord
-from .sync_tracker import SyncTracker
+from ..kernel import process
+from ..kernel.process import ForkSafeLock
+from .async_ import AsyncTracker
+from .base import Drained, Outbox, Stop, StopReason
+from .pagediff import first_changes, page_record
+from .sync import SyncTracker
 
 if TYPE_CHECKING:
-    from .tracking import Region
+    from .base import Region
 
 #: Sync faults (pages) per buffer before it moves to the async engine.
 BUDGET = 1024
@@ -71,10 +71,9 @@ class _Watcher:
 
     def __init__(self) -> None:
         self._reset()
-        if hasattr(os, "register_at_fork"):
-            # A lock held by the parent's watcher at fork stays held in the
-            # child, and the thread itself does not exist there.
-            os.register_at_fork(after_in_child=self._reset)
+        # A lock held by the parent's watcher at fork stays held in the
+        # child, and the thread itself does not exist there.
+        process.on_fork_child(self._reset)
 
     def _reset(self) -> None:
         self._lock = threading.Lock()
@@ -182,14 +181,13 @@ class HybridTracker:
         #: A weak reference to the buffer that owns the memory, if given.
         self._owner: Callable[[], object | None] | None = region.owner
         self._lock = ForkSafeLock()
-        self._pending: list[WriteRecord] = []
+        self._outbox = Outbox()
         self._seen: set[int] = set()
         self._paused = True
         self._closed = False
-        self._base_overflow = 0
         self._base_duplicates = 0
         self._kept = 0
-        self._lost: str | None = None
+        self._lost: Stop | None = None
         self._sync: SyncTracker | None = self._new_sync()
         self._async: AsyncTracker | None = None
         #: How many times this buffer moved to async (for tests and reports).
@@ -215,17 +213,6 @@ class HybridTracker:
         return current
 
     @property
-    def overflow(self) -> int:
-        with self._lock:
-            return self._base_overflow + self._current.overflow
-
-    @overflow.setter
-    def overflow(self, value: int) -> None:
-        with self._lock:
-            self._base_overflow = value
-            self._current.overflow = 0
-
-    @property
     def duplicates(self) -> int:
         """Extra faults on already recorded pages (sync phases only)."""
         with self._lock:
@@ -233,7 +220,7 @@ class HybridTracker:
             return self._base_duplicates + sync
 
     @property
-    def stopped(self) -> str | None:
+    def stopped(self) -> Stop | None:
         with self._lock:
             return self._lost or self._current.stopped
 
@@ -258,31 +245,29 @@ class HybridTracker:
 
     def resume(self) -> None:
         with self._lock:
-            self._current.resume()
             self._paused = False
+            self._current.resume()
         WATCHER.wake()
 
-    def drain(self) -> list[WriteRecord]:
+    def drain(self) -> Drained:
         with self._lock:
             self._take()
-            records, self._pending = self._pending, []
-            return records
+            return self._outbox.hand_over()
 
     def discard(self) -> None:
         with self._lock:
             self._current.discard()
-            self._pending = []
+            self._outbox = Outbox()
             self._kept = 0
             self._base_duplicates = 0
 
-    def close(self) -> list[WriteRecord]:
+    def close(self) -> Drained:
         WATCHER.remove(self._key)
         with self._lock:
             self._closed = True
             self._keep(self._current.close())
             self._paused = True
-            records, self._pending = self._pending, []
-            return records
+            return self._outbox.hand_over()
 
     def poll(self) -> bool:
         """Watcher: drain sync records; move to async when over budget.
@@ -332,15 +317,17 @@ class HybridTracker:
     def _take(self) -> None:
         self._keep(self._current.drain())
 
-    def _keep(self, records: list[WriteRecord]) -> None:
-        """Queue records, counting those past max_records as overflow."""
-        for record in records:
+    def _keep(self, drained: Drained) -> None:
+        """Queue a phase's records, counting those past max_records (and the
+        phase's own overflow) as overflow."""
+        self._outbox.overflow += drained.overflow
+        for record in drained.records:
             self._seen.add(record.offset - record.offset % self._unit)
             if self._max_records is not None and self._kept >= self._max_records:
-                self._base_overflow += 1
+                self._outbox.overflow += 1
                 continue
             self._kept += 1
-            self._pending.append(record)
+            self._outbox.records.append(record)
 
     def _switch(self) -> None:
         """Move to the async fd.  The caller holds the lock and the buffer."""
@@ -349,7 +336,6 @@ class HybridTracker:
         # Unregister: a writer blocked in a fault goes on, unrecorded; the
         # diff below finds what it wrote.
         self._keep(sync.close())
-        self._base_overflow += sync.overflow
         self._base_duplicates += sync.duplicates
         max_records = self._max_records
         tracker: AsyncTracker | None = None
@@ -378,15 +364,19 @@ class HybridTracker:
             self._sync = self._new_sync()
             self._sync.arm()
         except Exception as exc:
-            self._lost = f"the hybrid engine could not move it to async nor back to sync ({exc})"
+            self._lost = Stop(
+                StopReason.LOST,
+                f"the hybrid engine could not move it to async nor back to sync ({exc})",
+            )
             return
         self._take()
         self._report_window()
 
     def _report_window(self) -> None:
         """Pages that changed while no fd protected them, as records."""
-        changed = placed_changes(self._address, self._snapshot, 0, self._length, self._unit)
+        changed = first_changes(self._address, self._snapshot, 0, self._length, self._unit)
         if self._async is not None:
             self._async.add_found(changed)
             return
-        self._keep([page_record(changed[page]) for page in sorted(set(changed) - self._seen)])
+        found = [page_record(changed[page]) for page in sorted(set(changed) - self._seen)]
+        self._keep(Drained(found))

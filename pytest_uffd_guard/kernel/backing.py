@@ -23,9 +23,9 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .errors import BufferAllocationError, InvalidBufferError, UffdUnavailableError
+from ..errors import BufferAllocationError, InvalidBufferError, UffdUnavailableError
+from ..names import BACKINGS
 from .memory import PAGE_SIZE, resource_error, round_up
-from .names import BACKINGS
 
 MFD_CLOEXEC = 0x0001
 MFD_HUGETLB = 0x0004

@@ -59,7 +59,7 @@ def load_core() -> ModuleType:
     unbuilt or from another version.  Not done when this module is
     imported: importing the package must load nothing (tests/test_core.py).
     """
-    from . import _uffd
+    from .. import _uffd
 
     mismatch = core_mismatch(_uffd)
     if mismatch is not None:
@@ -93,7 +93,7 @@ class WriteRecord:
     means a write into the slack after the end of the buffer, inside its
     last page: an overrun.
 
-    The writer (see :mod:`pytest_uffd_guard.attribution`), for the first
+    The writer (see :mod:`pytest_uffd_guard.kernel.capture`), for the first
     few writes of each buffer: ``stack`` is the writing thread's Python
     stack at the write, innermost frame first; ``syscall`` names the system
     call when the kernel wrote on the thread's behalf (``"read"``), None for

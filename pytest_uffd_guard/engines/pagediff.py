@@ -1,37 +1,21 @@
-"""The ``diff`` engine: no userfaultfd, a byte comparison with the snapshot.
+"""The page-diff library: which bytes and pages differ from a snapshot.
 
-It protects nothing and runs no thread, so it works everywhere (any kernel,
-any seccomp profile, any platform with ``mmap``).  A page is reported when
-its bytes differ from the snapshot taken at arming, with the offset of its
-first changed byte.  Two things it cannot know, said plainly wherever it is
-shown: a write that stores the value already there leaves no trace, and the
-writer (thread, time, stack) is unknown.  Records are therefore
-``exact=False`` with no thread.
-
-The page-walking helpers here are shared with the async engine, which uses
-them to place each written page's record on its first changed byte.
+Shared by the diff engine (its whole method), the async and hybrid engines
+(each written page's record is placed on its first changed byte) and
+``GuardedBuffer`` (``changes()``).  Uses the C core when it is there, and
+pure Python (ctypes, numpy when installed) otherwise.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
-from .forksafe import ForkSafeLock
-from .records import WriteRecord
+from ..kernel.process import ForkSafeLock
+from ..kernel.records import WriteRecord
+from .base import Drained, Outbox
 
-if TYPE_CHECKING:
-    from .tracking import Region
-
-#: Why the diff engine is weaker; shown by the header, the doctor and docs.
-LIMITS = (
-    "no write-protection: changes are found by comparing with the snapshot, so a write "
-    "that stores the value already there is not seen and the writer is unknown"
-)
-
-_seq_lock = threading.Lock()
+_seq_lock = ForkSafeLock()
 _seq_next = 1
 
 
@@ -54,7 +38,7 @@ def diff_runs(a: int, b: int, length: int) -> list[tuple[int, int]]:
     if length <= 0:
         return []
     try:
-        from . import _uffd
+        from .. import _uffd
     except ImportError:
         return _diff_runs_py(a, b, length)
     runs, _ = _uffd.diff_runs(a, b, length, 1 << 62)
@@ -189,90 +173,40 @@ class PageLog:
     def __init__(self, capacity: int | None) -> None:
         self.capacity = capacity
         self.reported: set[int] = set()
-        self.pending: list[WriteRecord] = []
+        self.outbox = Outbox()
         self.kept = 0
-        self.overflow = 0
 
     def add(self, pages: Iterable[int], offsets: dict[int, int]) -> None:
         new = sorted(set(pages) - self.reported)
         self.reported.update(new)
         room = len(new) if self.capacity is None else max(0, self.capacity - self.kept)
         kept = new[:room]
-        self.overflow += len(new) - len(kept)
+        self.outbox.overflow += len(new) - len(kept)
         self.kept += len(kept)
-        self.pending.extend(page_records([offsets.get(p, p) for p in kept], time.monotonic()))
-
-    def take(self) -> list[WriteRecord]:
-        records, self.pending = self.pending, []
-        return records
+        found = page_records([offsets.get(p, p) for p in kept], time.monotonic())
+        self.outbox.records.extend(found)
 
     def reset(self) -> None:
         self.reported.clear()
-        self.pending = []
+        self.outbox = Outbox()
         self.kept = 0
 
 
-class DiffTracker:
-    """Finds changed pages by comparing the buffer with its snapshot."""
+class PageLogged:
+    """``drain`` and ``discard`` of the trackers that find written pages
+    after the fact (async, diff): ``_collect`` adds them to ``_log``."""
 
-    name = "diff"
+    _lock: ForkSafeLock
+    _log: PageLog
 
-    def __init__(
-        self, region: Region, *, max_records: int | None, stacks: int | None = None
-    ) -> None:
-        self._address = region.address
-        self._length = region.length
-        self._snapshot = region.snapshot
-        self._unit = region.unit
-        self._lock = ForkSafeLock()
-        self._log = PageLog(max_records)
-        self._paused = True
-        self._closed = False
+    def _collect(self) -> None:
+        raise NotImplementedError
 
-    @property
-    def overflow(self) -> int:
-        with self._lock:
-            return self._log.overflow
-
-    @overflow.setter
-    def overflow(self, value: int) -> None:
-        with self._lock:
-            self._log.overflow = value
-
-    @property
-    def stopped(self) -> str | None:
-        return "closed" if self._closed else None
-
-    def arm(self) -> None:
-        with self._lock:
-            self._paused = False
-
-    def pause(self) -> None:
+    def drain(self) -> Drained:
         with self._lock:
             self._collect()
-            self._paused = True
-
-    def resume(self) -> None:
-        with self._lock:
-            self._paused = False
-
-    def drain(self) -> list[WriteRecord]:
-        with self._lock:
-            self._collect()
-            return self._log.take()
+            return self._log.outbox.hand_over()
 
     def discard(self) -> None:
         with self._lock:
             self._log.reset()
-
-    def close(self) -> list[WriteRecord]:
-        with self._lock:
-            self._collect()
-            self._closed = True
-            return self._log.take()
-
-    def _collect(self) -> None:
-        if self._paused or self._closed:
-            return
-        changed = first_changes(self._address, self._snapshot, 0, self._length, self._unit)
-        self._log.add(changed, changed)

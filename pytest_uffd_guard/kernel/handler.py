@@ -1,13 +1,14 @@
 """The process's userfaultfd and its fault-handler thread.
 
-One engine per process: one userfaultfd, one native handler thread, any
-number of guarded ranges.  It starts on the first guarded buffer (importing
+One handler per process: one userfaultfd, one native handler thread, any
+number of guarded ranges (the sync engine's, and the hybrid engine's sync
+phases).  It starts on the first guarded buffer (importing
 the package opens nothing), restarts in a forked child that creates buffers
 of its own, and stops at interpreter exit: every tracked buffer first takes
 its last records (so an unclosed buffer's ``writes`` stay whole), then every
 range is unregistered so that no writer can be left blocked.
 
-Where the kernel offers ``UFFD_FEATURE_EVENT_REMOVE`` the engine asks for
+Where the kernel offers ``UFFD_FEATURE_EVENT_REMOVE`` the handler asks for
 it on top of the probe's features: ``madvise`` discarding guarded pages is
 then recorded, and the pages protected again (see ``_uffd.c``).
 """
@@ -19,10 +20,11 @@ import os
 import weakref
 from typing import TYPE_CHECKING, Protocol
 
-from .errors import UffdUnavailableError
-from .forksafe import ForkSafeLock
+from ..errors import UffdUnavailableError
+from . import process
+from .capabilities import FEATURES, Capabilities, capabilities, open_for
 from .memory import PAGE_SIZE
-from .probe import FEATURES, Capabilities, capabilities, open_for
+from .process import ForkSafeLock
 from .records import core_mismatch
 
 if TYPE_CHECKING:
@@ -30,24 +32,32 @@ if TYPE_CHECKING:
 
 
 class Tracked(Protocol):
-    """What the engine needs from a buffer it tracks."""
+    """What the handler needs from a tracker it serves."""
 
     def _detach(self, reason: str) -> None: ...
 
 
-class Engine:
+class Handler:
     """Owns this process's handler; see the module docstring."""
 
     def __init__(self) -> None:
         self._lock = ForkSafeLock()
-        self._pid = 0
+        #: The handler runs in this process (False again in a forked child).
+        self._running = False
         self._capabilities: Capabilities | None = None
         self._tracked: weakref.WeakSet[Tracked] = weakref.WeakSet()
         self._atexit_registered = False
+        process.on_fork_child(self._forget)
+
+    def _forget(self) -> None:
+        # A forked child: the C core already dropped the parent's fd and
+        # table; the buffers inherited here are plain copies.
+        self._running = False
+        self._tracked = weakref.WeakSet()
 
     @property
     def core(self) -> ModuleType:
-        from . import _uffd
+        from .. import _uffd
 
         core: ModuleType = _uffd
         return core
@@ -58,8 +68,7 @@ class Engine:
         Raises UffdUnavailableError when the machine cannot guard memory.
         """
         with self._lock:
-            pid = os.getpid()
-            if self._pid == pid:
+            if self._running:
                 state = self.core.handler_state()
                 if state["running"]:
                     assert self._capabilities is not None
@@ -68,10 +77,7 @@ class Engine:
                 # way out).  Tell the buffers, then start afresh.
                 self._detach_all(f"the fault handler stopped: {state['error']}")
                 self.core.handler_stop()
-            elif self._pid:
-                # A forked child: the C core already dropped the parent's fd
-                # and table; the buffers inherited here are plain copies.
-                self._tracked = weakref.WeakSet()
+                self._running = False
             caps = capabilities()
             if not caps.available:
                 raise UffdUnavailableError(caps.reason or "userfaultfd is unavailable", caps.remedy)
@@ -91,7 +97,7 @@ class Engine:
             except (OSError, RuntimeError) as exc:
                 os.close(fd)
                 raise UffdUnavailableError(f"starting the fault handler failed: {exc}") from exc
-            self._pid = pid
+            self._running = True
             self._capabilities = caps
             if not self._atexit_registered:
                 atexit.register(self.stop)
@@ -108,7 +114,7 @@ class Engine:
 
     def failure(self) -> str | None:
         """Why this process's handler gave up, if it did (cheap)."""
-        if self._pid != os.getpid():
+        if not self._running:
             return None
         failure: str | None = self.core.handler_failure()
         return failure
@@ -128,11 +134,11 @@ class Engine:
         its last records first, so ``writes`` read later are whole.
         """
         with self._lock:
-            if self._pid != os.getpid():
+            if not self._running:
                 return
-            self._detach_all("the engine was stopped")
+            self._detach_all("the fault handler was stopped")
             self.core.handler_stop()
-            self._pid = 0
+            self._running = False
 
     def _detach_all(self, reason: str) -> None:
         for buffer in list(self._tracked):
@@ -140,5 +146,5 @@ class Engine:
         self._tracked = weakref.WeakSet()
 
 
-#: The engine of this process.
-ENGINE = Engine()
+#: The fault handler of this process.
+HANDLER = Handler()

@@ -1,21 +1,22 @@
-"""How a guarded buffer learns about writes: the Tracker seam.
+"""The engine registry: which engine tracks a buffer, and why.
 
-A GuardedBuffer owns its mapping and snapshot; a Tracker owns everything
-kernel-side about seeing writes into it.  Engines:
+An engine is a tracking strategy: a :class:`~.base.Tracker` that sees the
+writes into one buffer's memory (the seam itself is ``engines/base.py``;
+the engines import it, never this module, which imports them).  Engines:
 
 ``sync``
     userfaultfd write-protect with the native handler thread
-    (:mod:`pytest_uffd_guard.sync_tracker`): every first write into a page
+    (:mod:`pytest_uffd_guard.engines.sync`): every first write into a page
     is recorded with its exact offset and thread.
 ``async``
     ``UFFD_FEATURE_WP_ASYNC`` + ``PAGEMAP_SCAN`` (Linux 6.7+,
-    :mod:`pytest_uffd_guard.async_tracker`): writes never block; every
+    :mod:`pytest_uffd_guard.engines.async_`): writes never block; every
     written page is found, the writer is not known.
 ``hybrid``
     sync for the first writes of each buffer (named), then async for the
-    rest (Linux 6.7+, :mod:`pytest_uffd_guard.hybrid_tracker`).
+    rest (Linux 6.7+, :mod:`pytest_uffd_guard.engines.hybrid`).
 ``diff``
-    no userfaultfd (:mod:`pytest_uffd_guard.diff_tracker`): pages whose bytes
+    no userfaultfd (:mod:`pytest_uffd_guard.engines.diff`): pages whose bytes
     differ from the snapshot; blind to same-value writes and to the writer.
 ``auto``
     decided by ``choose_engine`` (one place; the plugin's skip, header and
@@ -33,75 +34,21 @@ New engines implement the same protocol and are picked in ``make_tracker``.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .errors import InvalidBufferError, TrackingStoppedError, UffdUnavailableError
-from .memory import PAGE_SIZE
-from .names import ENGINES
-from .records import WriteRecord
+from ..errors import InvalidBufferError, UffdUnavailableError, UnsupportedPlatformError
+from ..kernel.memory import PAGE_SIZE
+from ..names import ENGINES
 
 if TYPE_CHECKING:
-    from .probe import Capabilities
+    from ..kernel.capabilities import Capabilities
+    from .base import Region, Tracker
 
 
 #: auto runs buffers at least this big on the hybrid engine where it exists:
 #: written in full under sync they would cost ~10 s per GiB in faults.
 AUTO_HYBRID_BYTES = 256 << 20
-
-
-class Tracker(Protocol):
-    """Kernel-side tracking of one mapping."""
-
-    #: Engine name shown to users ("sync", ...).
-    name: str
-    #: Writes recorded since the last drain did not fit the log.
-    overflow: int
-
-    def arm(self) -> None:
-        """Protect every page.  Called on a range that is not protected."""
-
-    def pause(self) -> None:
-        """Un-protect every page (waking blocked writers); record nothing."""
-
-    def resume(self) -> None:
-        """Protect every page again after ``pause``."""
-
-    def drain(self) -> list[WriteRecord]:
-        """Records that arrived since the last drain, oldest first."""
-
-    def discard(self) -> None:
-        """Drop records not drained yet (used when re-arming)."""
-
-    def close(self) -> list[WriteRecord]:
-        """Stop tracking for good, free any blocked writer, return the last records."""
-
-    @property
-    def stopped(self) -> str | None:
-        """Why tracking stopped early (handler failure, fork), or None."""
-
-
-class KernelTracked:
-    """Stop state shared by the trackers that hold kernel registrations
-    (sync, async): a copy inherited across fork() is never tracked."""
-
-    _pid: int
-    _stopped: str | None
-
-    @property
-    def stopped(self) -> str | None:
-        if self._pid != os.getpid():
-            return "this buffer was inherited across fork(); it is not tracked in the child"
-        return self._stopped
-
-    def _check(self) -> None:
-        reason = self.stopped
-        if reason is not None:
-            raise TrackingStoppedError(
-                f"the buffer is no longer tracked: {reason}", "create a new GuardedBuffer"
-            )
 
 
 #: What happens to writes made by the kernel inside system calls (readinto,
@@ -145,6 +92,8 @@ class EngineChoice:
     kernel_writes: str = KERNEL_WRITES_NAMED
     #: Unusable because of the request itself (e.g. sync on hugetlb), not the machine.
     misuse: bool = False
+    #: Unusable because this is not Linux (UnsupportedPlatformError).
+    off_linux: bool = False
 
     @property
     def runs(self) -> str:
@@ -152,14 +101,12 @@ class EngineChoice:
         return self.engine if self.usable else "none"
 
     def as_dict(self) -> dict[str, object]:
-        return {
-            "engine": self.runs,
-            "engine_requested": self.requested,
-            "engine_usable": self.usable,
-            "engine_reason": self.reason,
-            "engine_remedy": self.remedy,
-            "kernel_writes": self.kernel_writes,
-        }
+        """The JSON fields: ``engine`` (what runs, or "none"), then
+        ``engine_requested``, ``engine_usable``, ``engine_reason``,
+        ``engine_remedy`` and ``kernel_writes``."""
+        names = ("runs", "requested", "usable", "reason", "remedy", "kernel_writes")
+        keys = ("engine", "engine_requested", "engine_usable", "engine_reason", "engine_remedy")
+        return {key: getattr(self, name) for key, name in zip((*keys, "kernel_writes"), names)}
 
     def check(self) -> None:
         """Raise the project's error for an unusable choice."""
@@ -167,6 +114,8 @@ class EngineChoice:
             return
         if self.misuse:
             raise InvalidBufferError(self.reason, self.remedy)
+        if self.off_linux:
+            raise UnsupportedPlatformError(self.reason, self.remedy)
         raise UffdUnavailableError(self.reason, self.remedy)
 
 
@@ -201,7 +150,7 @@ def choose_engine(
     * no usable userfaultfd: unusable (the plugin skips; ``engine="diff"``
       must be asked for by name).
     """
-    from .probe import capabilities
+    from ..kernel.capabilities import capabilities, not_linux
 
     if requested not in ENGINES:
         raise InvalidBufferError(
@@ -215,6 +164,18 @@ def choose_engine(
             "requested; " + _diff_limits(),
             "requested: bytes compared at the end; same-value writes and writers not seen",
             kernel_writes=KERNEL_WRITES_COMPARED,
+        )
+    off_linux = not_linux()
+    if off_linux is not None:
+        return EngineChoice(
+            requested,
+            "sync" if requested == "auto" else requested,
+            False,
+            off_linux[0],
+            "not Linux",
+            off_linux[1],
+            KERNEL_WRITES_NONE,
+            off_linux=True,
         )
     if caps is None:
         caps = capabilities()
@@ -337,7 +298,7 @@ def _auto(
 
 
 def _requested_async(async_reason: str | None) -> EngineChoice:
-    from .async_tracker import ASYNC_REMEDY
+    from ..kernel.asyncfd import ASYNC_REMEDY
 
     if async_reason is not None:
         return EngineChoice(
@@ -362,10 +323,10 @@ def _requested_async(async_reason: str | None) -> EngineChoice:
 def _requested_sync(
     requested: str, caps: Capabilities, how: str, async_reason: str | None
 ) -> EngineChoice:
-    from .probe import KERNEL_WRITES_REMEDY
+    from ..kernel.capabilities import KERNEL_WRITES_REMEDY
 
     if requested == "hybrid":
-        from .hybrid_tracker import BUDGET
+        from .hybrid import BUDGET
 
         if async_reason is not None:
             return EngineChoice(
@@ -406,39 +367,19 @@ def async_ok(caps: Capabilities) -> bool:
 
 
 def _async_unavailable(caps: Capabilities) -> str | None:
-    from .async_tracker import async_unavailable
+    from ..kernel.asyncfd import async_unavailable
 
     return async_unavailable(caps)
 
 
 def _diff_limits() -> str:
-    from .diff_tracker import LIMITS
+    from .diff import LIMITS
 
     return LIMITS
 
 
-@dataclass(frozen=True)
-class Region:
-    """The memory a tracker watches."""
-
-    #: Start of the mapping.
-    address: int
-    #: Mapped bytes: whole units.
-    length: int
-    #: Bytes in use (``len()`` of the buffer).
-    size: int
-    #: Address of the snapshot taken at arming (``length`` bytes).
-    snapshot: int
-    #: Page size of the mapping (a huge page for hugetlb).
-    unit: int = PAGE_SIZE
-    #: A weak reference to the object that owns the memory: a background
-    #: thread (the hybrid watcher) holds the owner while it works on the
-    #: region, so the memory cannot be unmapped under it.
-    owner: Callable[[], object | None] | None = field(default=None, compare=False, repr=False)
-
-
 def make_tracker(
-    engine: str,
+    engine: str | EngineChoice,
     region: Region,
     *,
     max_records: int | None,
@@ -448,20 +389,24 @@ def make_tracker(
     """Start tracking ``region``, which must hold its initial contents and
     not be protected yet; the tracker is armed on return.
 
+    ``engine`` is a request ("auto", ...) or the ``choose_engine`` answer
+    the caller already has (GuardedBuffer asks before it maps anything).
+
     ``stacks`` bounds how many writers are named (None: the default; only
     the sync phase of the sync and hybrid engines names writers).
     """
-    choice = choose_engine(engine, region.length, unit=region.unit, backing=backing)
-    choice.check()
-    engine = choice.engine
-    if engine == "diff":
-        from .diff_tracker import DiffTracker as factory
-    elif engine == "async":
-        from .async_tracker import AsyncTracker as factory  # type: ignore[assignment]
-    elif engine == "hybrid":
-        from .hybrid_tracker import HybridTracker as factory  # type: ignore[assignment]
+    if isinstance(engine, str):
+        engine = choose_engine(engine, region.length, unit=region.unit, backing=backing)
+    engine.check()
+    name = engine.engine
+    if name == "diff":
+        from .diff import DiffTracker as factory
+    elif name == "async":
+        from .async_ import AsyncTracker as factory  # type: ignore[assignment]
+    elif name == "hybrid":
+        from .hybrid import HybridTracker as factory  # type: ignore[assignment]
     else:
-        from .sync_tracker import SyncTracker as factory  # type: ignore[assignment]
+        from .sync import SyncTracker as factory  # type: ignore[assignment]
     tracker: Tracker = factory(region, max_records=max_records, stacks=stacks)
     try:
         tracker.arm()

@@ -8,21 +8,20 @@ and the writer goes on.  See ``_uffd.c``.
 
 from __future__ import annotations
 
-import os
 import weakref
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
-from . import attribution
-from .attribution import thread_names
-from .engine import ENGINE
-from .errors import UffdUnavailableError
-from .memory import PAGE_SIZE
-from .records import KIND_DISCARD, KIND_NAMES, WriteRecord, unpack_faults
-from .tracking import KernelTracked
+from ..errors import UffdUnavailableError
+from ..kernel import capture, process
+from ..kernel.handler import HANDLER
+from ..kernel.memory import PAGE_SIZE
+from ..kernel.namer import thread_names, watch_threads
+from ..kernel.records import KIND_DISCARD, KIND_NAMES, WriteRecord, unpack_faults
+from .base import CLOSED, Drained, KernelTracked, Outbox, Stop, StopReason
 
 if TYPE_CHECKING:
-    from .tracking import Region
+    from .base import Region
 
 #: Records kept per buffer beyond one per page: the C core logs each page
 #: once per protection (later faults on it are counted as duplicates), so
@@ -37,7 +36,7 @@ DISCARD_NOTE = "madvise discarded these bytes; the kernel does not say which thr
 def _release_guard(gid: int) -> None:
     """Finalizer: forget a guard whose tracker was garbage-collected."""
     with suppress(Exception):  # interpreter shutdown may have torn things down
-        ENGINE.core.guard_remove(gid)
+        HANDLER.core.guard_remove(gid)
 
 
 class SyncTracker(KernelTracked):
@@ -51,9 +50,8 @@ class SyncTracker(KernelTracked):
         address, length = region.address, region.length
         self._address = address
         self._length = length
-        self._pid = os.getpid()
-        self._stopped: str | None = None
-        self.overflow = 0
+        self._made_in = process.generation()
+        self._stopped: Stop | None = None
         #: Faults on pages already recorded since they were protected
         #: (threads blocked on one page at once): counted, not recorded.
         self.duplicates = 0
@@ -63,15 +61,15 @@ class SyncTracker(KernelTracked):
             if max_records is not None
             else min(pages + RECORD_SLACK, MAX_DEFAULT_RECORDS)
         )
-        caps = ENGINE.start()
-        self._stacks = attribution.DEFAULT_STACKS if stacks is None else stacks
+        caps = HANDLER.start()
+        self._stacks = capture.DEFAULT_STACKS if stacks is None else stacks
         # Why writers cannot be named in this process, if they cannot.
-        self._stack_note = attribution.ensure_started() if self._stacks else None
+        self._stack_note = capture.ensure_started() if self._stacks else None
         # Thread names are kept even when stacks are off (cheap: one dict
         # insert per thread start).
-        attribution.watch_threads()
+        watch_threads()
         budget = self._stacks if self._stack_note is None else 0
-        core = ENGINE.core
+        core = HANDLER.core
         self._gid, ioctls = core.guard_add(address, length, PAGE_SIZE, capacity, budget)
         # The register mask, not UFFDIO_API, says whether this range can be
         # write-protected (the probe checked anonymous memory only).
@@ -83,20 +81,20 @@ class SyncTracker(KernelTracked):
                 "use backing='anonymous' (or a newer kernel for shmem/hugetlb), "
                 "or engine='diff' for this buffer",
             )
-        # atexit=False: at exit the engine detaches (drains) every tracker
+        # atexit=False: at exit the handler detaches (drains) every tracker
         # before it stops; an exit-time finalizer would drop the records.
         self._finalizer = weakref.finalize(self, _release_guard, self._gid)
         self._finalizer.atexit = False
         self._wp_unpopulated = caps.has("wp_unpopulated")
         self._exact = caps.has("exact_address")
-        self._pending: list[WriteRecord] = []
-        ENGINE.track(self)
+        self._outbox = Outbox()
+        HANDLER.track(self)
 
     @property
-    def stopped(self) -> str | None:
+    def stopped(self) -> Stop | None:
         reason = super().stopped
         if reason is None:
-            failure = ENGINE.failure()
+            failure = HANDLER.failure()
             if failure is not None:
                 # The handler gave up (and unregistered every range): keep
                 # what was recorded, stop tracking, say why.
@@ -108,14 +106,14 @@ class SyncTracker(KernelTracked):
         """A core call on this guard; a handler that gave up meanwhile
         becomes TrackingStoppedError, not the core's RuntimeError."""
         try:
-            return getattr(ENGINE.core, name)(self._gid, *args)
+            return getattr(HANDLER.core, name)(self._gid, *args)
         except RuntimeError:
             self._check()  # raises TrackingStoppedError if the handler gave up
             raise
 
     def arm(self) -> None:
         self._check()
-        core = ENGINE.core
+        core = HANDLER.core
         if not self._wp_unpopulated:
             # Before Linux 6.4 (no WP_UNPOPULATED) protecting a page that
             # was never touched silently does nothing: fault them all in.
@@ -136,38 +134,36 @@ class SyncTracker(KernelTracked):
             self._take(*self._call("guard_drain"))
             self._call("guard_protect", True)
 
-    def drain(self) -> list[WriteRecord]:
+    def drain(self) -> Drained:
         if self.stopped is None:
             self._take(*self._call("guard_drain"))
-        records, self._pending = self._pending, []
-        return records
+        return self._outbox.hand_over()
 
     def discard(self) -> None:
         self.drain()
         self.duplicates = 0
 
-    def close(self) -> list[WriteRecord]:
+    def close(self) -> Drained:
         self._finalizer.detach()
-        if self._pid == os.getpid():
-            self._take(*ENGINE.core.guard_remove(self._gid))
-            ENGINE.untrack(self)
-        self._stopped = self._stopped or "closed"
-        records, self._pending = self._pending, []
-        return records
+        if not self._inherited:
+            self._take(*HANDLER.core.guard_remove(self._gid))
+            HANDLER.untrack(self)
+        self._stopped = self._stopped or CLOSED
+        return self._outbox.hand_over()
 
     def _detach(self, reason: str) -> None:
-        """Called by the engine when the handler stops: keep what we have."""
+        """Called by the handler when it stops: keep what we have."""
         if self._stopped is None:
-            self._stopped = reason
-            self._take(*ENGINE.core.guard_drain(self._gid))
+            self._stopped = Stop(StopReason.HANDLER, reason)
+            self._take(*HANDLER.core.guard_drain(self._gid))
 
     def _take(self, blob: bytes, overflow: int, duplicates: int = 0) -> None:
-        self.overflow += overflow
+        self._outbox.overflow += overflow
         self.duplicates += duplicates
         names = thread_names() if blob else {}
         for raw in unpack_faults(blob):
             if raw.kind == KIND_DISCARD:
-                self._pending.append(
+                self._outbox.records.append(
                     WriteRecord(
                         offset=raw.address - self._address,
                         exact=True,
@@ -181,7 +177,7 @@ class SyncTracker(KernelTracked):
                     )
                 )
                 continue
-            self._pending.append(
+            self._outbox.records.append(
                 WriteRecord(
                     offset=raw.address - self._address,
                     exact=self._exact,
@@ -189,6 +185,6 @@ class SyncTracker(KernelTracked):
                     thread_name=names.get(raw.tid) if raw.tid else None,
                     time=raw.time_ns / 1e9,
                     seq=raw.seq,
-                    **attribution.describe(raw, self._stack_note),
+                    **capture.describe(raw, self._stack_note),
                 )
             )

@@ -1,0 +1,56 @@
+"""The session's engine as the plugin words it: the skip reason, the JSON's
+engine fields.  Every answer is ``engines.choose_engine``'s.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+
+from .settings import ENGINE_OPTION
+from .state import UNAVAILABLE_PREFIX, settings_key
+
+if TYPE_CHECKING:
+    from .engines import EngineChoice
+
+#: Added to the skip reason when the default engine finds no userfaultfd.
+DIFF_HINT = f"or run with {ENGINE_OPTION}=diff to compare bytes instead (weaker: see docs)"
+
+
+def engine_request(config: pytest.Config) -> str:
+    """The engine the plugin asks GuardedBuffer for (``--uffd-engine``).
+
+    What it resolves to is ``engines.choose_engine``'s answer, the same for
+    the skip (``manager.Manager._check_available``), the header and the JSON: where
+    nothing can track, guarded tests are skipped; diffing runs only when
+    asked for by name.
+    """
+    return config.stash[settings_key].engine
+
+
+def engine_choice(config: pytest.Config) -> tuple[str, str]:
+    """The session's engine and why, for the JSON header: the engine that
+    runs, or "none" with the skip's own message when nothing can.
+
+    A two-field view of ``engines.choose_engine`` kept for the JSON writer;
+    new code should read the ``EngineChoice`` (``choose_engine(...).as_dict()``).
+    """
+    from .engines import choose_engine
+
+    choice = choose_engine(engine_request(config))
+    if choice.usable:
+        return choice.engine, choice.reason
+    fate = "errors" if config.stash[settings_key].require else "skipped"
+    return choice.runs, f"guarded tests are {fate}: {unavailable_message(choice)}"
+
+
+def unavailable_message(choice: EngineChoice) -> str:
+    """One line: why guarded buffers cannot be tracked and what to change
+    (the skip reason, and the JSON's when nothing runs)."""
+    text = f"{UNAVAILABLE_PREFIX}: {choice.reason}"
+    if choice.remedy:
+        text += f"; fix: {choice.remedy}"
+    if not choice.misuse:
+        text += f"; {DIFF_HINT}"
+    return " ".join(text.split())
