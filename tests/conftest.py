@@ -73,6 +73,13 @@ def sync_buffers(cls: Any) -> Any:
     return cls
 
 
+def sync_engine_args() -> tuple[str, ...]:
+    """Arguments for an inner pytest run that checks what the sync engine
+    shows (writer names, tids, stacks): ``--uffd-engine=sync`` where ``auto``
+    would run async or diff (a user-mode-only userfaultfd), none elsewhere."""
+    return ("--uffd-engine=sync",) if capabilities().user_mode_only else ()
+
+
 def run_python(
     code: str,
     env: dict[str, str] | None = None,

@@ -23,7 +23,7 @@ from pytest_uffd_guard import GuardedBuffer
 from pytest_uffd_guard.attribution import user_frames
 from pytest_uffd_guard.probe import capabilities
 from pytest_uffd_guard.records import Frame, WriteRecord
-from tests.conftest import run_python
+from tests.conftest import run_python, sync_buffers
 
 P = mmap.PAGESIZE
 
@@ -270,7 +270,8 @@ def test_pool_and_joined_thread_names_survive_the_threads() -> None:
     def write(buf: GuardedBuffer, offset: int) -> None:
         buf[offset] = 1
 
-    with GuardedBuffer(2 * P) as buf:
+    # Thread names come from the sync engine: ask for it where auto would not run it.
+    with sync_buffers(GuardedBuffer)(2 * P) as buf:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pool-w") as pool:
             pool.submit(write, buf, 0).result()
         del pool
@@ -309,6 +310,7 @@ def test_thread_started_before_guarding_keeps_its_name() -> None:
         print("ok")
         """,
         timeout=60,
+        sync_engine=True,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
@@ -356,6 +358,7 @@ def test_dump_file_is_bounded_when_every_dump_was_read() -> None:
         print(max(sizes))
         """,
         timeout=120,
+        sync_engine=True,
     )
     assert result.returncode == 0, result.stderr
     assert int(result.stdout) < 128 * 1024  # 1000 dumps are ~180 KiB
@@ -363,7 +366,7 @@ def test_dump_file_is_bounded_when_every_dump_was_read() -> None:
 
 def test_unread_dumps_are_kept() -> None:
     """issue 9 (item 8, optional): dumps not read yet survive past the bound."""
-    with GuardedBuffer(600 * P, stacks=600) as buf:
+    with sync_buffers(GuardedBuffer)(600 * P, stacks=600) as buf:
         for i in range(600):
             buf[i * P] = 1
         writes = buf.writes

@@ -39,10 +39,13 @@ def settle(n):
 """
 
 
-def run(code: str, env: dict[str, str] | None = None, timeout: float = 30) -> str:
-    """Run ``code``; a hang is a failure (the defect), not a stuck suite."""
+def run(
+    code: str, env: dict[str, str] | None = None, timeout: float = 30, sync_engine: bool = False
+) -> str:
+    """Run ``code``; a hang is a failure (the defect), not a stuck suite.
+    ``sync_engine``: see ``run_python``."""
     try:
-        result = run_python(code, env=env, timeout=timeout)
+        result = run_python(code, env=env, timeout=timeout, sync_engine=sync_engine)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the child hung for {timeout} s (deadlock)")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -80,6 +83,7 @@ def test_gc_finalizer_inside_core_calls_does_not_deadlock() -> None:
         print("done", state()["guards"])
         """,
         timeout=30,
+        sync_engine=True,  # the handler's guard count is the sync engine's
     )
     assert out.split() == ["done", "1"]
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import sync_engine_args
+
 ROOT = Path(__file__).resolve().parents[2]
 #: Looked up, not imported: pytester's runs would unload and re-import it.
 HAVE_NUMPY = importlib.util.find_spec("numpy") is not None
@@ -223,7 +225,7 @@ def test_deep_library_write_shows_the_tests_line_once(pytester: pytest.Pytester)
     if not HAVE_NUMPY:
         pytest.skip("numpy is not installed")
     pytester.makepyfile(DEEP)
-    result = pytester.runpytest_subprocess(timeout=100)
+    result = pytester.runpytest_subprocess(*sync_engine_args(), timeout=100)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
         [
@@ -246,7 +248,7 @@ def test_verbose_stacks_drop_pytest_machinery(pytester: pytest.Pytester) -> None
     if not HAVE_NUMPY:
         pytest.skip("numpy is not installed")
     pytester.makepyfile(DEEP)
-    result = pytester.runpytest_subprocess("-v", timeout=100)
+    result = pytester.runpytest_subprocess("-v", *sync_engine_args(), timeout=100)
     section = _section(result.stdout.str(), "writers' Python stacks:")
     assert any("in test_median" in line for line in section)
     assert not [line for line in section if "/_pytest/" in line or "/pluggy/" in line]
@@ -308,7 +310,9 @@ def test_summary_writer_column_is_bounded(pytester: pytest.Pytester) -> None:
             view.release()
         """
     )
-    result = pytester.runpytest_subprocess("--uffd-report", "--uffd-stacks=20", timeout=100)
+    result = pytester.runpytest_subprocess(
+        "--uffd-report", "--uffd-stacks=20", *sync_engine_args(), timeout=100
+    )
     result.assert_outcomes(passed=1)
     section = _section(result.stdout.str(), "uffd-guard report")
     assert any("test_threads" in line for line in section)

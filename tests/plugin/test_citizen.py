@@ -9,6 +9,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from pytest_uffd_guard.settings import REPORT_HELP
+from tests.conftest import sync_engine_args
 
 WRITES = """
     def test_writes(guarded_buffer):
@@ -58,7 +59,7 @@ def test_no_engine_until_a_buffer_is_made(pytester: pytest.Pytester) -> None:
 def test_junitxml_properties(pytester: pytest.Pytester) -> None:
     """junitxml records the writes as properties of the test case."""
     pytester.makepyfile(WRITES)
-    result = pytester.runpytest_subprocess("--junitxml=junit.xml")
+    result = pytester.runpytest_subprocess("--junitxml=junit.xml", *sync_engine_args())
     result.assert_outcomes(passed=1, failed=1)
     root = ET.parse(pytester.path / "junit.xml").getroot()
     case = next(c for c in root.iter("testcase") if c.get("name") == "test_writes")

@@ -6,6 +6,7 @@ import pytest
 
 from pytest_uffd_guard.plugin import STATUS_WORD
 from pytest_uffd_guard.report import FAILURE_PREFIX, SECTION_TITLE
+from tests.conftest import sync_engine_args
 
 pytestmark = pytest.mark.needs_uffd
 
@@ -61,7 +62,7 @@ def test_ctypes_memmove_fails_test(pytester: pytest.Pytester) -> None:
             del raw
         """
     )
-    result = pytester.runpytest_subprocess("-v")
+    result = pytester.runpytest_subprocess("-v", *sync_engine_args())
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
         [
@@ -101,7 +102,7 @@ def test_thread_write_fails_test(pytester: pytest.Pytester) -> None:
             assert buf.writes[0].thread_id == thread.native_id
         """
     )
-    result = pytester.runpytest_subprocess()
+    result = pytester.runpytest_subprocess(*sync_engine_args())
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["shared*call*10*1*00 → 01*forbidden*", "shared*call*10*tid *"])
 
@@ -147,7 +148,7 @@ def test_setup_and_teardown_writes_do_not_fail(pytester: pytest.Pytester) -> Non
             assert frame[0] == 1
         """
     )
-    result = pytester.runpytest_subprocess("--uffd-report")
+    result = pytester.runpytest_subprocess("--uffd-report", *sync_engine_args())
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(
         [
