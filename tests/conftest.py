@@ -16,16 +16,41 @@ from pytest_uffd_guard import capabilities
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-#: Multiplies every test time bound (the timeout markers that use ``bound()``
+#: Multiplies every test time bound (every timeout marker, the ini default
 #: and ``run_python``'s subprocess timeout).  tools/run-on-kernel sets it in
 #: its emulated (TCG) guests, where everything runs 5-50 times slower; a bound
 #: always exists.
 TIME_SCALE = max(1.0, float(os.environ.get("UFFD_GUARD_TEST_TIME_SCALE", "1") or 1))
 
 
+class _Scaled(float):
+    """A bound that ``bound()`` already scaled (never scaled twice)."""
+
+
 def bound(seconds: float) -> float:
     """A time bound for a test, scaled by ``UFFD_GUARD_TEST_TIME_SCALE``."""
-    return seconds * TIME_SCALE
+    return _Scaled(seconds * TIME_SCALE)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under emulation, scale the timeout markers written as plain numbers and
+    the ini default like ``bound()``: pytest-timeout's thread method ends the
+    whole session at the first expiry (seen on 5.10 under TCG)."""
+    if TIME_SCALE == 1:
+        return
+    default = float(config.getini("timeout") or 0)
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        if marker is None:
+            if default > 0:
+                item.add_marker(pytest.mark.timeout(bound(default)), append=False)
+            continue
+        seconds = marker.args[0] if marker.args else marker.kwargs.get("timeout")
+        if isinstance(seconds, (int, float)) and seconds > 0 and not isinstance(seconds, _Scaled):
+            kwargs = {k: v for k, v in marker.kwargs.items() if k != "timeout"}
+            item.add_marker(
+                pytest.mark.timeout(bound(seconds), *marker.args[1:], **kwargs), append=False
+            )
 
 
 def exact_address() -> bool:
@@ -71,6 +96,13 @@ def sync_buffers(cls: Any) -> Any:
     if capabilities().user_mode_only:
         return functools.partial(cls, engine="sync")
     return cls
+
+
+def sync_engine_args() -> tuple[str, ...]:
+    """Arguments for an inner pytest run that checks what the sync engine
+    shows (writer names, tids, stacks): ``--uffd-engine=sync`` where ``auto``
+    would run async or diff (a user-mode-only userfaultfd), none elsewhere."""
+    return ("--uffd-engine=sync",) if capabilities().user_mode_only else ()
 
 
 def run_python(

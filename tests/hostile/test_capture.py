@@ -25,7 +25,7 @@ from pytest_uffd_guard import GuardedBuffer
 from pytest_uffd_guard.kernel.capabilities import capabilities
 from pytest_uffd_guard.kernel.records import Frame, WriteRecord
 from pytest_uffd_guard.stacks import user_frames
-from tests.conftest import run_python
+from tests.conftest import run_python, sync_buffers
 
 P = mmap.PAGESIZE
 
@@ -279,7 +279,8 @@ def test_pool_and_joined_thread_names_survive_the_threads() -> None:
     def write(buf: GuardedBuffer, offset: int) -> None:
         buf[offset] = 1
 
-    with GuardedBuffer(2 * P) as buf:
+    # Thread names come from the sync engine: ask for it where auto would not run it.
+    with sync_buffers(GuardedBuffer)(2 * P) as buf:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pool-w") as pool:
             pool.submit(write, buf, 0).result()
         del pool
@@ -318,6 +319,7 @@ def test_thread_started_before_guarding_keeps_its_name() -> None:
         print("ok")
         """,
         timeout=60,
+        sync_engine=True,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
@@ -394,6 +396,7 @@ def test_dump_file_is_bounded_when_every_dump_was_read() -> None:
         print(max(sizes))
         """,
         timeout=120,
+        sync_engine=True,
     )
     assert result.returncode == 0, result.stderr
     assert int(result.stdout) < 128 * 1024  # 1000 dumps are ~180 KiB
@@ -459,7 +462,7 @@ def test_forked_parent_rearming_is_recorded_as_itself() -> None:
 
 def test_unread_dumps_are_kept() -> None:
     """issue 9 (item 8, optional): dumps not read yet survive past the bound."""
-    with GuardedBuffer(600 * P, stacks=600) as buf:
+    with sync_buffers(GuardedBuffer)(600 * P, stacks=600) as buf:
         for i in range(600):
             buf[i * P] = 1
         writes = buf.writes

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from pytest_uffd_guard import capabilities
+from tests.conftest import sync_engine_args
+
 ROOT = Path(__file__).resolve().parents[2]
 #: Looked up, not imported: pytester's runs would unload and re-import it.
 HAVE_NUMPY = importlib.util.find_spec("numpy") is not None
@@ -169,6 +172,8 @@ def test_fixture_takes_guardedbuffer_keywords(pytester: pytest.Pytester) -> None
     """Issue 9 item 16: engine=, backing=, stacks= and max_records= reach
     GuardedBuffer, and win over --uffd-engine / --uffd-stacks."""
     _needs_uffd()
+    if not capabilities().has("wp_hugetlbfs_shmem"):
+        pytest.skip("shmem under sync needs UFFD_FEATURE_WP_HUGETLBFS_SHMEM (Linux 5.19+)")
     pytester.makepyfile(
         """
         import mmap
@@ -235,7 +240,7 @@ def test_deep_library_write_shows_the_tests_line_once(pytester: pytest.Pytester)
     if not HAVE_NUMPY:
         pytest.skip("numpy is not installed")
     pytester.makepyfile(DEEP)
-    result = pytester.runpytest_subprocess(timeout=100)
+    result = pytester.runpytest_subprocess(*sync_engine_args(), timeout=100)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
         [
@@ -258,7 +263,7 @@ def test_verbose_stacks_drop_pytest_machinery(pytester: pytest.Pytester) -> None
     if not HAVE_NUMPY:
         pytest.skip("numpy is not installed")
     pytester.makepyfile(DEEP)
-    result = pytester.runpytest_subprocess("-v", timeout=100)
+    result = pytester.runpytest_subprocess("-v", *sync_engine_args(), timeout=100)
     section = _section(result.stdout.str(), "writers' Python stacks:")
     assert any("in test_median" in line for line in section)
     assert not [line for line in section if "/_pytest/" in line or "/pluggy/" in line]
@@ -290,7 +295,9 @@ def test_junitxml_names_the_system_call(pytester: pytest.Pytester) -> None:
     if result.parseoutcomes().get("skipped"):
         pytest.skip("no kernel write with a named system call on this machine")
     xml = (pytester.path / "out.xml").read_text()
-    assert re.search(r'name="uffd_write" value="out call offset=0 [^"]*syscall=read', xml), xml
+    assert re.search(
+        r'name="uffd_write" value="out call offset=0(\(page\))? [^"]*syscall=read', xml
+    ), xml
 
 
 @pytest.mark.timeout(120)
@@ -320,7 +327,9 @@ def test_summary_writer_column_is_bounded(pytester: pytest.Pytester) -> None:
             view.release()
         """
     )
-    result = pytester.runpytest_subprocess("--uffd-report", "--uffd-stacks=20", timeout=100)
+    result = pytester.runpytest_subprocess(
+        "--uffd-report", "--uffd-stacks=20", *sync_engine_args(), timeout=100
+    )
     result.assert_outcomes(passed=1)
     section = _section(result.stdout.str(), "uffd-guard report")
     assert any("test_threads" in line for line in section)

@@ -15,7 +15,7 @@ import mmap
 
 import pytest
 
-from tests.conftest import bound
+from tests.conftest import bound, sync_engine_args
 
 HAVE_NUMPY = importlib.util.find_spec("numpy") is not None
 P = mmap.PAGESIZE
@@ -130,7 +130,9 @@ def test_many_small_tests_json_small(pytester: pytest.Pytester) -> None:
             guarded_buffer(64, name="b", readonly=False)[n] = 1
         """
     )
-    result = pytester.runpytest_subprocess("--uffd-report=json:r.json", timeout=240)
+    result = pytester.runpytest_subprocess(
+        "--uffd-report=json:r.json", *sync_engine_args(), timeout=240
+    )
     result.assert_outcomes(passed=51)
     text = (pytester.path / "r.json").read_text()
     assert len(text) < 51 * 6000

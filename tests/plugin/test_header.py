@@ -7,6 +7,7 @@ import os
 import pytest
 
 from pytest_uffd_guard import capabilities
+from pytest_uffd_guard.engines import choose_engine
 
 
 def test_header_one_line(pytester: pytest.Pytester) -> None:
@@ -15,7 +16,9 @@ def test_header_one_line(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess()
     caps = capabilities()
     if caps.available:
-        expected = f"uffd-guard: engine sync (auto), kernel {os.uname().release}, missing: *"
+        # sync, or async/diff where the userfaultfd is user-mode only
+        engine = choose_engine("auto").engine
+        expected = f"uffd-guard: engine {engine} (auto), kernel {os.uname().release}, missing: *"
     else:
         expected = f"uffd-guard: engine auto, kernel {os.uname().release}, UNAVAILABLE*"
     result.stdout.fnmatch_lines([expected])
@@ -29,7 +32,7 @@ def test_header_verbose_detail(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("-v", "--uffd-report")
     result.stdout.fnmatch_lines(
         [
-            "uffd-guard: engine sync (auto)*",
+            f"uffd-guard: engine {choose_engine('auto').engine} (auto)*",
             "uffd-guard: opened by *, kernel writes *, features: pagefault_flag_wp*",
             "uffd-guard: mode: report only, require: False",
         ]

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from pytest_uffd_guard.report import JSON_SCHEMA, JSON_VERSION, NOTHING_WRITTEN, SUMMARY_TITLE
+from tests.conftest import expected_write, sync_engine_args
 
 pytestmark = pytest.mark.needs_uffd
 
@@ -23,7 +24,7 @@ WRITING_TEST = """
 def test_report_mode_does_not_fail_and_lists_writes(pytester: pytest.Pytester) -> None:
     """--uffd-report: the writing test passes and the session section lists the write."""
     pytester.makepyfile(WRITING_TEST)
-    result = pytester.runpytest_subprocess("--uffd-report")
+    result = pytester.runpytest_subprocess("--uffd-report", *sync_engine_args())
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(
         [
@@ -55,7 +56,9 @@ def test_report_says_when_nothing_was_written(pytester: pytest.Pytester) -> None
 def test_json_report(pytester: pytest.Pytester) -> None:
     """--uffd-report=json:PATH writes the versioned JSON document."""
     pytester.makepyfile(WRITING_TEST)
-    result = pytester.runpytest_subprocess("--uffd-report=json:out/report.json")
+    result = pytester.runpytest_subprocess(
+        "--uffd-report=json:out/report.json", *sync_engine_args()
+    )
     result.assert_outcomes(passed=2)
     result.stdout.no_fnmatch_line(f"*{SUMMARY_TITLE}*")
     data = json.loads((pytester.path / "out" / "report.json").read_text())
@@ -76,7 +79,7 @@ def test_json_report(pytester: pytest.Pytester) -> None:
         }
     ]
     (write,) = finding["writes"]
-    assert write["offset"] == 2 and write["exact"] is True
+    assert (write["offset"], write["exact"]) == expected_write(2)
     assert write["thread_name"] == "MainThread" and write["status"] == "reported"
 
 
