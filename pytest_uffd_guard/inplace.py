@@ -1,0 +1,628 @@
+"""In-place watches: guard memory you did not allocate, without copying it.
+
+``watch(obj)`` (exported as ``pytest_uffd_guard.watch``) write-protects
+the memory of an existing writable, C-contiguous buffer (a numpy array or a
+view into one, a bytearray, an ``array.array``, an mmap, a ctypes array, a
+memoryview of any of them) and reports like a GuardedBuffer: ``writes``
+with the offset into ``obj`` and the writer, ``changes()`` exact against a
+snapshot taken at ``start()``.
+
+Coverage (``Watch.coverage``):
+
+* the whole pages inside the buffer are registered with userfaultfd and
+  write-protected by the engine ``choose_engine`` picks (sync: writer
+  named), over the object's own address;
+* the partial first and last pages, and a buffer smaller than a page, are
+  compared byte by byte with the snapshot (changes exact, writer unknown);
+  so is memory userfaultfd cannot protect (a private file mapping such as a
+  C extension's data, hugetlb, a machine without userfaultfd), with the
+  reason in ``coverage.notes``.  An engine asked for by name that cannot
+  run raises instead.
+
+Nothing of the memory changes: before Linux 6.4 (no WP_UNPOPULATED) the
+engine faults never-touched pages in with ``MADV_POPULATE_WRITE`` (which
+keeps their contents; Linux < 5.14 reads and writes back one byte a page),
+the snapshot only reads, and ``stop()`` un-protects and unregisters the
+range, never discards or unmaps it.  While watched, the object is kept
+alive and its buffer exported (a bytearray cannot be resized meanwhile).
+Two watches may not share bytes: the second is refused, naming the first.
+
+The module is not called ``watch``: importing a submodule of that name
+would replace the package's ``watch`` function with the module.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import itertools
+import mmap
+import os
+import sys
+import weakref
+from contextlib import suppress
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .diff_tracker import diff_runs, page_record
+from .errors import InvalidBufferError, UffdGuardError, UffdUnavailableError
+from .forksafe import ForkSafeLock
+from .guard import KEEP_AT_CLOSE, PREVIEW_AT_CLOSE, GuardedBuffer, _check_choice, _check_name
+from .guard import _count as _checked_count
+from .memory import PAGE_SIZE, address_of, anonymous_map, copy, resource_error, round_up
+from .names import ENGINES
+from .records import Change, WriteRecord
+from .tracking import Region, Tracker, choose_engine, make_tracker
+
+#: The ``stack_note`` of records found by comparing bytes.
+COMPARED_NOTE = "found by comparing bytes (not write-protected): the writer is unknown"
+#: What each engine tells about the writer of a protected page.
+WRITERS = {
+    "sync": "writer named",
+    "hybrid": "first writers named, the rest found without the writer",
+    "async": "writer not named",
+}
+AUTO_OR_DIFF = "use engine='auto' (falls back to comparing bytes) or engine='diff'"
+
+_names = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Span:
+    """Bytes ``offset`` to ``offset + length - 1`` of the watched object and
+    how writes there are seen: ``how`` is ``"protected"`` (write-protected
+    through userfaultfd) or ``"compared"`` (byte by byte with the snapshot)."""
+
+    offset: int
+    length: int
+    how: str
+    why: str
+
+    def __str__(self) -> str:
+        return f"bytes {self.offset}-{self.offset + self.length - 1} {self.how}: {self.why}"
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Which bytes of a watch are page-protected, which compared, and why.
+
+    Plain data (ints and strings), so a report can carry it as is.
+    """
+
+    size: int
+    #: The engine protecting the whole pages, or "diff" when all is compared.
+    engine: str
+    spans: tuple[Span, ...] = ()
+    #: Why memory that could have been protected is compared instead, and
+    #: other caveats (pages populated before Linux 6.4).
+    notes: tuple[str, ...] = ()
+
+    @property
+    def protected(self) -> int:
+        """Bytes write-protected through userfaultfd."""
+        return sum(s.length for s in self.spans if s.how == "protected")
+
+    @property
+    def compared(self) -> int:
+        """Bytes compared with the snapshot."""
+        return sum(s.length for s in self.spans if s.how == "compared")
+
+    def summary(self) -> str:
+        """One line for a repr or a report."""
+        if not self.spans:
+            return "nothing to watch (0 bytes)" if not self.size else "not started"
+        return f"{self.protected} bytes protected ({self.engine}), {self.compared} compared"
+
+    def __str__(self) -> str:
+        return "\n".join([self.summary(), *map(str, self.spans), *self.notes])
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "size": self.size,
+            "engine": self.engine,
+            "protected": self.protected,
+            "compared": self.compared,
+            "spans": [vars(s) for s in self.spans],
+            "notes": list(self.notes),
+        }
+
+
+def watch(obj: Any, *, name: str | None = None, engine: str = "auto") -> Watch:
+    """Watch ``obj``'s memory in place; the watch is running on return.
+
+    Use it as a context manager (``with watch(table) as w:``), or call
+    ``stop()``; ``start()`` watches again with a fresh snapshot.  See
+    :class:`Watch` and the module docstring.
+    """
+    return Watch(obj, name=name, engine=engine).start()
+
+
+class Watch:
+    """A watch over ``obj``'s own memory.  Made stopped; ``start()`` (or
+    ``with``, or :func:`watch`) arms it.  ``start()`` and ``stop()`` are
+    idempotent; ``writes``, ``changes()`` and ``overflowed`` stay readable
+    after ``stop()``, until the next ``start()``.
+    """
+
+    def __init__(self, obj: Any, *, name: str | None = None, engine: str = "auto") -> None:
+        self.requested = _check_choice(engine, "engine", ENGINES)
+        checked = _check_name(name)
+        self.name = checked if checked is not None else f"watch-{next(_names)}"
+        view = _writable_view(obj)  # refuse a bad object now, not at start()
+        size = view.nbytes
+        view.release()
+        #: The watched object (kept alive by the watch).
+        self.obj = obj
+        self._lock = ForkSafeLock()
+        self._armed: _Armed | None = None
+        self._records: list[WriteRecord] = []
+        self._overflow = 0
+        self._final: list[Change] = []
+        self._coverage = Coverage(size, "diff")
+        self._finalizer: weakref.finalize[[], Watch] | None = None
+
+    # ----------------------------------------------------------- lifecycle
+
+    def start(self) -> Watch:
+        """Snapshot the memory and protect it; a no-op while running."""
+        with self._lock:
+            if self._armed is not None:
+                return self
+            armed = _Armed(self, _writable_view(self.obj))
+            self._records, self._overflow, self._final = [], 0, []
+            self._coverage = armed.coverage
+            self._armed = armed
+            self._finalizer = weakref.finalize(self, armed.close)
+            self._finalizer.atexit = False
+        return self
+
+    def stop(self) -> None:
+        """Stop watching: take the last records and the final changes,
+        un-protect and unregister the memory (its contents and mapping are
+        left as they are) and release the object's buffer.  Idempotent."""
+        with self._lock:
+            armed, self._armed = self._armed, None
+            if armed is None:
+                return
+            assert self._finalizer is not None
+            self._finalizer.detach()
+            try:
+                self._take(armed)
+                runs = armed.runs()
+                whole = sum(length for _, length in runs) <= KEEP_AT_CLOSE
+                self._final = armed.diff(runs, None if whole else PREVIEW_AT_CLOSE)
+            finally:
+                self._records.extend(armed.close())
+                self._overflow += armed.overflow()
+
+    def __enter__(self) -> Watch:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------- results
+
+    @property
+    def running(self) -> bool:
+        return self._armed is not None
+
+    @property
+    def engine(self) -> str:
+        """The engine protecting the whole pages ("diff": all compared)."""
+        return self._coverage.engine
+
+    @property
+    def coverage(self) -> Coverage:
+        """Which bytes are protected, which compared, and why (see Coverage)."""
+        return self._coverage
+
+    @property
+    def writes(self) -> list[WriteRecord]:
+        """Recorded writes, ``offset`` counted from the start of ``obj``.
+
+        Protected pages give one record per first write into a page (with
+        the writer where the engine names it); compared bytes give one
+        record per changed page, at its first changed byte, found when
+        ``writes`` is read or at ``stop()`` (``exact=False``, no thread,
+        ``stack_note`` says why).
+        """
+        with self._lock:
+            if self._armed is not None:
+                self._take(self._armed)
+            return list(self._records)
+
+    @property
+    def overflowed(self) -> int:
+        """Writes that happened but did not fit in the record log."""
+        with self._lock:
+            if self._armed is not None:
+                self._take(self._armed)
+            return self._overflow
+
+    def changes(self, preview: int | None = None) -> list[Change]:
+        """Runs of bytes that differ from the snapshot taken at ``start()``.
+
+        After ``stop()``, the changes as they were then (runs kept whole up
+        to 1 MiB in all, a preview of each beyond).
+        """
+        if preview is not None:
+            preview = _checked_count(
+                preview,
+                "preview",
+                "pass how many bytes of each run to keep, or None for all",
+                maximum=sys.maxsize,
+            )
+        with self._lock:
+            if self._armed is None:
+                return [c if preview is None else _cut(c, preview) for c in self._final]
+            return self._armed.diff(self._armed.runs(), preview)
+
+    def _take(self, armed: _Armed) -> None:
+        self._records.extend(armed.drain())
+        self._overflow += armed.overflow()
+
+    def __repr__(self) -> str:
+        state = "running" if self._armed is not None else "stopped"
+        return (
+            f"<Watch {self.name!r} {type(self.obj).__name__} size={self._coverage.size} "
+            f"{state}: {self._coverage.summary()}; writes={len(self._records)}>"
+        )
+
+
+def _cut(change: Change, preview: int) -> Change:
+    return Change(change.offset, change.length, change.before[:preview], change.after[:preview])
+
+
+class _Armed:
+    """One running watch: the exported view, snapshot, tracker and spans.
+
+    Separate from Watch so that a Watch dropped while running can still be
+    stopped by its finalizer (which must not hold the Watch itself).
+    """
+
+    def __init__(self, owner: Watch, view: memoryview) -> None:
+        self.view = view
+        self.size = size = view.nbytes
+        self.address = address = _address(view)
+        self.tracker: Tracker | None = None
+        self.reported: set[int] = set()
+        self._snapshot: mmap.mmap | None = None
+        self.snapshot = 0
+        #: Offset of the first protected byte in the object.
+        self.delta = 0
+        #: (offset, length) of the spans compared byte by byte.
+        self.compared: list[tuple[int, int]] = []
+        self.coverage = Coverage(size, "diff")
+        _claim(owner, address, size)
+        try:
+            self._arm(owner)
+        except BaseException:
+            self.close()
+            raise
+
+    def _arm(self, owner: Watch) -> None:
+        address, size, name = self.address, self.size, owner.name
+        head = min(size, -address % PAGE_SIZE)
+        body = (address + size) // PAGE_SIZE * PAGE_SIZE - (address + head)
+        body = max(0, body)
+        try:
+            self._snapshot = anonymous_map(round_up(max(size, 1)))
+        except OSError as exc:
+            raise resource_error(
+                exc, f"mapping the {size}-byte snapshot of watch {name!r}"
+            ) from exc
+        self.snapshot = address_of(self._snapshot)
+        engine, why, notes = "diff", "", list[str]()
+        if body:
+            engine, why, notes = self._protect(owner, address + head, body)
+        spans: list[Span] = []
+        if engine == "diff":
+            whole = "the whole buffer" if body else "smaller than a page, or no whole page inside"
+            spans.append(Span(0, size, "compared", why or whole))
+            self.compared = [(0, size)]
+        else:
+            if head:
+                spans.append(Span(0, head, "compared", "partial first page; writer unknown"))
+            spans.append(Span(head, body, "protected", f"{engine}: {WRITERS[engine]}"))
+            tail = size - head - body
+            if tail:
+                spans.append(
+                    Span(head + body, tail, "compared", "partial last page; writer unknown")
+                )
+            self.compared = [(s.offset, s.length) for s in spans if s.how == "compared"]
+        self.delta = head
+        self.coverage = Coverage(size, engine, tuple(s for s in spans if s.length), tuple(notes))
+        # After protecting: a write racing start() is either in the snapshot
+        # or recorded (reading protected pages never faults).
+        copy(self.snapshot, address, size)
+
+    def _protect(self, owner: Watch, start: int, length: int) -> tuple[str, str, list[str]]:
+        """Protect ``[start, start + length)`` (whole pages): the engine that
+        runs ("diff" when it cannot), why not, and notes."""
+        requested = owner.requested
+        if requested == "diff":
+            return "diff", "engine='diff' was requested", []
+        backing, why = memory_kind(start, start + length)
+        if why is not None:
+            if requested != "auto":
+                raise InvalidBufferError(
+                    f"watch {owner.name!r} cannot use engine={requested!r}: {why}", AUTO_OR_DIFF
+                )
+            return "diff", why, []
+        choice = choose_engine(requested, length, backing=backing)
+        if not choice.usable:
+            if requested != "auto":
+                choice.check()
+            return "diff", f"not write-protected: {choice.reason}", []
+        if choice.engine == "diff":
+            return "diff", choice.reason, []
+        region = Region(
+            start, length, length, self.snapshot + (start - self.address), owner=weakref.ref(owner)
+        )
+        try:
+            self.tracker = make_tracker(requested, region, max_records=None, backing=backing)
+        except (OSError, UffdGuardError) as exc:
+            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                raise resource_error(exc, f"protecting watch {owner.name!r}") from exc
+            reason = _reason(exc)
+            if requested != "auto":
+                if isinstance(exc, UffdGuardError):
+                    raise
+                raise UffdUnavailableError(
+                    f"watch {owner.name!r}: engine={requested!r} cannot protect this memory "
+                    f"({backing}): {reason}",
+                    AUTO_OR_DIFF,
+                ) from exc
+            return "diff", f"not write-protected: {reason}", []
+        notes: list[str] = []
+        if self.tracker.name in ("sync", "hybrid"):
+            from .probe import capabilities
+
+            if not capabilities().has("wp_unpopulated"):
+                notes.append(
+                    "never-touched pages were faulted in first (MADV_POPULATE_WRITE, contents "
+                    "kept) so that they can be protected: this kernel has no WP_UNPOPULATED "
+                    "(Linux 6.4); their memory is now committed"
+                )
+        return self.tracker.name, "", notes
+
+    def drain(self) -> list[WriteRecord]:
+        records = []
+        if self.tracker is not None:
+            records = _shift(self.tracker.drain(), self.delta)
+        return records + self._compared_records()
+
+    def overflow(self) -> int:
+        if self.tracker is None:
+            return 0
+        count, self.tracker.overflow = self.tracker.overflow, 0
+        return count
+
+    def _compared_records(self) -> list[WriteRecord]:
+        """One record per changed page of the compared spans, not reported yet."""
+        found: dict[int, int] = {}
+        for start, length in self.compared:
+            for offset, run in diff_runs(self.address + start, self.snapshot + start, length):
+                first, end = start + offset, start + offset + run
+                while first < end:
+                    page = (self.address + first) // PAGE_SIZE
+                    if page not in self.reported:
+                        found.setdefault(page, first)
+                    first = (page + 1) * PAGE_SIZE - self.address
+        self.reported.update(found)
+        return [replace(page_record(off), stack_note=COMPARED_NOTE) for off in found.values()]
+
+    def runs(self) -> list[tuple[int, int]]:
+        return diff_runs(self.address, self.snapshot, self.size)
+
+    def diff(self, runs: list[tuple[int, int]], preview: int | None) -> list[Change]:
+        result = []
+        for offset, length in runs:
+            n = length if preview is None else min(length, preview)
+            before = ctypes.string_at(self.snapshot + offset, n)
+            after = ctypes.string_at(self.address + offset, n)
+            result.append(Change(offset, length, before, after))
+        return result
+
+    def close(self) -> list[WriteRecord]:
+        """Undo everything start() did; the last records.  Idempotent."""
+        records: list[WriteRecord] = []
+        tracker, self.tracker = self.tracker, None
+        try:
+            if tracker is not None:
+                try:
+                    records = tracker.drain()
+                    # Un-protect before unregistering: Linux before 6.0 left
+                    # uffd-wp bits behind on unregister.
+                    tracker.pause()
+                finally:
+                    records += tracker.close()
+                records = _shift(records, self.delta)
+        finally:
+            if self._snapshot is not None:
+                with suppress(BufferError):
+                    self._snapshot.close()
+                self._snapshot = None
+            _release(self.address, self.size)
+            with suppress(BufferError):
+                self.view.release()
+        return records
+
+
+def _shift(records: list[WriteRecord], delta: int) -> list[WriteRecord]:
+    return [replace(r, offset=r.offset + delta) for r in records] if delta else records
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, UffdGuardError):
+        return exc.cause
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc} (errno {exc.errno})"
+    return str(exc)
+
+
+# ------------------------------------------------------------- the object
+
+
+def _guarded(obj: Any) -> bool:
+    """Whether ``obj`` is (a view of) a GuardedBuffer."""
+    for _ in range(32):
+        if isinstance(obj, GuardedBuffer):
+            return True
+        nxt = obj.obj if isinstance(obj, memoryview) else getattr(obj, "base", None)
+        if nxt is None or nxt is obj:
+            return False
+        obj = nxt
+    return False
+
+
+def _writable_view(obj: Any) -> memoryview:
+    """A flat, writable byte view of ``obj`` (an export: it pins the
+    memory), or the project's error naming the problem and the fix."""
+    what = type(obj).__name__
+    if _guarded(obj):
+        raise InvalidBufferError(
+            f"the {what} given is a GuardedBuffer (or a view of one): it is guarded already",
+            "read the GuardedBuffer's own writes and changes() instead of watching it",
+        )
+    try:
+        view = memoryview(obj)
+    except TypeError:
+        raise InvalidBufferError(
+            f"cannot watch a {what}: it does not expose a buffer",
+            "watch a numpy array, bytearray, array.array, mmap, ctypes array or memoryview",
+        ) from None
+    except (ValueError, NotImplementedError):
+        numpy = sys.modules.get("numpy")
+        if numpy is None or not isinstance(obj, numpy.ndarray):
+            raise
+        # dtypes the buffer protocol cannot describe (datetime64): their bytes.
+        if not obj.flags.c_contiguous:
+            raise _not_contiguous(what, bool(obj.flags.f_contiguous)) from None
+        view = memoryview(obj.reshape(-1).view(numpy.uint8))
+    if view.readonly:
+        view.release()
+        raise InvalidBufferError(
+            f"the {what} given is read-only: it cannot be watched for writes",
+            "watch the writable object it views (numpy: the writeable base array; "
+            "bytes: a bytearray), or guard a copy with GuardedBuffer",
+        )
+    if not view.c_contiguous:
+        fortran = view.f_contiguous
+        view.release()
+        raise _not_contiguous(what, fortran)
+    if view.format != "B" or view.ndim != 1:
+        flat = view.cast("B")
+        view.release()
+        view = flat
+    return view
+
+
+def _not_contiguous(what: str, fortran: bool) -> InvalidBufferError:
+    return InvalidBufferError(
+        f"the {what} given is not C-contiguous: a watch covers one contiguous range of bytes",
+        "watch arr.T (the same memory, C-contiguous)"
+        if fortran
+        else "watch the contiguous array it is a view of (its .base), or guard a "
+        "contiguous copy with GuardedBuffer(numpy.ascontiguousarray(x))",
+    )
+
+
+def _address(view: memoryview) -> int:
+    if not view.nbytes:
+        return 0
+    probe = (ctypes.c_char * 1).from_buffer(view)
+    try:
+        return ctypes.addressof(probe)
+    finally:
+        del probe
+
+
+# ------------------------------------------------------ overlapping watches
+
+_active_lock = ForkSafeLock()
+#: (start, end) -> (pid, name) of each running watch in this process.
+_active: dict[tuple[int, int], tuple[int, str]] = {}
+
+
+def _claim(owner: Watch, address: int, size: int) -> None:
+    """Refuse a watch that shares bytes with another running watch."""
+    if not size:
+        return
+    pid = os.getpid()
+    with _active_lock:
+        for (start, end), (theirs, name) in list(_active.items()):
+            if theirs != pid:  # inherited across fork(): not running here
+                del _active[start, end]
+            elif start < address + size and address < end:
+                raise InvalidBufferError(
+                    f"watch {owner.name!r} would share bytes {max(start, address):#x}-"
+                    f"{min(end, address + size) - 1:#x} with watch {name!r}, which is running: "
+                    "nested or overlapping watches are not supported",
+                    f"stop watch {name!r} first, or watch the union of both once",
+                )
+        _active[address, address + size] = (pid, owner.name)
+
+
+def _release(address: int, size: int) -> None:
+    with _active_lock:
+        _active.pop((address, address + size), None)
+
+
+# ------------------------------------------------------------ memory kinds
+
+
+def memory_kind(start: int, end: int) -> tuple[str, str | None]:
+    """The ``backing`` of ``[start, end)`` for ``choose_engine``
+    ("anonymous" or "shmem"), or a reason it cannot be protected in place.
+
+    From ``/proc/self/maps`` (and ``smaps`` for a mapping that is not
+    plain private anonymous memory, to tell hugetlb apart).  A shared
+    mapping of a regular file is tried as "shmem": the kernel refuses it
+    at UFFDIO_REGISTER, and a watch then compares it.
+    """
+    try:
+        with open("/proc/self/maps") as f:
+            lines = [line.split(maxsplit=5) for line in f]
+    except OSError as exc:
+        return "anonymous", f"/proc/self/maps is unreadable ({exc.strerror})"
+    kinds = set()
+    for fields in lines:
+        low, _, high = fields[0].partition("-")
+        lo, hi = int(low, 16), int(high, 16)
+        if hi <= start or lo >= end:
+            continue
+        perms, inode = fields[1], fields[4]
+        path = fields[5].strip() if len(fields) > 5 else ""
+        if inode == "0" and perms[3] == "p":
+            kinds.add("anonymous")
+            continue
+        if _kernel_page_size(lo) not in (None, PAGE_SIZE):
+            return (
+                "hugetlb",
+                f"hugetlb memory ({path}) is compared: in-place protection works in base pages",
+            )
+        if perms[3] == "p":
+            return "file", (
+                f"a private file mapping ({path}): userfaultfd write-protects only "
+                "anonymous and shared memory"
+            )
+        kinds.add("shmem")
+    return ("shmem" if "shmem" in kinds else "anonymous"), None
+
+
+def _kernel_page_size(vma_start: int) -> int | None:
+    """KernelPageSize of the mapping starting at ``vma_start``, or None."""
+    head = f"{vma_start:x}-"
+    try:
+        with open("/proc/self/smaps") as f:
+            inside = False
+            for line in f:
+                if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+                    inside = line.startswith(head)
+                elif inside and line.startswith("KernelPageSize:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
