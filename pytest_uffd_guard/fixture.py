@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pytest
 
 from . import harvest
+from .marker import strict_rules
 from .state import (
     FIXTURE,
     REQUIRED_SUFFIX,
@@ -108,14 +109,15 @@ def guarded_buffer(request: pytest.FixtureRequest) -> Iterator[GuardedBufferFact
             stacks=stacks,
             max_records=max_records,
         )
-        state.entries.append(
-            Entry(
-                buffer=buffer,
-                readonly=bool(readonly),
-                origin=FIXTURE,
-                element=harvest.element_of(source),
-            )
+        entry = Entry(
+            buffer=buffer,
+            readonly=bool(readonly),
+            origin=FIXTURE,
+            element=harvest.element_of(source),
         )
+        state.entries.append(entry)
+        # A bare readonly_buffer marker: strict, with its allow= (issue 14, item 2).
+        entry.from_marker, entry.allow = strict_rules(item, len(buffer), entry.readonly)
         return buffer
 
     yield factory
