@@ -86,6 +86,9 @@ __all__ = [
     "guarded_buffer",
 ]
 
+#: In-place watches (the marker's inplace=, uffd_readonly_fixtures, uffd_watch).
+pytest_plugins = ["pytest_uffd_guard.watchplugin"]
+
 #: Name of the manager object in pytest's plugin manager.
 MANAGER_NAME = "uffd_guard_manager"
 
@@ -347,6 +350,8 @@ class Manager:
         funcargs: dict[str, Any] = getattr(item, "funcargs", {})
         state = item_state(item)
         for arg in state.marked:
+            if arg.inplace:  # watched in its own memory: watchplugin.py
+                continue
             value = funcargs[arg.argname]
             problem: str | None = None
             try:
