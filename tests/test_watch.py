@@ -15,6 +15,8 @@ import gc
 import hashlib
 import mmap
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from pytest_uffd_guard import (
 from pytest_uffd_guard import _uffd as core
 from pytest_uffd_guard.inplace import COMPARED_NOTE, memory_kind
 
-from .conftest import bound, expected_write, run_python
+from .conftest import ROOT, bound, expected_write, run_python
 from .hostile.test_unprivileged import Nobody, nobody  # noqa: F401  (a fixture)
 from .test_doctor import seccomp_deny  # noqa: F401  (a fixture)
 
@@ -612,3 +614,24 @@ print(w.engine, w.coverage.summary())
     )
     assert result.returncode == 0, result.stderr
     assert "protected" in result.stdout
+
+
+@pytest.mark.timeout(bound(120))
+def test_example_names_the_offending_lines() -> None:
+    """Item 4: examples/inplace: a cached lookup table and a session
+    fixture mutated in place, each caught with the line that wrote."""
+    if capabilities().user_mode_only:
+        pytest.skip("user-mode-only userfaultfd: auto does not name writers here")
+    example = Path(ROOT) / "examples" / "inplace"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", str(example)],
+        cwd=example,
+        capture_output=True,
+        text=True,
+        timeout=bound(100),
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    out = result.stdout
+    assert "RATES was written in place" in out and "fee_schedule was written in place" in out
+    assert "rates.py:23 in convert" in out and "rates.py:29 in apply_fees" in out, out
