@@ -55,7 +55,7 @@ from .records import Change, WriteRecord
 from .tracking import Region, Tracker, choose_engine, make_tracker
 
 #: The ``stack_note`` of records found by comparing bytes.
-COMPARED_NOTE = "found by comparing bytes (not write-protected): the writer is unknown"
+COMPARED_NOTE = "found by comparing bytes: this part is not write-protected"
 #: What each engine tells about the writer of a protected page.
 WRITERS = {
     "sync": "writer named",
@@ -90,7 +90,8 @@ class Coverage:
     """
 
     size: int
-    #: The engine protecting the whole pages, or "diff" when all is compared.
+    #: The engine protecting the whole pages, "diff" when all is compared,
+    #: "none" before the first start().
     engine: str
     spans: tuple[Span, ...] = ()
     #: Why memory that could have been protected is compared instead, and
@@ -158,7 +159,7 @@ class Watch:
         self._records: list[WriteRecord] = []
         self._overflow = 0
         self._final: list[Change] = []
-        self._coverage = Coverage(size, "diff")
+        self._coverage = Coverage(size, "none")
         self._finalizer: weakref.finalize[[], Watch] | None = None
         # What backs the protected range, kept across start/stop cycles of
         # the same memory: reading /proc/self/maps costs about 1 ms.
@@ -212,7 +213,8 @@ class Watch:
 
     @property
     def engine(self) -> str:
-        """The engine protecting the whole pages ("diff": all compared)."""
+        """The engine protecting the whole pages ("diff": all compared;
+        "none" before the first start())."""
         return self._coverage.engine
 
     @property
@@ -302,7 +304,11 @@ class _Armed:
         #: (offset, length) of the spans compared byte by byte.
         self.compared: list[tuple[int, int]] = []
         self.coverage = Coverage(size, "diff")
-        _claim(owner, address, size)
+        try:
+            _claim(owner, address, size)
+        except BaseException:
+            view.release()
+            raise
         try:
             self._arm(owner)
         except BaseException:
@@ -493,7 +499,7 @@ def _writable_view(obj: Any) -> memoryview:
     what = type(obj).__name__
     if _guarded(obj):
         raise InvalidBufferError(
-            f"the {what} given is a GuardedBuffer (or a view of one): it is guarded already",
+            f"cannot watch a GuardedBuffer ({what}): it is guarded already",
             "read the GuardedBuffer's own writes and changes() instead of watching it",
         )
     try:
@@ -514,7 +520,7 @@ def _writable_view(obj: Any) -> memoryview:
     if view.readonly:
         view.release()
         raise InvalidBufferError(
-            f"the {what} given is read-only: it cannot be watched for writes",
+            f"cannot watch a read-only buffer ({what}): nothing can write it through this object",
             "watch the writable object it views (numpy: the writeable base array; "
             "bytes: a bytearray), or guard a copy with GuardedBuffer",
         )
@@ -531,7 +537,8 @@ def _writable_view(obj: Any) -> memoryview:
 
 def _not_contiguous(what: str, fortran: bool) -> InvalidBufferError:
     return InvalidBufferError(
-        f"the {what} given is not C-contiguous: a watch covers one contiguous range of bytes",
+        f"cannot watch a buffer that is not C-contiguous ({what}): a watch covers one "
+        "contiguous range of bytes",
         "watch arr.T (the same memory, C-contiguous)"
         if fortran
         else "watch the contiguous array it is a view of (its .base), or guard a "
@@ -566,10 +573,10 @@ def _claim(owner: Watch, address: int, size: int) -> None:
             if theirs != pid:  # inherited across fork(): not running here
                 del _active[start, end]
             elif start < address + size and address < end:
+                low, high = max(start, address) - address, min(end, address + size) - address
                 raise InvalidBufferError(
-                    f"watch {owner.name!r} would share bytes {max(start, address):#x}-"
-                    f"{min(end, address + size) - 1:#x} with watch {name!r}, which is running: "
-                    "nested or overlapping watches are not supported",
+                    f"watch {owner.name!r} would share its bytes {low}-{high - 1} with watch "
+                    f"{name!r}, which is running: nested or overlapping watches are not supported",
                     f"stop watch {name!r} first, or watch the union of both once",
                 )
         _active[address, address + size] = (pid, owner.name)

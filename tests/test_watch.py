@@ -307,6 +307,21 @@ def test_mmap_is_shared_memory() -> None:
     m.close()
 
 
+def test_async_engine_in_place() -> None:
+    """engine='async' (Linux 6.7+) protects the whole pages in place too:
+    every written page found, the writer not named, nothing left registered."""
+    if not capabilities().has("wp_async"):
+        pytest.skip("needs UFFD_FEATURE_WP_ASYNC (Linux 6.7+)")
+    region, view = aligned(6 * P, offset=11)
+    with watch(view, engine="async") as w:
+        assert w.engine == "async" and "writer not named" in str(w.coverage)
+        view[2 * P] = 1
+        view[4 * P + 7] = 2
+    assert sorted(r.offset for r in w.writes) == [2 * P, 4 * P + 7]
+    assert all(r.thread_id is None for r in w.writes)
+    assert "uw" not in vm_flags(id_address(region) + P).split()
+
+
 def test_private_file_mapping_is_compared(tmp_path: Path) -> None:
     """Item 1: a private file mapping (a C extension's data, numpy.memmap
     'c'): compared with a note; asking for sync raises with the reason."""
