@@ -509,10 +509,13 @@ def _writable_view(obj: Any) -> memoryview:
             f"cannot watch a {what}: it does not expose a buffer",
             "watch a numpy array, bytearray, array.array, mmap, ctypes array or memoryview",
         ) from None
-    except (ValueError, NotImplementedError):
+    except (ValueError, NotImplementedError, BufferError) as exc:
         numpy = sys.modules.get("numpy")
         if numpy is None or not isinstance(obj, numpy.ndarray):
-            raise
+            raise InvalidBufferError(
+                f"cannot watch this {what}: its buffer is not available ({exc})",
+                "watch an open, writable buffer (a closed mmap has none)",
+            ) from None
         # dtypes the buffer protocol cannot describe (datetime64): their bytes.
         if not obj.flags.c_contiguous:
             raise _not_contiguous(what, bool(obj.flags.f_contiguous)) from None
