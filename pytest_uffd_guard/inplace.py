@@ -55,7 +55,7 @@ from .records import Change, WriteRecord
 from .tracking import Region, Tracker, choose_engine, make_tracker
 
 #: The ``stack_note`` of records found by comparing bytes.
-COMPARED_NOTE = "found by comparing bytes (not write-protected): the writer is unknown"
+COMPARED_NOTE = "found by comparing bytes: this part is not write-protected"
 #: What each engine tells about the writer of a protected page.
 WRITERS = {
     "sync": "writer named",
@@ -90,7 +90,8 @@ class Coverage:
     """
 
     size: int
-    #: The engine protecting the whole pages, or "diff" when all is compared.
+    #: The engine protecting the whole pages, "diff" when all is compared,
+    #: "none" before the first start().
     engine: str
     spans: tuple[Span, ...] = ()
     #: Why memory that could have been protected is compared instead, and
@@ -158,8 +159,11 @@ class Watch:
         self._records: list[WriteRecord] = []
         self._overflow = 0
         self._final: list[Change] = []
-        self._coverage = Coverage(size, "diff")
+        self._coverage = Coverage(size, "none")
         self._finalizer: weakref.finalize[[], Watch] | None = None
+        # What backs the protected range, kept across start/stop cycles of
+        # the same memory: reading /proc/self/maps costs about 1 ms.
+        self._memory: tuple[int, int, Memory] | None = None
 
     # ----------------------------------------------------------- lifecycle
 
@@ -209,7 +213,8 @@ class Watch:
 
     @property
     def engine(self) -> str:
-        """The engine protecting the whole pages ("diff": all compared)."""
+        """The engine protecting the whole pages ("diff": all compared;
+        "none" before the first start())."""
         return self._coverage.engine
 
     @property
@@ -258,6 +263,11 @@ class Watch:
                 return [c if preview is None else _cut(c, preview) for c in self._final]
             return self._armed.diff(self._armed.runs(), preview)
 
+    def _memory_kind(self, start: int, end: int) -> Memory:
+        if self._memory is None or self._memory[:2] != (start, end):
+            self._memory = (start, end, memory_kind(start, end))
+        return self._memory[2]
+
     def _take(self, armed: _Armed) -> None:
         self._records.extend(armed.drain())
         self._overflow += armed.overflow()
@@ -294,7 +304,11 @@ class _Armed:
         #: (offset, length) of the spans compared byte by byte.
         self.compared: list[tuple[int, int]] = []
         self.coverage = Coverage(size, "diff")
-        _claim(owner, address, size)
+        try:
+            _claim(owner, address, size)
+        except BaseException:
+            view.release()
+            raise
         try:
             self._arm(owner)
         except BaseException:
@@ -343,13 +357,15 @@ class _Armed:
         requested = owner.requested
         if requested == "diff":
             return "diff", "engine='diff' was requested", []
-        backing, why = memory_kind(start, start + length)
-        if why is not None:
+        memory = owner._memory_kind(start, start + length)
+        backing = memory.backing
+        if memory.why_not is not None:
             if requested != "auto":
                 raise InvalidBufferError(
-                    f"watch {owner.name!r} cannot use engine={requested!r}: {why}", AUTO_OR_DIFF
+                    f"watch {owner.name!r} cannot use engine={requested!r}: {memory.why_not}",
+                    AUTO_OR_DIFF,
                 )
-            return "diff", why, []
+            return "diff", memory.why_not, []
         choice = choose_engine(requested, length, backing=backing)
         if not choice.usable:
             if requested != "auto":
@@ -370,11 +386,11 @@ class _Armed:
                 if isinstance(exc, UffdGuardError):
                     raise
                 raise UffdUnavailableError(
-                    f"watch {owner.name!r}: engine={requested!r} cannot protect this memory "
-                    f"({backing}): {reason}",
+                    f"watch {owner.name!r}: engine={requested!r} cannot protect "
+                    f"{memory.what}: {reason}",
                     AUTO_OR_DIFF,
                 ) from exc
-            return "diff", f"not write-protected: {reason}", []
+            return "diff", f"not write-protected: the kernel refused {memory.what}: {reason}", []
         notes: list[str] = []
         if self.tracker.name in ("sync", "hybrid"):
             from .probe import capabilities
@@ -483,7 +499,7 @@ def _writable_view(obj: Any) -> memoryview:
     what = type(obj).__name__
     if _guarded(obj):
         raise InvalidBufferError(
-            f"the {what} given is a GuardedBuffer (or a view of one): it is guarded already",
+            f"cannot watch a GuardedBuffer ({what}): it is guarded already",
             "read the GuardedBuffer's own writes and changes() instead of watching it",
         )
     try:
@@ -493,10 +509,13 @@ def _writable_view(obj: Any) -> memoryview:
             f"cannot watch a {what}: it does not expose a buffer",
             "watch a numpy array, bytearray, array.array, mmap, ctypes array or memoryview",
         ) from None
-    except (ValueError, NotImplementedError):
+    except (ValueError, NotImplementedError, BufferError) as exc:
         numpy = sys.modules.get("numpy")
         if numpy is None or not isinstance(obj, numpy.ndarray):
-            raise
+            raise InvalidBufferError(
+                f"cannot watch this {what}: its buffer is not available ({exc})",
+                "watch an open, writable buffer (a closed mmap has none)",
+            ) from None
         # dtypes the buffer protocol cannot describe (datetime64): their bytes.
         if not obj.flags.c_contiguous:
             raise _not_contiguous(what, bool(obj.flags.f_contiguous)) from None
@@ -504,7 +523,7 @@ def _writable_view(obj: Any) -> memoryview:
     if view.readonly:
         view.release()
         raise InvalidBufferError(
-            f"the {what} given is read-only: it cannot be watched for writes",
+            f"cannot watch a read-only buffer ({what}): nothing can write it through this object",
             "watch the writable object it views (numpy: the writeable base array; "
             "bytes: a bytearray), or guard a copy with GuardedBuffer",
         )
@@ -521,7 +540,8 @@ def _writable_view(obj: Any) -> memoryview:
 
 def _not_contiguous(what: str, fortran: bool) -> InvalidBufferError:
     return InvalidBufferError(
-        f"the {what} given is not C-contiguous: a watch covers one contiguous range of bytes",
+        f"cannot watch a buffer that is not C-contiguous ({what}): a watch covers one "
+        "contiguous range of bytes",
         "watch arr.T (the same memory, C-contiguous)"
         if fortran
         else "watch the contiguous array it is a view of (its .base), or guard a "
@@ -556,10 +576,10 @@ def _claim(owner: Watch, address: int, size: int) -> None:
             if theirs != pid:  # inherited across fork(): not running here
                 del _active[start, end]
             elif start < address + size and address < end:
+                low, high = max(start, address) - address, min(end, address + size) - address
                 raise InvalidBufferError(
-                    f"watch {owner.name!r} would share bytes {max(start, address):#x}-"
-                    f"{min(end, address + size) - 1:#x} with watch {name!r}, which is running: "
-                    "nested or overlapping watches are not supported",
+                    f"watch {owner.name!r} would share its bytes {low}-{high - 1} with watch "
+                    f"{name!r}, which is running: nested or overlapping watches are not supported",
                     f"stop watch {name!r} first, or watch the union of both once",
                 )
         _active[address, address + size] = (pid, owner.name)
@@ -573,43 +593,70 @@ def _release(address: int, size: int) -> None:
 # ------------------------------------------------------------ memory kinds
 
 
-def memory_kind(start: int, end: int) -> tuple[str, str | None]:
-    """The ``backing`` of ``[start, end)`` for ``choose_engine``
-    ("anonymous" or "shmem"), or a reason it cannot be protected in place.
+@dataclass(frozen=True)
+class Memory:
+    """What backs a range of this process's memory (``memory_kind``)."""
 
-    From ``/proc/self/maps`` (and ``smaps`` for a mapping that is not
-    plain private anonymous memory, to tell hugetlb apart).  A shared
-    mapping of a regular file is tried as "shmem": the kernel refuses it
-    at UFFDIO_REGISTER, and a watch then compares it.
+    #: "anonymous" or "shmem" (a ``backing`` for ``choose_engine``), or
+    #: "file" / "hugetlb" / "unknown" (not protected in place).
+    backing: str
+    #: A few words for messages ("a shared mapping of /data/x.bin").
+    what: str
+    #: Why it cannot be protected in place, or None.
+    why_not: str | None = None
+
+
+def memory_kind(start: int, end: int) -> Memory:
+    """What backs ``[start, end)``, from ``/proc/self/maps`` (and ``smaps``
+    for a mapping that is not private anonymous memory, to tell hugetlb
+    apart).  A shared mapping that is not hugetlb is tried as "shmem": for
+    a regular file the kernel refuses it at UFFDIO_REGISTER, and the watch
+    then compares it.
     """
+    found: list[Memory] = []
     try:
         with open("/proc/self/maps") as f:
-            lines = [line.split(maxsplit=5) for line in f]
-    except OSError as exc:
-        return "anonymous", f"/proc/self/maps is unreadable ({exc.strerror})"
-    kinds = set()
-    for fields in lines:
-        low, _, high = fields[0].partition("-")
-        lo, hi = int(low, 16), int(high, 16)
-        if hi <= start or lo >= end:
-            continue
-        perms, inode = fields[1], fields[4]
-        path = fields[5].strip() if len(fields) > 5 else ""
-        if inode == "0" and perms[3] == "p":
-            kinds.add("anonymous")
-            continue
-        if _kernel_page_size(lo) not in (None, PAGE_SIZE):
-            return (
-                "hugetlb",
-                f"hugetlb memory ({path}) is compared: in-place protection works in base pages",
-            )
-        if perms[3] == "p":
-            return "file", (
-                f"a private file mapping ({path}): userfaultfd write-protects only "
-                "anonymous and shared memory"
-            )
-        kinds.add("shmem")
-    return ("shmem" if "shmem" in kinds else "anonymous"), None
+            for line in f:
+                span, _, rest = line.partition(" ")
+                low, _, high = span.partition("-")
+                lo, hi = int(low, 16), int(high, 16)
+                if hi <= start or lo >= end:
+                    continue
+                found.append(_vma_kind(lo, rest.split(maxsplit=4)))
+    except (OSError, ValueError) as exc:
+        return Memory("unknown", "memory", f"/proc/self/maps could not be read ({exc})")
+    for memory in found:
+        if memory.why_not is not None:
+            return memory
+    for memory in found:
+        if memory.backing == "shmem":
+            return memory
+    return found[0] if found else Memory("unknown", "memory", "it is not mapped")
+
+
+def _vma_kind(start: int, fields: list[str]) -> Memory:
+    """One ``/proc/self/maps`` line's kind (``fields``: perms, offset, dev,
+    inode, path)."""
+    perms, inode = fields[0], fields[3]
+    path = fields[4].strip() if len(fields) > 4 else ""
+    shared = perms[3] == "s"
+    if inode == "0" and not shared:
+        return Memory("anonymous", "anonymous memory")
+    unit = _kernel_page_size(start)
+    if unit is not None and unit != PAGE_SIZE:
+        return Memory(
+            "hugetlb",
+            f"hugetlb memory ({path})",
+            f"hugetlb memory ({path}) is compared: a watch protects base pages only",
+        )
+    if not shared:
+        return Memory(
+            "file",
+            f"a private file mapping of {path}",
+            f"a private file mapping of {path} (a C extension's data, numpy.memmap mode 'c'): "
+            "userfaultfd write-protects only anonymous and shared memory",
+        )
+    return Memory("shmem", f"a shared mapping of {path or 'anonymous memory'}")
 
 
 def _kernel_page_size(vma_start: int) -> int | None:
