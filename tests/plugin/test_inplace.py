@@ -23,8 +23,9 @@ from pytest_uffd_guard.watchplugin import (
     WATCH_INI,
     WATCH_OPTION,
 )
+from tests.conftest import bound
 
-pytestmark = [pytest.mark.needs_uffd, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.needs_uffd, pytest.mark.timeout(bound(120))]
 
 ROOT = Path(__file__).resolve().parents[2]
 SYNC = "--uffd-engine=sync"
