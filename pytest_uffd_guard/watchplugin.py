@@ -19,13 +19,15 @@ reports as ``uffd_guard`` like a guarded buffer's, so the failure section,
 the ``--uffd-report`` summary and the JSON show them; their ``origin`` says
 how they were watched (``readonly_buffer:NAME (in place)``,
 ``uffd_readonly_fixtures:NAME``, ``uffd_watch:SPEC``).
+
+This module holds the hooks; ``watchsettings.py`` the options and the specs,
+``watched.py`` one watched object and the text of its findings (neither
+imports pytest).
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -36,50 +38,38 @@ from .report import Finding
 from .settings import SettingsError
 from .state import REQUIRED_SUFFIX, UNAVAILABLE_PREFIX, item_state, settings_key
 from .verdict import Range
+from .watched import (
+    FAILURE_PREFIX,
+    SECTION_TITLE,
+    Seen,
+    Watched,
+    failure_sentence,
+    problem_of,
+    section_text,
+    size_of,
+    typed,
+)
+from .watchsettings import (
+    READONLY_FIXTURE_OPTION,
+    READONLY_FIXTURES_HELP,
+    READONLY_FIXTURES_INI,
+    WATCH_HELP,
+    WATCH_INI,
+    WATCH_OPTION,
+    WatchSettings,
+    resolve_spec,
+    resolve_watch_settings,
+)
 
 if TYPE_CHECKING:
-    from .inplace import Watch
     from .records import Change, WriteRecord
-
-READONLY_FIXTURE_OPTION = "--uffd-readonly-fixture"
-READONLY_FIXTURES_INI = "uffd_readonly_fixtures"
-READONLY_FIXTURES_HELP = (
-    "Watch the value of each named fixture in place during the call phase of every test "
-    "that uses it; a write fails that test (the option can be repeated; the ini key takes "
-    "names separated by spaces; 'no' for none)"
-)
-WATCH_OPTION = "--uffd-watch"
-WATCH_INI = "uffd_watch"
-WATCH_HELP = (
-    "Watch a module-level buffer, package.module:ATTR, in place for the whole session; a "
-    "write fails the test whose call, setup or teardown made it, or the collection (the "
-    "option can be repeated; the ini key takes specs separated by spaces; 'no' for none)"
-)
 
 #: Name of the watch manager in pytest's plugin manager.
 WATCH_MANAGER_NAME = "uffd_guard_watch_manager"
 
-#: First words of the failure sentence of a test failed by an in-place watch.
-FAILURE_PREFIX = "write into memory watched in place"
-#: Title of the section added to a report (the phase follows in brackets).
-SECTION_TITLE = "uffd-guard writes in place"
 #: Said in the terminal summary for writes outside every test and collector.
 SESSION_ERROR = "uffd-guard: ERROR outside any test: {sentence}"
 
-#: Usage errors of a bad uffd_watch spec.
-BAD_SPEC = (
-    "invalid uffd watch spec {spec!r} from {where}: {problem}; "
-    "expected package.module:ATTR, e.g. mypkg.tables:GAMMA"
-)
-NO_MODULE = (
-    "uffd watch spec {spec!r} from {where}: cannot import module {module!r} ({error}); "
-    "fix: correct the name, or make the module importable when pytest starts (an installed "
-    "package, a rootdir conftest.py, or pytest's pythonpath ini key)"
-)
-NO_ATTRIBUTE = (
-    "uffd watch spec {spec!r} from {where}: module {module!r} has no attribute {attr!r}; "
-    "fix: name a module-level buffer of {module}{hint}"
-)
 NOT_WATCHABLE = "uffd watch spec {spec!r} from {where} cannot be watched: {cause}; fix: {remedy}"
 #: Setup error of a fixture named in uffd_readonly_fixtures whose value cannot be watched.
 UNWATCHABLE_FIXTURE = (
@@ -99,177 +89,6 @@ UNWATCHABLE_ARGUMENT_FIX = (
     "pass a writable C-contiguous buffer (a numpy array, bytearray, array.array, mmap, "
     "ctypes array or a memoryview of one), or drop inplace=True to guard a copy"
 )
-
-_OFF = {"no", "none", "off"}
-
-
-# ------------------------------------------------------------ settings
-
-
-@dataclass(frozen=True)
-class WatchSettings:
-    """Which fixtures and module attributes are watched in place."""
-
-    fixtures: tuple[str, ...] = ()
-    fixtures_source: str = ""
-    specs: tuple[str, ...] = ()
-    specs_source: str = ""
-
-
-def _names(
-    cli: Sequence[str] | None, ini: Sequence[str], option: str, key: str
-) -> tuple[tuple[str, ...], str]:
-    """The command line's values if given (they replace the ini's), else
-    the ini's; "no" drops every value before it."""
-    if cli is not None:
-        values: list[str] = [v for part in cli for v in part.replace(",", " ").split()]
-        where = f"the command line ({option})"
-    else:
-        values = [v for part in ini for v in part.replace(",", " ").split()]
-        where = f"the ini key {key}"
-    out: list[str] = []
-    for value in values:
-        if value.lower() in _OFF:
-            out.clear()
-        elif value not in out:
-            out.append(value)
-    return tuple(out), where
-
-
-def resolve_watch_settings(
-    cli_fixtures: Sequence[str] | None,
-    ini_fixtures: Sequence[str],
-    cli_specs: Sequence[str] | None,
-    ini_specs: Sequence[str],
-) -> WatchSettings:
-    """Command line over ini; raises SettingsError naming the value and its source."""
-    fixtures, fixtures_where = _names(
-        cli_fixtures, ini_fixtures, READONLY_FIXTURE_OPTION, READONLY_FIXTURES_INI
-    )
-    for name in fixtures:
-        if not name.isidentifier():
-            raise SettingsError(
-                f"invalid fixture name {name!r} from {fixtures_where}: expected the names of "
-                "fixtures separated by spaces, e.g. 'calibration lookup_table'"
-            )
-    specs, specs_where = _names(cli_specs, ini_specs, WATCH_OPTION, WATCH_INI)
-    for spec in specs:
-        parse_spec(spec, specs_where)
-    return WatchSettings(fixtures, fixtures_where, specs, specs_where)
-
-
-def parse_spec(spec: str, where: str) -> tuple[str, str]:
-    """``"pkg.mod:ATTR"`` -> ``("pkg.mod", "ATTR")``; ATTR may be dotted."""
-    module, sep, attr = spec.partition(":")
-    if not sep:
-        problem = "no ':' between the module and the attribute"
-    elif not all(part.isidentifier() for part in module.split(".")):
-        problem = f"{module!r} is not a dotted module name"
-    elif not all(part.isidentifier() for part in attr.split(".")):
-        problem = f"{attr!r} is not an attribute name"
-    else:
-        return module, attr
-    raise SettingsError(BAD_SPEC.format(spec=spec, where=where, problem=problem))
-
-
-def resolve_spec(spec: str, where: str) -> Any:
-    """The object ``spec`` names, importing its module; SettingsError if none."""
-    module_name, attr = parse_spec(spec, where)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        error = f"{type(exc).__name__}: {exc}"
-        raise SettingsError(
-            NO_MODULE.format(spec=spec, where=where, module=module_name, error=error)
-        ) from None
-    value: Any = module
-    for part in attr.split("."):
-        if not hasattr(value, part):
-            buffers = sorted(
-                n for n, v in vars(module).items() if not n.startswith("_") and _is_buffer(v)
-            )
-            hint = f" (it has: {', '.join(buffers[:8])})" if buffers else ""
-            raise SettingsError(
-                NO_ATTRIBUTE.format(
-                    spec=spec, where=where, module=module_name, attr=attr, hint=hint
-                )
-            )
-        value = getattr(value, part)
-    return value
-
-
-def _is_buffer(value: Any) -> bool:
-    if isinstance(value, (bytes, str, type)):
-        return False
-    try:
-        memoryview(value).release()
-    except TypeError:
-        return False
-    return True
-
-
-# ------------------------------------------------------------ one watched object
-
-#: How the last watch of each origin covers its bytes, for the sections.
-COVERAGE: dict[str, str] = {}
-
-
-@dataclass(eq=False)
-class Watched:
-    """One object watched in place, and the rules that apply to it."""
-
-    obj: Any
-    name: str
-    origin: str
-    #: Fails the test even under --uffd-report (the marker's rule).
-    strict: bool = False
-    allow: tuple[Range, ...] = ()
-    element: tuple[str, int] | None = None
-    watch: Watch | None = None
-
-    def make(self, engine: str) -> Watch:
-        """A new (not started) watch of the object; raises the watch's errors
-        about the object (the engine's come at ``start()``)."""
-        from .inplace import Watch
-
-        self.watch = Watch(self.obj, name=self.name, engine=engine)
-        return self.watch
-
-    def start(self) -> None:
-        """Start (or restart, from a fresh snapshot) the watch."""
-        assert self.watch is not None
-        self.watch.start()
-        COVERAGE[self.origin] = _coverage(self.watch)
-
-    def stop(self) -> None:
-        if self.watch is not None:
-            self.watch.stop()
-
-
-class _Seen:
-    """What ``harvest.judge`` reads of a buffer, over a watch's findings."""
-
-    closed = True  # judge then reads changes() instead of two addresses
-
-    def __init__(self, watched: Watched, changes: list[Change]) -> None:
-        self.name = watched.name
-        self._size = memoryview(watched.obj).nbytes
-        self._changes = changes
-
-    def __len__(self) -> int:
-        return self._size
-
-    def changes(self, preview: int | None = None) -> list[Change]:
-        return self._changes
-
-
-def _coverage(watch: Watch) -> str:
-    """``name: N bytes protected (sync), M compared`` and each span, indented."""
-    coverage = watch.coverage
-    lines = [f"{watch.name}: {coverage.summary()}"]
-    lines += [f"    {span}" for span in coverage.spans]
-    lines += [f"    {note}" for note in coverage.notes]
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------ the plugin
@@ -355,6 +174,8 @@ class WatchManager:
         self.outside: list[tuple[str, list[Finding]]] = []
         #: Session watches that could not be restarted, and why.
         self.lost: list[str] = []
+        #: How the watch behind each finding's origin covered its bytes.
+        self.coverage: dict[str, str] = {}
 
     @property
     def engine(self) -> str:
@@ -381,7 +202,7 @@ class WatchManager:
             except SettingsError as exc:
                 raise pytest.UsageError(str(exc)) from None
             watched = Watched(
-                obj, spec, f"{WATCH_INI}:{spec}", element=harvest.element_of(_typed(obj))
+                obj, spec, f"{WATCH_INI}:{spec}", element=harvest.element_of(typed(obj))
             )
             problem = _start(watched, self.engine)
             if problem is not None:
@@ -410,7 +231,7 @@ class WatchManager:
                 rep.longrepr = (
                     failure_sentence(findings, f"collection of {collector.nodeid or '.'}")
                     + "\n"
-                    + section_text(findings, self.config)
+                    + self.section(findings)
                 )
         return rep
 
@@ -445,7 +266,10 @@ class WatchManager:
             terminalreporter.write_line(
                 SESSION_ERROR.format(sentence=sentence), red=True, bold=True
             )
-            terminalreporter.write_line(section_text(findings, self.config))
+            terminalreporter.write_line(self.section(findings))
+
+    def section(self, findings: Sequence[Finding]) -> str:
+        return section_text(findings, self.config.get_verbosity() > 0, self.coverage)
 
     def _plugin_findings(self) -> list[Finding]:
         from .plugin import manager_key
@@ -476,7 +300,7 @@ class WatchManager:
                 arg.argname,
                 f"{MARKER}:{arg.argname} (in place)",
                 strict=True,
-                element=harvest.element_of(_typed(value)),
+                element=harvest.element_of(typed(value)),
             )
             problem = _make(watched, self.engine, item)
             if problem is not None:
@@ -488,7 +312,7 @@ class WatchManager:
                     pytrace=False,
                 )
             try:
-                watched.allow = tuple(report.normalize_range(a, _size(value)) for a in arg.allow)
+                watched.allow = tuple(report.normalize_range(a, size_of(value)) for a in arg.allow)
             except ValueError as exc:
                 pytest.fail(BAD_MARKER.format(test=item.nodeid, problem=exc), pytrace=False)
             out.append(watched)
@@ -506,7 +330,7 @@ class WatchManager:
                 value,
                 name,
                 f"{READONLY_FIXTURES_INI}:{name}",
-                element=harvest.element_of(_typed(value)),
+                element=harvest.element_of(typed(value)),
             )
             problem = _make(watched, self.engine, item)
             if problem is not None:
@@ -557,7 +381,7 @@ class WatchManager:
             return rep
         data = getattr(rep, "uffd_guard", None) or []
         rep.uffd_guard = data + [f.to_dict() for f in findings]  # type: ignore[attr-defined]
-        rep.sections.append((f"{SECTION_TITLE} ({when})", section_text(findings, self.config)))
+        rep.sections.append((f"{SECTION_TITLE} ({when})", self.section(findings)))
         if any(f.failed for f in findings) and rep.passed:
             rep.outcome = "failed"
             during = None if when == "call" else f"{when} of {item.name}"
@@ -600,6 +424,7 @@ class WatchManager:
                     watched, records, changes, watch.overflowed, phase, nodeid, test_file, item
                 )
             )
+            self.coverage[watched.origin] = watched.coverage
             if session:
                 # Watch again from a fresh snapshot: the next phase starts clean.
                 problem = _start(watched, self.engine, restart=True)
@@ -660,7 +485,7 @@ class WatchManager:
             ask = _ask if others or watched.allow else None
             tell = _tell if hook.pytest_uffd_write.get_hookimpls() else None
         return harvest.judge(
-            _Seen(watched, changes),
+            Seen(watched, changes),
             records,
             rules,
             ask,
@@ -675,29 +500,6 @@ class WatchManager:
 
 
 # ------------------------------------------------------------ helpers
-
-
-def _typed(value: Any) -> Any:
-    """The value as ``harvest.element_of`` reads it: numpy arrays as they
-    are, other buffers as a memoryview (array.array keeps its format)."""
-    if hasattr(value, "dtype"):
-        return value
-    try:
-        return memoryview(value)
-    except TypeError:
-        return value
-
-
-def _size(value: Any) -> int:
-    with memoryview(value) as view:
-        return view.nbytes
-
-
-def _problem(exc: BaseException) -> tuple[str, str | None]:
-    cause = getattr(exc, "cause", None) or str(exc) or type(exc).__name__
-    return str(cause), getattr(exc, "remedy", None)
-
-
 def _make(watched: Watched, engine: str, item: pytest.Item) -> tuple[str, str | None] | None:
     """Make the watch (not started): None, or ``(cause, remedy)`` of why the
     object cannot be watched."""
@@ -706,7 +508,7 @@ def _make(watched: Watched, engine: str, item: pytest.Item) -> tuple[str, str | 
     try:
         watched.make(engine)
     except (UffdGuardError, TypeError, ValueError, BufferError) as exc:
-        return _problem(exc)
+        return problem_of(exc)
     return None
 
 
@@ -726,7 +528,7 @@ def _start_for_test(watched: Watched, item: pytest.Item) -> None:
             pytest.skip(text)
         text += f" {REQUIRED_SUFFIX}"
     except UffdGuardError as exc:
-        cause, remedy = _problem(exc)
+        cause, remedy = problem_of(exc)
         text = f"uffd-guard cannot watch {watched.name!r} in place for {item.nodeid}: {cause}"
         text += f"; fix: {remedy}" if remedy else ""
     if text is not None:  # outside the except: no chained traceback
@@ -742,42 +544,9 @@ def _start(watched: Watched, engine: str, restart: bool = False) -> tuple[str, s
             watched.make(engine)
         watched.start()
     except (UffdGuardError, TypeError, ValueError, BufferError) as exc:
-        cause, remedy = _problem(exc)
+        cause, remedy = problem_of(exc)
         return cause, remedy or "name a writable C-contiguous buffer"
     return None
-
-
-def failure_sentence(findings: Sequence[Finding], during: str | None = None) -> str:
-    """The one-line ``longrepr`` of a phase failed by in-place watches."""
-    failed = [f for f in findings if f.failed]
-    names = ", ".join(sorted({repr(f.buffer) for f in failed}))
-    writes = sum(f.write_counts().get(report.FORBIDDEN, 0) for f in failed)
-    ranges = sum(f.change_counts().get(report.FORBIDDEN, 0) for f in failed)
-    text = (
-        f"{FAILURE_PREFIX}: {names} ({_plural(writes, 'write')}, "
-        f"{_plural(ranges, 'changed range')})"
-    )
-    if during:
-        text += f" during {during}"
-    return f"{text}; see the {SECTION_TITLE!r} section"
-
-
-def section_text(findings: Sequence[Finding], config: pytest.Config) -> str:
-    """The findings' table (bounded without -v) and how each was watched."""
-    verbose = config.get_verbosity() > 0
-    text = report.finding_section(
-        findings, None if verbose else report.ROW_LIMIT, full_stacks=verbose
-    )
-    origins = dict.fromkeys(f.origin for f in findings)
-    covered = [COVERAGE[o] for o in origins if COVERAGE.get(o)]
-    if covered:
-        text += "\nwatched in place (writers are named in protected bytes only):\n"
-        text += "\n".join(covered)
-    return text
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 __all__ = [
