@@ -30,7 +30,8 @@ from pytest_uffd_guard import (
     watch,
 )
 from pytest_uffd_guard import _uffd as core
-from pytest_uffd_guard.inplace import COMPARED_NOTE, memory_kind
+from pytest_uffd_guard.borrowed import memory_kind
+from pytest_uffd_guard.inplace import COMPARED_NOTE
 
 from .conftest import ROOT, bound, expected_write, run_python
 from .hostile.test_unprivileged import Nobody, nobody  # noqa: F401  (a fixture)
