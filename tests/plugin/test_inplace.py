@@ -572,30 +572,34 @@ def test_help_and_markers(pytester: pytest.Pytester) -> None:
 
 
 def test_examples_catch_the_in_place_bugs(pytester: pytest.Pytester) -> None:
-    """examples/: the cached lookup table (one ini line) and the polluting session
-    fixture (one option) are each caught with the offending line (issue 14 item 4)."""
-    for path in (ROOT / "examples").iterdir():
+    """examples/suite: the cached lookup table (one ini line) and the polluting
+    session fixture (one option) are each caught with the offending line
+    (issue 14 item 4); `pytest examples/` still runs only the parser example."""
+    for path in (ROOT / "examples" / "suite").iterdir():
         if path.is_file():
             shutil.copy(path, pytester.path / path.name)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", SYNC, "-rA")
+    result.assert_outcomes(passed=1, failed=2)
     result.stdout.fnmatch_lines_random(
         [
-            "WRITTEN test_shading.py::test_boosted_levels*",
-            "PASSED test_sensor.py::test_calibrate",
-            "FAILED test_sensor.py::test_gains_are_factory_values*",
+            "WRITTEN check_shading.py::test_boosted_levels*",
+            "PASSED check_sensor.py::test_calibrate",
+            "FAILED check_sensor.py::test_gains_are_factory_values*",
         ]
     )
     result.stdout.fnmatch_lines(
-        ["*shading.py:* in correct", "*test_shading.py:* in test_boosted_levels"]
+        ["    shading.py:22 in correct", "    check_shading.py:11 in test_boosted_levels"]
     )
+    alone = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-k", "factory")
+    alone.assert_outcomes(passed=1, deselected=2)
     result = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", SYNC, "-rA", READONLY_FIXTURE_OPTION, "gains", "test_sensor.py"
+        "-p", "no:cacheprovider", SYNC, "-rA", READONLY_FIXTURE_OPTION, "gains", "check_sensor.py"
     )
     result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines(
         [
-            "*sensor.py:* in calibrate",
-            "*test_sensor.py:* in test_calibrate",
-            "WRITTEN test_sensor.py::test_calibrate*",
+            "    sensor.py:20 in calibrate",
+            "    check_sensor.py:18 in test_calibrate",
+            "WRITTEN check_sensor.py::test_calibrate*",
         ]
     )

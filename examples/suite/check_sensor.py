@@ -1,9 +1,9 @@
 """A polluting session fixture: passes alone, fails in the suite.
 
-``test_gains_are_factory_values`` passes alone (``pytest examples/test_sensor.py
--k factory``) and fails after ``test_calibrate``, which modifies the session's
-``gains``.  ``pytest examples/ --uffd-readonly-fixture gains`` fails
-``test_calibrate`` instead, with the line that wrote.
+``test_gains_are_factory_values`` passes alone (``pytest examples/suite -k
+factory``) and fails after ``test_calibrate``, which modifies the session's
+``gains``.  ``pytest examples/suite --uffd-readonly-fixture gains`` fails
+``test_calibrate`` too, with the line that wrote.
 """
 
 from __future__ import annotations
