@@ -30,8 +30,10 @@ __all__ = [
     "UffdGuardError",
     "UffdUnavailableError",
     "UnsupportedPlatformError",
+    "Watch",
     "WriteRecord",
     "capabilities",
+    "watch",
 ]
 
 _WHERE = {
@@ -48,6 +50,8 @@ _WHERE = {
     "UffdGuardError": "errors",
     "UffdUnavailableError": "errors",
     "UnsupportedPlatformError": "errors",
+    "Watch": "inplace",
+    "watch": "inplace",
 }
 
 if TYPE_CHECKING:
@@ -62,6 +66,7 @@ if TYPE_CHECKING:
         UnsupportedPlatformError,
     )
     from .guard import GuardedBuffer
+    from .inplace import Watch, watch
     from .kernel.capabilities import Capabilities, capabilities
     from .kernel.records import Change, WriteRecord
 

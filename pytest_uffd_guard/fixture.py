@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from . import harvest
+from .marker import strict_rules
 from .state import (
     FIXTURE,
     REQUIRED_SUFFIX,
@@ -87,14 +88,15 @@ class GuardedBufferFactory:
             stacks=stacks,
             max_records=max_records,
         )
-        state.entries.append(
-            Entry(
-                buffer=buffer,
-                readonly=bool(readonly),
-                origin=FIXTURE,
-                element=harvest.element_of(source),
-            )
+        entry = Entry(
+            buffer=buffer,
+            readonly=bool(readonly),
+            origin=FIXTURE,
+            element=harvest.element_of(source),
         )
+        state.entries.append(entry)
+        # A bare readonly_buffer marker: strict, with its allow= (issue 14, item 2).
+        entry.from_marker, entry.allow = strict_rules(self._item, len(buffer), entry.readonly)
         return buffer
 
 

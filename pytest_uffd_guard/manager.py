@@ -81,6 +81,8 @@ class Manager:
         funcargs: dict[str, Any] = getattr(item, "funcargs", {})
         state = item_state(item)
         for arg in state.marked:
+            if arg.inplace:  # watched in its own memory: watchplugin.py
+                continue
             value = funcargs[arg.argname]
             problem: str | None = None
             try:

@@ -3,7 +3,10 @@ copies it swaps in for them.
 
 ``marked_arguments`` validates a test's markers at setup (a bad marker ends
 in ``pytest.fail(..., pytrace=False)`` quoting it); ``guarded_copy`` makes
-a guarded twin of a numpy array or memoryview argument.
+a guarded twin of a numpy array or memoryview argument.  Arguments marked
+``inplace=True`` are watched in their own memory instead (``watchplugin.py``);
+a bare marker makes the test's ``guarded_buffer`` buffers strict
+(``strict_rules``, issue 14 item 2).
 """
 
 from __future__ import annotations
@@ -17,8 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from .state import FIXTURE
+
 if TYPE_CHECKING:
     from .guard import GuardedBuffer
+    from .verdict import Range
 
 MARKER = "readonly_buffer"
 
@@ -46,11 +52,13 @@ UNKNOWN_ARGUMENT = (
 BAD_MARKER = "invalid @pytest.mark.readonly_buffer on {test}: {problem}"
 
 
-def readonly_buffer(*argnames: str, allow: Sequence[Any] = ()) -> None:
+def readonly_buffer(*argnames: str, allow: Sequence[Any] = (), inplace: bool = False) -> None:
     """Swap the named test arguments (numpy arrays, memoryviews) for guarded
     copies before the call and fail the test if it writes into them, even
     under --uffd-report; writes into the byte ranges of allow (slices or
-    (start, stop) pairs) are reported but allowed."""
+    (start, stop) pairs) are reported but allowed. inplace=True watches the
+    arguments' own memory during the call instead of copying them. Without
+    argnames, every guarded_buffer of the test is held to the same rules."""
 
 
 def marker_help() -> str:
@@ -69,6 +77,8 @@ def marker_help() -> str:
 class MarkedArgument:
     argname: str
     allow: tuple[Any, ...]
+    #: Watched in its own memory (``watchplugin.py``), not swapped for a copy.
+    inplace: bool = False
 
 
 def _allow_items(value: Any) -> tuple[Any, ...]:
@@ -91,17 +101,32 @@ def marked_arguments(item: pytest.Item) -> list[MarkedArgument]:
     """The arguments the item's readonly_buffer markers name, validated.
 
     A marker on the function must name arguments of the test; one on a
-    class or module applies to the tests that take those arguments.
+    class or module applies to the tests that take those arguments.  A
+    bare marker names none: it applies to the ``guarded_buffer`` fixture's
+    buffers (``strict_rules``), so on a function it needs that fixture.
     """
     fixturenames = set(getattr(item, "fixturenames", ()))
     result: dict[str, list[Any]] = {}
+    inplace_names: set[str] = set()
     for node, mark in item.iter_markers_with_node(MARKER):
-        unknown = set(mark.kwargs) - {"allow"}
+        unknown = set(mark.kwargs) - {"allow", "inplace"}
         if unknown:
-            problem = f"unknown keyword {', '.join(sorted(unknown))} (only allow= is accepted)"
+            problem = (
+                f"unknown keyword {', '.join(sorted(unknown))} (only allow= and inplace= "
+                "are accepted)"
+            )
             pytest.fail(BAD_MARKER.format(test=item.nodeid, problem=problem), pytrace=False)
-        if not mark.args:
-            problem = "name at least one argument, e.g. readonly_buffer('data')"
+        inplace = mark.kwargs.get("inplace", False)
+        if not isinstance(inplace, bool):
+            problem = f"inplace= must be True or False, got {inplace!r}"
+            pytest.fail(BAD_MARKER.format(test=item.nodeid, problem=problem), pytrace=False)
+        if not mark.args and (inplace or (node is item and FIXTURE not in fixturenames)):
+            problem = (
+                "name at least one argument, e.g. readonly_buffer('data')"
+                + (", to watch in place" if inplace else "")
+                + f"; a bare readonly_buffer applies to the {FIXTURE} fixture's buffers"
+                + ("" if inplace else ", which this test does not use")
+            )
             pytest.fail(BAD_MARKER.format(test=item.nodeid, problem=problem), pytrace=False)
         for argname in mark.args:
             if not isinstance(argname, str):
@@ -122,7 +147,33 @@ def marked_arguments(item: pytest.Item) -> list[MarkedArgument]:
                     )
                 continue
             result.setdefault(argname, []).extend(allow)
-    return [MarkedArgument(name, tuple(allow)) for name, allow in result.items()]
+            if inplace:
+                inplace_names.add(argname)
+    return [
+        MarkedArgument(name, tuple(allow), name in inplace_names) for name, allow in result.items()
+    ]
+
+
+def strict_rules(item: pytest.Item, size: int, readonly: bool) -> tuple[bool, tuple[Range, ...]]:
+    """``(strict, allow)`` for a ``guarded_buffer`` of ``size`` bytes: a bare
+    readonly_buffer marker on the test (or its class or module) makes its
+    read-only buffers fail the test even under --uffd-report, with the
+    marker's ``allow=`` ranges (issue 14, item 2).  Validated at setup by
+    ``marked_arguments``; a range that does not fit ``size`` fails here."""
+    bare = [mark for mark in item.iter_markers(MARKER) if not mark.args]
+    if not bare or not readonly:
+        return False, ()
+    from .verdict import normalize_range
+
+    try:
+        allow = tuple(
+            normalize_range(spec, size)
+            for mark in bare
+            for spec in _allow_items(mark.kwargs.get("allow", ()))
+        )
+    except ValueError as exc:
+        pytest.fail(BAD_MARKER.format(test=item.nodeid, problem=exc), pytrace=False)
+    return True, allow
 
 
 class Unguardable(Exception):
@@ -193,4 +244,5 @@ __all__ = [
     "marker_help",
     "readonly_buffer",
     "release",
+    "strict_rules",
 ]

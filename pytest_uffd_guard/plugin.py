@@ -53,6 +53,9 @@ from .settings import (
 )
 from .state import REQUIRED_SUFFIX, UNAVAILABLE_PREFIX, is_worker, item_state_key, settings_key
 
+#: In-place watches (the marker's inplace=, uffd_readonly_fixtures, uffd_watch).
+pytest_plugins = ["pytest_uffd_guard.watchplugin"]
+
 __all__ = [
     "BAD_MARKER",
     "EFAULT_HINT",

@@ -50,7 +50,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     "registry": ("engines",),
     # the Python API
-    "guard": ("guard", "guard_args", "guard_mapping", "guard_results", "watch"),
+    "guard": ("guard", "guard_args", "guard_mapping", "guard_results", "borrowed", "inplace"),
     # pure: plain data in, plain data out
     "pure": ("frames", "stacks", "verdict", "findings", "harvest", "report"),
     # the command line doctor
@@ -67,6 +67,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "state",
         "jsonfile",
         "watchplugin",
+        "watched",
+        "watchsettings",
     ),
     # the package's lazy front door
     "front": ("__init__",),

@@ -261,5 +261,5 @@ def test_marker_help_and_strict_markers(pytester: pytest.Pytester) -> None:
     """The marker is registered (--strict-markers passes) and documents itself in --markers."""
     result = pytester.runpytest("--markers")
     result.stdout.fnmatch_lines(
-        ["@pytest.mark.readonly_buffer(*argnames, allow=()): Swap the named*"]
+        ["@pytest.mark.readonly_buffer(*argnames, allow=(), inplace=False): Swap the named*"]
     )
