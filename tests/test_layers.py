@@ -42,6 +42,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # tracking strategies; engines/__init__ is the registry above them
     "engines": (
         "engines.base",
+        "engines.choice",
         "engines.pagediff",
         "engines.sync",
         "engines.async_",

@@ -34,9 +34,13 @@ DISCARD_NOTE = "madvise discarded these bytes; the kernel does not say which thr
 
 
 def _release_guard(gid: int) -> None:
-    """Finalizer: forget a guard whose tracker was garbage-collected."""
+    """Finalizer: forget a guard whose tracker was garbage-collected.
+
+    Its records are dropped unread: their dumps count as read, or the
+    capture file could never start afresh (issue 9, dump bound)."""
     with suppress(Exception):  # interpreter shutdown may have torn things down
-        HANDLER.core.guard_remove(gid)
+        blob = HANDLER.core.guard_remove(gid)[0]
+        capture.dumps_dropped(blob)
 
 
 class SyncTracker(KernelTracked):

@@ -50,7 +50,7 @@ from typing import IO, Any
 
 from . import process
 from .namer import _NOT_RUN, start_namer, take_named, watch_threads
-from .records import Frame, RawFault
+from .records import Frame, RawFault, unpack_faults
 
 #: Writes per buffer whose writer is named, unless the buffer says otherwise.
 #: Each capture costs a signal and a stack dump in the writer (tens to
@@ -325,6 +325,19 @@ def _dump_consumed() -> None:
         _uffd.attribution_consumed(_state.consumed)
 
 
+def dumps_dropped(blob: bytes) -> None:
+    """Count the dumps of records in ``blob`` that will never be read.
+
+    A blob dropped unread (a tracker garbage-collected unclosed) holds
+    signalled records whose dumps nobody reads: unless counted here, the
+    C side waits for them for good and the file never starts afresh
+    (issue 9, dump bound).
+    """
+    for raw in unpack_faults(blob):
+        if raw.attr == ATTR_SIGNALLED:
+            _dump_consumed()
+
+
 def _read_dump_at(
     dump: IO[bytes], raw: RawFault, wait: float
 ) -> tuple[bool, tuple[Frame, ...]] | str:
@@ -389,6 +402,7 @@ __all__ = [
     "DEFAULT_STACKS",
     "capture_signal",
     "describe",
+    "dumps_dropped",
     "ensure_started",
     "parse_dump",
     "syscall_name",

@@ -476,3 +476,32 @@ def test_unread_dumps_are_kept() -> None:
         writes = buf.writes
     assert len(writes) == 600
     assert all(w.stack_captured for w in writes), [w.stack_note for w in writes][:3]
+
+
+def test_dump_file_is_bounded_after_an_unclosed_buffer_was_collected() -> None:
+    """issue 9 (dump bound): a buffer garbage-collected unclosed, with a
+    signalled record never read, left the capture file's count of dumps to
+    read behind for good, so the file never started afresh again."""
+    result = run_python(
+        """
+        import gc, os
+        from pytest_uffd_guard import GuardedBuffer
+        from pytest_uffd_guard.kernel import capture
+        dropped = GuardedBuffer(4096, stacks=1)
+        dropped[0] = 1           # signalled; its record is never read
+        del dropped
+        gc.collect()
+        sizes = []
+        with GuardedBuffer(4096, stacks=1) as b:
+            for i in range(1000):
+                b[0] = i & 0xff
+                assert b.writes[-1].stack_captured
+                sizes.append(os.fstat(capture._state.file.fileno()).st_size)
+                b.protect()
+        print(max(sizes))
+        """,
+        timeout=120,
+        sync_engine=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) < 128 * 1024  # 1000 dumps are ~180 KiB
