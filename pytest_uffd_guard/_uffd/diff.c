@@ -23,9 +23,19 @@ diff_next_run(const unsigned char *a, const unsigned char *b, uint64_t len,
             o += n;
             continue;
         }
-        while (a[o] == b[o])   /* memcmp saw a difference within n */
+        /* memcmp saw a difference within [o, o + n), but the memory is
+         * live: another thread (numpy, ctypes, a C extension: none of them
+         * holds the GIL, and a free-threaded build has none) may have set
+         * the byte back since.  So the search stays inside the chunk, and a
+         * chunk that became equal again is simply passed. */
+        uint64_t end = o + n;
+        while (o < end && a[o] == b[o])
             o++;
-        uint64_t run = o;
+        if (o == end)
+            continue;
+        /* o differed when read; it counts even if it is equal again by
+         * the time the run is extended (a run is never empty). */
+        uint64_t run = o++;
         while (o < len && a[o] != b[o])
             o++;
         *run_start = run;
