@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import mmap
+import resource
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
@@ -96,8 +97,6 @@ def map_count() -> tuple[int, int] | None:
 
 
 def _limit(name: str) -> str:
-    import resource
-
     soft, _hard = resource.getrlimit(getattr(resource, name))
     return "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
 

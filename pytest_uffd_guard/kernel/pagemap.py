@@ -26,6 +26,7 @@ and alpha encode ioctls differently, so it is computed here.
 from __future__ import annotations
 
 import ctypes
+import fcntl  # at import, not per call: see kernel/process.py on fork and imports
 import os
 import platform
 import struct
@@ -96,8 +97,6 @@ class Pagemap:
         Every region yielded lies within ``[start, end)`` and is not empty.
         Raises OSError with the kernel's errno (ENOTTY or EINVAL before 6.7).
         """
-        import fcntl
-
         # Per call, never shared: the ioctl runs without the GIL.
         vec = (ctypes.c_uint64 * (3 * VEC_LEN))()
         vec_address = ctypes.addressof(vec)

@@ -22,6 +22,14 @@ Python twin:
       self._lock = ForkSafeLock()
       with self._lock:
           ...
+
+Imports are the one lock this module cannot re-create: CPython re-creates
+its global import lock in a child, but not the lock of a module that
+another thread was importing for the first time at the fork, so a child
+that imports that module waits for ever (seen on 3.13t: ``import fcntl``
+inside the async engine's page scan, 4 children of 40 stuck).  So the
+modules whose code runs in threads and in children (kernel/, engines/)
+import the standard library at module level, never inside a function.
 """
 
 from __future__ import annotations
