@@ -16,7 +16,7 @@ import errno
 import mmap
 import weakref
 from contextlib import suppress
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 from .borrowed import address_of_view
@@ -53,8 +53,13 @@ class Span:
     how: str
     why: str
 
+    @property
+    def end(self) -> int:
+        """One past the span's last byte."""
+        return self.offset + self.length
+
     def __str__(self) -> str:
-        return f"bytes {self.offset}-{self.offset + self.length - 1} {self.how}: {self.why}"
+        return f"bytes {self.offset}-{self.end - 1} {self.how}: {self.why}"
 
 
 @dataclass(frozen=True)
@@ -93,14 +98,11 @@ class Coverage:
         return "\n".join([self.summary(), *map(str, self.spans), *self.notes])
 
     def as_dict(self) -> dict[str, object]:
-        return {
-            "size": self.size,
-            "engine": self.engine,
-            "protected": self.protected,
-            "compared": self.compared,
-            "spans": [vars(s) for s in self.spans],
-            "notes": list(self.notes),
-        }
+        """The fields (each span a dict) and the two byte counts: ints,
+        strings and lists, for the JSON report."""
+        data = asdict(self)
+        data.update(spans=list(data["spans"]), notes=list(self.notes))
+        return {**data, "protected": self.protected, "compared": self.compared}
 
 
 class Armed:

@@ -21,7 +21,7 @@ from .marker import BAD_MARKER, MARKER
 from .report import Finding
 from .state import REQUIRED_SUFFIX, UNAVAILABLE_PREFIX, item_state, settings_key
 from .verdict import Range, normalize_range
-from .watched import Seen, Watched, failure_sentence, problem_of, section_text, size_of, typed
+from .watched import Seen, Watched, failure_sentence, problem_of, section_text, size_of
 from .watchsettings import READONLY_FIXTURE_OPTION, READONLY_FIXTURES_INI, WatchSettings
 
 if TYPE_CHECKING:
@@ -103,13 +103,7 @@ class WatchBook:
             if not arg.inplace or id(funcargs[arg.argname]) in seen:
                 continue
             value = funcargs[arg.argname]
-            watched = Watched(
-                value,
-                arg.argname,
-                f"{MARKER}:{arg.argname} (in place)",
-                strict=True,
-                element=harvest.element_of(typed(value)),
-            )
+            watched = Watched(value, arg.argname, f"{MARKER}:{arg.argname} (in place)", strict=True)
             problem = make(watched, self.engine, item)
             if problem is not None:
                 cause, remedy = problem
@@ -134,12 +128,7 @@ class WatchBook:
             value = funcargs[name]
             if id(value) in seen:
                 continue
-            watched = Watched(
-                value,
-                name,
-                f"{READONLY_FIXTURES_INI}:{name}",
-                element=harvest.element_of(typed(value)),
-            )
+            watched = Watched(value, name, f"{READONLY_FIXTURES_INI}:{name}")
             problem = make(watched, self.engine, item)
             if problem is not None:
                 cause, remedy = problem

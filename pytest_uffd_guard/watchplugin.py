@@ -33,11 +33,11 @@ from typing import Any
 
 import pytest
 
-from . import harvest, report
+from . import report
 from .settings import SettingsError
 from .state import settings_key
 from .watchbook import WatchBook, start, start_for_test
-from .watched import FAILURE_PREFIX, SECTION_TITLE, Watched, failure_sentence, typed
+from .watched import FAILURE_PREFIX, SECTION_TITLE, Watched, failure_sentence
 from .watchsettings import (
     READONLY_FIXTURE_OPTION,
     READONLY_FIXTURES_HELP,
@@ -71,22 +71,14 @@ item_watches_key = pytest.StashKey[list[Watched]]()
 def pytest_addoption(parser: pytest.Parser) -> None:
     # trylast: the group is the one plugin.py made, with its title.
     group = parser.getgroup("uffd-guard")
-    group.addoption(
-        READONLY_FIXTURE_OPTION,
-        dest="uffd_readonly_fixtures",
-        action="append",
-        default=None,
-        metavar="NAME",
-        help=READONLY_FIXTURES_HELP,
-    )
-    group.addoption(
-        WATCH_OPTION,
-        dest="uffd_watch",
-        action="append",
-        default=None,
-        metavar="SPEC",
-        help=WATCH_HELP,
-    )
+    for option, dest, metavar, text in (
+        (READONLY_FIXTURE_OPTION, "uffd_readonly_fixtures", "NAME", READONLY_FIXTURES_HELP),
+        (WATCH_OPTION, "uffd_watch", "SPEC", WATCH_HELP),
+    ):
+        # Each may be given more than once; None when not given (ini then).
+        group.addoption(
+            option, dest=dest, action="append", default=None, metavar=metavar, help=text
+        )
     parser.addini(READONLY_FIXTURES_INI, READONLY_FIXTURES_HELP, type="args", default=[])
     parser.addini(WATCH_INI, WATCH_HELP, type="args", default=[])
 
@@ -145,9 +137,7 @@ class WatchManager(WatchBook):
                 obj = resolve_spec(spec, where)
             except SettingsError as exc:
                 raise pytest.UsageError(str(exc)) from None
-            watched = Watched(
-                obj, spec, f"{WATCH_INI}:{spec}", element=harvest.element_of(typed(obj))
-            )
+            watched = Watched(obj, spec, f"{WATCH_INI}:{spec}")
             problem = start(watched, self.engine)
             if problem is not None:
                 cause, remedy = problem
