@@ -12,6 +12,7 @@ findings.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -224,7 +225,7 @@ class WatchBook:
             ]
             ask = _ask if others or watched.allow else None
             tell = _tell if hook.pytest_uffd_write.get_hookimpls() else None
-        return harvest.judge(
+        finding = harvest.judge(
             Seen(watched, changes),
             records,
             rules,
@@ -237,6 +238,9 @@ class WatchBook:
             origin=watched.origin,
             test_file=test_file,
         )
+        # Which bytes were protected and which only compared (issue 10).
+        coverage = watched.watch.coverage.as_dict() if watched.watch is not None else None
+        return replace(finding, coverage=coverage)
 
 
 # ------------------------------------------------------------ helpers
