@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.conftest import bound
+from tests.conftest import bound, run_python
 
 INPLACE_TEST = """
 import array
@@ -71,3 +71,72 @@ def test_copy(guarded_buffer):
     assert {s["how"] for s in coverage["spans"]} <= {"protected", "compared"}
     assert coverage["engine"] in ("sync", "async", "hybrid", "diff")
     assert isinstance(coverage["notes"], list)
+
+
+#: A handler_state() dict as the C core returns it after it stopped on an
+#: event it does not handle and survived an unmatched fault.  Injected: no
+#: test can make a real kernel send an event the handler did not ask for.
+STATE = {
+    "running": False,
+    "failed": True,
+    "unmatched": 1,
+    "errors": 0,
+    "unexpected_event": 0x13,
+    "unexpected_event_name": "FORK",
+    "warning": "a write fault outside every guarded range at 0x7f0000001000",
+}
+
+
+def test_handler_warning_and_event_in_the_summary_lines() -> None:
+    """issue 10 item 5: handler_state()'s unexpected_event_name and warning
+    become summary lines (formatting tested on an injected dict: the events
+    cannot be provoked for real)."""
+    from pytest_uffd_guard import report
+
+    lines = report.handler_lines(STATE)
+    assert lines == [
+        report.HANDLER_UNEXPECTED.format(name="FORK", code=0x13),
+        report.HANDLER_WARNING.format(warning=STATE["warning"]),
+    ]
+    assert "unexpected userfaultfd event FORK (0x13)" in lines[0]
+    assert "outside every guarded range at 0x7f0000001000" in lines[1]
+    assert report.handler_lines({**STATE, "unexpected_event_name": "", "warning": ""}) == []
+
+
+def test_handler_warning_and_event_in_the_doctor() -> None:
+    """issue 10 item 5: the doctor shows them as rows (the event FAILs, the
+    warning WARNs) of a 'fault handler' table (injected dict, as above)."""
+    from pytest_uffd_guard import doctor, doctor_checks
+
+    rows = doctor_checks.handler_checks(STATE)
+    assert [(r.item, r.value, r.status) for r in rows] == [
+        ("unexpected userfaultfd event", "FORK (0x13)", doctor_checks.FAIL),
+        ("last handler warning", STATE["warning"], doctor_checks.WARN),
+    ]
+    assert doctor_checks.handler_checks(None) == []
+    text = doctor.render(doctor.Report(sections={"fault handler (this process)": rows}))
+    assert "FAIL  unexpected userfaultfd event  FORK (0x13)" in text
+    assert "warn  last handler warning          a write fault outside every" in text
+
+
+@pytest.mark.usefixtures("uffd")
+@pytest.mark.timeout(bound(60))
+def test_a_clean_handler_says_nothing() -> None:
+    """issue 10 item 5: the real handler_state() after ordinary guarded
+    writes has neither, so no line is added and the doctor shows no table."""
+    code = """
+from pytest_uffd_guard import GuardedBuffer, session
+from pytest_uffd_guard.doctor import diagnose
+from pytest_uffd_guard.doctor_checks import handler_state
+with GuardedBuffer(8192, name="b", engine="auto") as b:
+    b[5] = 1
+    assert b.writes
+state = handler_state()
+assert state is not None and state["warning"] == "" and state["unexpected_event_name"] == ""
+assert session.handler_summary() == []
+assert "fault handler (this process)" not in diagnose(e2e=False).sections
+print("ok")
+"""
+    result = run_python(code, timeout=bound(60))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
