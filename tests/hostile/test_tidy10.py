@@ -132,7 +132,8 @@ with GuardedBuffer(8192, name="b", engine="auto") as b:
     b[5] = 1
     assert b.writes
 state = handler_state()
-assert state is not None and state["warning"] == "" and state["unexpected_event_name"] == ""
+# None where the engine never loaded the C core (as for diff).
+assert state is None or (state["warning"] == "" and state["unexpected_event_name"] == "")
 assert session.handler_summary() == []
 assert "fault handler (this process)" not in diagnose(e2e=False).sections
 print("ok")
