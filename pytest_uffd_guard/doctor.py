@@ -35,6 +35,8 @@ from .doctor_checks import (
     Check,
     Problem,
     dev_userfaultfd,
+    handler_checks,
+    handler_state,
     kernel_config,
     register_kinds,
     sysctl_meaning,
@@ -56,6 +58,9 @@ from .kernel.capabilities import (
 )
 from .kernel.uffd import SECCOMP_REMEDY, seccomp_status
 from .names import ENGINES
+
+#: What to do about an unexpected userfaultfd event (a bug to report).
+HANDLER_REMEDY = "report it, with this doctor's --json output and the kernel version"
 
 
 @dataclass
@@ -263,6 +268,14 @@ def diagnose(e2e: bool = True) -> Report:
                     ),
                 )
             )
+    handler = handler_checks(handler_state())
+    if handler:
+        report.sections["fault handler (this process)"] = handler
+        problems.extend(
+            Problem(f"the fault handler stopped on {row.item} {row.value}", HANDLER_REMEDY)
+            for row in handler
+            if row.status == FAIL
+        )
     report.ok = auto.usable
     report.verdict = _verdict(caps, auto)
     return report

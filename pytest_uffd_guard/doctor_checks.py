@@ -11,7 +11,9 @@ import gzip
 import mmap
 import os
 import stat
+import sys
 from dataclasses import dataclass
+from typing import Any
 
 from .kernel.backing import hugetlb_unavailable, open_mapping
 from .kernel.capabilities import FEATURES, Capabilities
@@ -159,3 +161,42 @@ def _register_kind(method: str, features: int, kind: str) -> Check:
         OK if granted else WARN,
         "UFFDIO_WRITEPROTECT granted" if granted else "UFFDIO_WRITEPROTECT not granted",
     )
+
+
+def handler_state() -> dict[str, Any] | None:
+    """This process's ``_uffd.handler_state()``, or None when the C core was
+    never loaded (nothing was guarded: loading it just to ask would break
+    the rule that importing the package loads nothing)."""
+    core = sys.modules.get("pytest_uffd_guard._uffd")
+    state = getattr(core, "handler_state", None)
+    return None if state is None else dict(state())
+
+
+def handler_checks(state: dict[str, Any] | None) -> list[Check]:
+    """Rows about this process's fault handler (``_uffd.handler_state()``):
+    the unexpected userfaultfd event it stopped on and the last anomaly it
+    survived; [] when there is nothing to say (or it never ran)."""
+    if not state:
+        return []
+    rows = []
+    if state.get("unexpected_event_name"):
+        code = state.get("unexpected_event", 0)
+        rows.append(
+            Check(
+                "unexpected userfaultfd event",
+                f"{state['unexpected_event_name']} ({code:#x})",
+                FAIL,
+                "the handler stopped: buffers guarded then were no longer tracked",
+            )
+        )
+    if state.get("warning"):
+        rows.append(
+            Check(
+                "last handler warning",
+                state["warning"],
+                WARN,
+                f"the handler went on; {state.get('unmatched', 0)} unmatched faults, "
+                f"{state.get('errors', 0)} resolution errors in all",
+            )
+        )
+    return rows

@@ -186,7 +186,8 @@ class Finding:
     ``writes``/``changes`` are the first ones in detail; the ``*_total``
     counts and ``*_by_status`` are exact (None: as many as listed).
     ``element`` describes an array's layout (``"float64[1048576]"``) and
-    ``item_size`` its element size, for element-aware blocks.
+    ``item_size`` its element size, for element-aware blocks; ``coverage``
+    what an in-place watch protected and what it compared.
     """
 
     nodeid: str
@@ -209,6 +210,9 @@ class Finding:
     blocks_total: int = 0
     element: str | None = None
     item_size: int = 1
+    #: For memory watched in place, ``Coverage.as_dict()``: which bytes were
+    #: write-protected and which compared with a snapshot; None otherwise.
+    coverage: dict[str, Any] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         # Totals default to what is listed, so a finding built from lists
@@ -276,6 +280,7 @@ class Finding:
             "blocks": [_block_dict(b) for b in self.blocks],
             "overflowed": self.overflowed,
             "stopped": self.stopped,
+            "coverage": self.coverage,
         }
 
     @classmethod
@@ -305,6 +310,7 @@ class Finding:
             blocks_total=data.get("blocks_total", 0),
             element=data.get("element"),
             item_size=data.get("item_size", 1),
+            coverage=data.get("coverage"),
         )
 
 

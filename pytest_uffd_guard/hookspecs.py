@@ -2,6 +2,14 @@
 
 Registered by the plugin in ``pytest_addhooks``.  Every hook is called with
 keyword arguments; implement only the arguments you need.
+
+``buffer`` is what was written into: a ``GuardedBuffer`` (the
+``guarded_buffer`` fixture, the ``readonly_buffer`` marker's copies), or a
+``Watch`` for memory watched in place (the marker's ``inplace=True``,
+``uffd_readonly_fixtures``, ``uffd_watch``), whose ``obj`` is the watched
+object itself.  Both have ``name``, ``writes`` and ``changes()``, readable
+when the hooks run (the watch or buffer may be stopped or closed by then);
+offsets count from the start of the buffer or of the watched object.
 """
 
 from __future__ import annotations
@@ -11,28 +19,37 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    from typing import Union
+
     from .guard import GuardedBuffer
+    from .inplace import Watch
     from .kernel.records import WriteRecord
+
+    #: What a write was found in: a guarded copy, or memory watched in place.
+    Buffer = Union[GuardedBuffer, Watch]
 
 
 @pytest.hookspec(firstresult=True)
 def pytest_uffd_write_allowed(
     config: pytest.Config,
     item: pytest.Item,
-    buffer: GuardedBuffer,
+    buffer: Buffer,
     record: WriteRecord,
     changes: list[tuple[int, int]],
     phase: str,
 ) -> bool | None:
-    """Decide whether a write into a read-only guarded buffer is allowed.
+    """Decide whether a write into a read-only guarded buffer, or into
+    memory watched in place, is allowed.
 
-    Called for every write recorded in a read-only buffer.  ``changes`` are
-    the ``(start, stop)`` byte ranges that changed in the page of the write
-    (empty when the same value was written back).  Return ``True`` to allow
-    the write (it is still reported, with status ``allowed``), ``False`` to
-    forbid it even if the marker's ``allow=`` covers it, or ``None`` to let
-    the next implementation decide.  The plugin's own implementation runs
-    last and allows writes inside the marker's ``allow=`` ranges.
+    Called for every write recorded in a read-only buffer or a watch
+    (``buffer``: a ``GuardedBuffer`` or a ``Watch``, see the module).
+    ``changes`` are the ``(start, stop)`` byte ranges that changed in the
+    page of the write (empty when the same value was written back).  Return
+    ``True`` to allow the write (it is still reported, with status
+    ``allowed``), ``False`` to forbid it even if the marker's ``allow=``
+    covers it, or ``None`` to let the next implementation decide.  The
+    plugin's own implementation runs last and allows writes inside the
+    marker's ``allow=`` ranges.
 
     Example ``conftest.py``: allow writes made by a known worker thread::
 
@@ -47,17 +64,18 @@ def pytest_uffd_write_allowed(
 def pytest_uffd_write(
     config: pytest.Config,
     item: pytest.Item,
-    buffer: GuardedBuffer,
+    buffer: Buffer,
     record: WriteRecord,
     phase: str,
     status: str,
 ) -> None:
-    """Called for every write detected in a guarded buffer, after the verdict.
+    """Called for every write detected in a guarded buffer or a watch
+    (``buffer``: a ``GuardedBuffer`` or a ``Watch``), after the verdict.
 
     ``phase`` is ``"setup"``, ``"call"`` or ``"teardown"``; ``status`` is
     ``"forbidden"`` (fails the test), ``"allowed"`` or ``"reported"``.
-    ``buffer`` may already be closed at teardown (its ``name``, ``writes``
-    and ``changes()`` stay readable).
+    ``buffer`` may already be closed at teardown, and a ``Watch`` is
+    stopped (their ``name``, ``writes`` and ``changes()`` stay readable).
 
     Example ``conftest.py``: log every write to a file::
 

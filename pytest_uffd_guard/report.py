@@ -43,6 +43,15 @@ FAILURE_PREFIX = "write into a read-only guarded buffer"
 SUMMARY_TITLE = "uffd-guard report"
 #: Said in the terminal section when nothing was written.
 NOTHING_WRITTEN = "no writes into guarded buffers"
+#: Said when the fault handler met a userfaultfd event it does not handle
+#: (it gives up: guarded buffers stop being tracked), from handler_state().
+HANDLER_UNEXPECTED = (
+    "uffd-guard: the fault handler stopped on an unexpected userfaultfd event "
+    "{name} ({code:#x}): buffers guarded then were no longer tracked; fix: report it "
+    "with the output of `python -m pytest_uffd_guard doctor --json`"
+)
+#: Said when the fault handler survived an anomaly (the last one is kept).
+HANDLER_WARNING = "uffd-guard: warning: the fault handler survived {warning}"
 
 __all__ = [
     "ALLOWED",
@@ -54,6 +63,7 @@ __all__ = [
     "covered",
     "failure_sentence",
     "finding_section",
+    "handler_lines",
     "json_document",
     "property_items",
     "summary_lines",
@@ -351,3 +361,19 @@ def json_document(findings: Sequence[Finding], header: dict[str, Any]) -> str:
         "findings": [f.to_dict() for f in findings],
     }
     return json.dumps(document, indent=1, sort_keys=False) + "\n"
+
+
+def handler_lines(state: dict[str, Any]) -> list[str]:
+    """What the fault handler survived or stopped on, from a
+    ``_uffd.handler_state()`` dict: its ``unexpected_event_name`` and its
+    last ``warning``, one line each; [] when neither is set (issue 10)."""
+    lines = []
+    if state.get("unexpected_event_name"):
+        lines.append(
+            HANDLER_UNEXPECTED.format(
+                name=state["unexpected_event_name"], code=state.get("unexpected_event", 0)
+            )
+        )
+    if state.get("warning"):
+        lines.append(HANDLER_WARNING.format(warning=state["warning"]))
+    return lines

@@ -1,5 +1,6 @@
 """The session's engine as the plugin words it: the skip reason, the JSON's
-engine fields.  Every answer is ``engines.choose_engine``'s.
+engine fields.  Every answer is ``engines.choose_engine``'s.  And what the
+fault handler of this process survived, for the summary.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from . import report
 from .settings import ENGINE_OPTION
 from .state import UNAVAILABLE_PREFIX, settings_key
 
@@ -54,3 +56,12 @@ def unavailable_message(choice: EngineChoice) -> str:
     if not choice.misuse:
         text += f"; {DIFF_HINT}"
     return " ".join(text.split())
+
+
+def handler_summary() -> list[str]:
+    """Lines for the end of the session: the fault handler's unexpected
+    event and last warning in this process ([] when none, issue 10)."""
+    from .doctor_checks import handler_state
+
+    state = handler_state()
+    return [] if state is None else report.handler_lines(state)

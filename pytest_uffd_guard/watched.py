@@ -9,10 +9,9 @@ hooks live in ``watchplugin.py``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import report
+from . import harvest, report
 from .findings import Finding
 from .verdict import Range
 
@@ -26,20 +25,29 @@ FAILURE_PREFIX = "write into memory watched in place"
 SECTION_TITLE = "uffd-guard writes in place"
 
 
-@dataclass(eq=False)
 class Watched:
-    """One object watched in place, and the rules that apply to it."""
+    """One object watched in place, and the rules that apply to it.
 
-    obj: Any
-    name: str
-    origin: str
-    #: Fails the test even under --uffd-report (the marker's rule).
-    strict: bool = False
-    allow: tuple[Range, ...] = ()
-    element: tuple[str, int] | None = None
-    watch: Watch | None = None
-    #: How the running watch covers the bytes (``coverage_text``), for sections.
-    coverage: str = ""
+    ``strict`` is the marker's rule (forbidden writes fail the test even
+    under --uffd-report); ``allow`` holds the marker's byte ranges, set once
+    they are checked against the object's size; ``element`` is the numpy
+    layout, for element-aware reports (read from ``obj``).
+    """
+
+    def __init__(
+        self,
+        obj: Any,
+        name: str,
+        origin: str,
+        *,
+        strict: bool = False,
+    ) -> None:
+        self.obj, self.name, self.origin, self.strict = obj, name, origin, strict
+        self.element = harvest.element_of(typed(obj))
+        self.allow: tuple[Range, ...] = ()
+        self.watch: Watch | None = None
+        #: How the running watch covers the bytes (``coverage_text``), for sections.
+        self.coverage = ""
 
     def make(self, engine: str) -> Watch:
         """A new (not started) watch of the object; raises the watch's errors

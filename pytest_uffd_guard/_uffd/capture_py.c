@@ -10,10 +10,65 @@
 #include "uffd.h"
 #include "uffd_py.h"
 
+/* The docstrings, in method-table order (as doc.h is for module.c: the
+ * text apart from the code). */
 static const char signal_is_default_doc[] =
 "signal_is_default(signum) -> bool\n\n"
 "True when signum's disposition is SIG_DFL at the C level (no handler\n"
 "installed by anyone, Python or C) and it is not blocked in this thread.";
+
+static const char attribution_setup_doc[] =
+"attribution_setup(signum, fd)\n\n"
+"Prepare naming writers in this process (attribution_enable starts it):\n"
+"faults are signalled with signum,\n"
+"and each capture's end marker is appended to fd.  The first call in a\n"
+"process image installs the C end-marker handler on signum; the caller must\n"
+"then register faulthandler on signum with file=fd, all_threads=False and\n"
+"chain=True, so that faulthandler dumps first and chains to it.  A forked\n"
+"child calls it again with its own fd (the handlers survive fork).";
+
+static const char attribution_enable_doc[] =
+"attribution_enable(on)\n\n"
+"Start (after attribution_setup and faulthandler.register) or stop\n"
+"signalling writers in this process.";
+
+static const char attribution_consumed_doc[] =
+"attribution_consumed(n)\n\n"
+"Python has read n dumps (one per signalled capture) since attribution_setup\n"
+"in this process: once every dump was read, the handler may truncate the\n"
+"file before its next capture.";
+
+static const char namer_setup_doc[] =
+"namer_setup(pending, claimed)\n\n"
+"Let the handler name writers blocked inside a system call through a namer\n"
+"thread of this process (see namer_wait).  A request waits at most\n"
+"`pending` seconds for the namer to claim it, and then `claimed` more for\n"
+"it to finish; the fault is resolved regardless.  A forked child calls it\n"
+"again (it gets its own eventfds).  Raises OSError when eventfd fails.";
+
+static const char namer_wait_doc[] =
+"namer_wait() -> (seq, tid) or None\n\n"
+"The namer thread's loop: wait, without the GIL, for the handler to ask for\n"
+"the writer of fault `seq`, a thread blocked inside a system call, and\n"
+"claim the request once the GIL is held again.  While claimed, the writer\n"
+"stays blocked: read thread `tid`'s frames, then call namer_done(seq).\n"
+"None when the namer was stopped (namer_stop) or after a fork.";
+
+static const char namer_done_doc[] =
+"namer_done(seq) -> bool\n\n"
+"Finish the claimed request `seq`.  False when the handler abandoned it\n"
+"meanwhile (the writer may have moved on: drop what was read).";
+
+static const char namer_stop_doc[] =
+"namer_stop()\n\n"
+"Stop naming in-system-call writers in this process: namer_wait returns\n"
+"None, and the handler records such writes as not named.";
+
+static const char namer_state_doc[] =
+"namer_state() -> dict\n\n"
+"namer (set up and not stopped in this process), request (seq of the\n"
+"request in flight, 0 when none), named, gil_timeouts (abandoned before a\n"
+"claim), late (abandoned after one).";
 
 static PyObject *
 signal_is_default_py(PyObject *Py_UNUSED(self), PyObject *args)
@@ -30,16 +85,6 @@ signal_is_default_py(PyObject *Py_UNUSED(self), PyObject *args)
         return raise_errno(dfl, "sigaction");
     return PyBool_FromLong(dfl);
 }
-
-static const char attribution_setup_doc[] =
-"attribution_setup(signum, fd)\n\n"
-"Prepare naming writers in this process (attribution_enable starts it):\n"
-"faults are signalled with signum,\n"
-"and each capture's end marker is appended to fd.  The first call in a\n"
-"process image installs the C end-marker handler on signum; the caller must\n"
-"then register faulthandler on signum with file=fd, all_threads=False and\n"
-"chain=True, so that faulthandler dumps first and chains to it.  A forked\n"
-"child calls it again with its own fd (the handlers survive fork).";
 
 static PyObject *
 attribution_setup_py(PyObject *Py_UNUSED(self), PyObject *args)
@@ -66,11 +111,6 @@ attribution_setup_py(PyObject *Py_UNUSED(self), PyObject *args)
     Py_RETURN_NONE;
 }
 
-static const char attribution_enable_doc[] =
-"attribution_enable(on)\n\n"
-"Start (after attribution_setup and faulthandler.register) or stop\n"
-"signalling writers in this process.";
-
 static PyObject *
 attribution_enable_py(PyObject *Py_UNUSED(self), PyObject *args)
 {
@@ -84,12 +124,6 @@ attribution_enable_py(PyObject *Py_UNUSED(self), PyObject *args)
     Py_RETURN_NONE;
 }
 
-static const char attribution_consumed_doc[] =
-"attribution_consumed(n)\n\n"
-"Python has read n dumps (one per signalled capture) since attribution_setup\n"
-"in this process: once every dump was read, the handler may truncate the\n"
-"file before its next capture.";
-
 static PyObject *
 attribution_consumed_py(PyObject *Py_UNUSED(self), PyObject *args)
 {
@@ -99,14 +133,6 @@ attribution_consumed_py(PyObject *Py_UNUSED(self), PyObject *args)
     attribution_consumed((uint64_t)n);
     Py_RETURN_NONE;
 }
-
-static const char namer_setup_doc[] =
-"namer_setup(pending, claimed)\n\n"
-"Let the handler name writers blocked inside a system call through a namer\n"
-"thread of this process (see namer_wait).  A request waits at most\n"
-"`pending` seconds for the namer to claim it, and then `claimed` more for\n"
-"it to finish; the fault is resolved regardless.  A forked child calls it\n"
-"again (it gets its own eventfds).  Raises OSError when eventfd fails.";
 
 static PyObject *
 namer_setup_py(PyObject *Py_UNUSED(self), PyObject *args)
@@ -127,14 +153,6 @@ namer_setup_py(PyObject *Py_UNUSED(self), PyObject *args)
         return raise_errno(rc, "eventfd");
     Py_RETURN_NONE;
 }
-
-static const char namer_wait_doc[] =
-"namer_wait() -> (seq, tid) or None\n\n"
-"The namer thread's loop: wait, without the GIL, for the handler to ask for\n"
-"the writer of fault `seq`, a thread blocked inside a system call, and\n"
-"claim the request once the GIL is held again.  While claimed, the writer\n"
-"stays blocked: read thread `tid`'s frames, then call namer_done(seq).\n"
-"None when the namer was stopped (namer_stop) or after a fork.";
 
 static PyObject *
 namer_wait_py(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(noargs))
@@ -157,11 +175,6 @@ namer_wait_py(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(noargs))
     }
 }
 
-static const char namer_done_doc[] =
-"namer_done(seq) -> bool\n\n"
-"Finish the claimed request `seq`.  False when the handler abandoned it\n"
-"meanwhile (the writer may have moved on: drop what was read).";
-
 static PyObject *
 namer_done_py(PyObject *Py_UNUSED(self), PyObject *args)
 {
@@ -171,11 +184,6 @@ namer_done_py(PyObject *Py_UNUSED(self), PyObject *args)
     return PyBool_FromLong(namer_done(seq));
 }
 
-static const char namer_stop_doc[] =
-"namer_stop()\n\n"
-"Stop naming in-system-call writers in this process: namer_wait returns\n"
-"None, and the handler records such writes as not named.";
-
 static PyObject *
 namer_stop_py(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(noargs))
 {
@@ -184,12 +192,6 @@ namer_stop_py(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(noargs))
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
-
-static const char namer_state_doc[] =
-"namer_state() -> dict\n\n"
-"namer (set up and not stopped in this process), request (seq of the\n"
-"request in flight, 0 when none), named, gil_timeouts (abandoned before a\n"
-"claim), late (abandoned after one).";
 
 static PyObject *
 namer_state_py(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(noargs))
@@ -204,15 +206,20 @@ namer_state_py(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(noargs))
                          "late", (unsigned long long)s.late);
 }
 
+/* An entry of the table: name_py, documented by name_doc. */
+#define METHOD(name, flags) {#name, name##_py, flags, name##_doc}
+
 PyMethodDef capture_methods[] = {
-    {"signal_is_default", signal_is_default_py, METH_VARARGS, signal_is_default_doc},
-    {"attribution_setup", attribution_setup_py, METH_VARARGS, attribution_setup_doc},
-    {"attribution_enable", attribution_enable_py, METH_VARARGS, attribution_enable_doc},
-    {"attribution_consumed", attribution_consumed_py, METH_VARARGS, attribution_consumed_doc},
-    {"namer_setup", namer_setup_py, METH_VARARGS, namer_setup_doc},
-    {"namer_wait", namer_wait_py, METH_NOARGS, namer_wait_doc},
-    {"namer_done", namer_done_py, METH_VARARGS, namer_done_doc},
-    {"namer_stop", namer_stop_py, METH_NOARGS, namer_stop_doc},
-    {"namer_state", namer_state_py, METH_NOARGS, namer_state_doc},
+    METHOD(signal_is_default, METH_VARARGS),
+    METHOD(attribution_setup, METH_VARARGS),
+    METHOD(attribution_enable, METH_VARARGS),
+    METHOD(attribution_consumed, METH_VARARGS),
+    METHOD(namer_setup, METH_VARARGS),
+    METHOD(namer_wait, METH_NOARGS),
+    METHOD(namer_done, METH_VARARGS),
+    METHOD(namer_stop, METH_NOARGS),
+    METHOD(namer_state, METH_NOARGS),
     {NULL, NULL, 0, NULL},
 };
+
+#undef METHOD

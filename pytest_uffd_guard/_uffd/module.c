@@ -52,6 +52,15 @@ raise_errno(int neg_errno, const char *what)
     return NULL;
 }
 
+/* None for rc >= 0, else raise_errno(rc, what). */
+static PyObject *
+none_or_raise(int rc, const char *what)
+{
+    if (rc < 0)
+        return raise_errno(rc, what);
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 open_py(PyObject *Py_UNUSED(self), PyObject *args)
 {
@@ -105,10 +114,7 @@ unregister_py(PyObject *Py_UNUSED(self), PyObject *args)
     unsigned long long start, len;
     if (!PyArg_ParseTuple(args, "iKK:unregister", &fd, &start, &len))
         return NULL;
-    int rc = uffd_unregister(fd, start, len);
-    if (rc < 0)
-        return raise_errno(rc, "UFFDIO_UNREGISTER");
-    Py_RETURN_NONE;
+    return none_or_raise(uffd_unregister(fd, start, len), "UFFDIO_UNREGISTER");
 }
 
 static PyObject *
@@ -122,9 +128,7 @@ writeprotect_py(PyObject *Py_UNUSED(self), PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     rc = uffd_writeprotect(fd, start, len, protect);
     Py_END_ALLOW_THREADS
-    if (rc < 0)
-        return raise_errno(rc, "UFFDIO_WRITEPROTECT");
-    Py_RETURN_NONE;
+    return none_or_raise(rc, "UFFDIO_WRITEPROTECT");
 }
 
 static PyObject *
@@ -137,9 +141,7 @@ populate_py(PyObject *Py_UNUSED(self), PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     rc = populate_write(start, len, page);
     Py_END_ALLOW_THREADS
-    if (rc < 0)
-        return raise_errno(rc, "MADV_POPULATE_WRITE");
-    Py_RETURN_NONE;
+    return none_or_raise(rc, "MADV_POPULATE_WRITE");
 }
 
 static PyObject *
@@ -269,9 +271,7 @@ guard_protect_py(PyObject *Py_UNUSED(self), PyObject *args)
         PyErr_SetString(PyExc_KeyError, "unknown guard");
         return NULL;
     }
-    if (rc < 0)
-        return raise_errno(rc, "UFFDIO_WRITEPROTECT");
-    Py_RETURN_NONE;
+    return none_or_raise(rc, "UFFDIO_WRITEPROTECT");
 }
 
 /* Build the (records, overflow, duplicates) answer and free t. */

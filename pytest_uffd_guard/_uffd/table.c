@@ -45,6 +45,25 @@ free_guards(void)
     H.nguards = H.guards_cap = 0;
 }
 
+/* Forget the guards, close the fds and clear the failure, error and
+ * warning: a stopped handler.  Caller holds H.reg_lock and H.lock, or is
+ * a forked child's only thread. */
+static void
+reset_stopped(void)
+{
+    free_guards();
+    if (H.uffd >= 0)
+        close(H.uffd);
+    if (H.stopfd >= 0)
+        close(H.stopfd);
+    if (H.pagemap >= 0)
+        close(H.pagemap);
+    H.uffd = H.stopfd = H.pagemap = -1;
+    H.pid = 0;
+    H.failed = H.stopping = 0;
+    H.error[0] = H.warning[0] = '\0';
+}
+
 /* pthread_atfork: hold the lock across fork() so the child never inherits
  * it locked, then give the child a clean, stopped handler.  The child must
  * close its copy of the fd: it refers to the *parent's* memory, and as long
@@ -69,19 +88,10 @@ atfork_child(void)
 {
     pthread_mutex_init(&H.lock, NULL);
     pthread_mutex_init(&H.reg_lock, NULL);
-    if (H.uffd >= 0)
-        close(H.uffd);
-    if (H.stopfd >= 0)
-        close(H.stopfd);
-    if (H.pagemap >= 0)
-        close(H.pagemap);
-    H.uffd = H.stopfd = H.pagemap = -1;
-    H.running = H.failed = H.stopping = 0;
+    reset_stopped();
+    H.running = 0;
     B.head = B.tail = 0;
     B.reprotect = 0;
-    H.pid = 0;
-    free_guards();
-    H.error[0] = H.warning[0] = '\0';
     attribution_atfork_child();
 }
 
@@ -130,17 +140,7 @@ handler_stop(void)
     /* reg_lock too: a guard_remove under way must not see its guard go. */
     pthread_mutex_lock(&H.reg_lock);
     pthread_mutex_lock(&H.lock);
-    free_guards();
-    if (H.uffd >= 0)
-        close(H.uffd);
-    if (H.stopfd >= 0)
-        close(H.stopfd);
-    if (H.pagemap >= 0)
-        close(H.pagemap);
-    H.uffd = H.stopfd = H.pagemap = -1;
-    H.pid = 0;
-    H.failed = H.stopping = 0;
-    H.error[0] = H.warning[0] = '\0';
+    reset_stopped();
     pthread_mutex_unlock(&H.lock);
     pthread_mutex_unlock(&H.reg_lock);
 }
