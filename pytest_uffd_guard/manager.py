@@ -16,13 +16,14 @@ from .fixture import new_buffer
 from .jsonfile import JSON_FAILED, JSON_WRITTEN, os_error_text, write_json
 from .marker import BAD_MARKER, MARKER, Unguardable, guarded_copy, marked_arguments, release
 from .report import Finding
-from .session import engine_choice, engine_request, unavailable_message
+from .session import engine_choice, engine_request, handler_summary, unavailable_message
 from .settings import ENGINE_INI, ENGINE_OPTION, Settings
 from .state import FIXTURE, REQUIRED_SUFFIX, Entry, is_worker, item_state, item_state_key
 from .verdict import Range, normalize_range
 
 if TYPE_CHECKING:
     from .guard import GuardedBuffer
+    from .inplace import Watch
     from .kernel.records import WriteRecord
 
 #: Name of the manager object in pytest's plugin manager.
@@ -283,7 +284,11 @@ class Manager:
 
     @pytest.hookimpl(trylast=True)
     def pytest_uffd_write_allowed(
-        self, item: pytest.Item, buffer: GuardedBuffer, record: WriteRecord, changes: list[Range]
+        self,
+        item: pytest.Item,
+        buffer: GuardedBuffer | Watch,
+        record: WriteRecord,
+        changes: list[Range],
     ) -> bool | None:
         # trylast: a conftest's answer comes first and wins.
         state = item.stash.get(item_state_key, None)
@@ -315,6 +320,8 @@ class Manager:
             terminalreporter.write_sep("=", report.SUMMARY_TITLE)
             for line in report.summary_lines(self.findings, limit):
                 terminalreporter.write_line(line)
+        for line in handler_summary():
+            terminalreporter.write_line(line, yellow=True)
         if self.json_error is not None:
             terminalreporter.write_line(self.json_error, red=True, bold=True)
         elif self.json_written is not None:
