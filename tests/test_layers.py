@@ -51,7 +51,15 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     "registry": ("engines",),
     # the Python API
-    "guard": ("guard", "guard_args", "guard_mapping", "guard_results", "borrowed", "inplace"),
+    "guard": (
+        "guard",
+        "guard_args",
+        "guard_pool",
+        "guard_mapping",
+        "guard_results",
+        "borrowed",
+        "inplace",
+    ),
     # pure: plain data in, plain data out
     "pure": ("frames", "stacks", "verdict", "findings", "harvest", "report"),
     # the command line doctor
