@@ -37,7 +37,9 @@ import threading
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
+from .engines import AUTO_HYBRID_BYTES, choose_engine
 from .kernel import process
+from .kernel.capabilities import capabilities
 from .kernel.memory import address_of, anonymous_map
 
 if TYPE_CHECKING:
@@ -67,13 +69,9 @@ def engine_choice(requested: str, size: int, *, unit: int, backing: str) -> Engi
 
     Raises what ``choose_engine`` raises (a failed probe is never cached).
     """
-    from .engines import AUTO_HYBRID_BYTES, choose_engine
-
     if requested == "diff" or not sys.platform.startswith("linux"):
         # No probe involved (diff must not open a userfaultfd): cheap already.
         return choose_engine(requested, size, unit=unit, backing=backing)
-    from .kernel.capabilities import capabilities
-
     caps = capabilities()
     key = (requested, size >= AUTO_HYBRID_BYTES, unit, backing)
     global _caps
