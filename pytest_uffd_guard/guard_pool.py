@@ -37,9 +37,7 @@ import threading
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
-from .engines import AUTO_HYBRID_BYTES, choose_engine
 from .kernel import process
-from .kernel.capabilities import capabilities
 from .kernel.memory import address_of, anonymous_map
 
 if TYPE_CHECKING:
@@ -69,6 +67,11 @@ def engine_choice(requested: str, size: int, *, unit: int, backing: str) -> Engi
 
     Raises what ``choose_engine`` raises (a failed probe is never cached).
     """
+    # Imported here, not at the top: importing guard must not load the probe
+    # (tests/hostile/test_limits.py::test_open_files_limit).
+    from .engines import AUTO_HYBRID_BYTES, choose_engine
+    from .kernel.capabilities import capabilities
+
     if requested == "diff" or not sys.platform.startswith("linux"):
         # No probe involved (diff must not open a userfaultfd): cheap already.
         return choose_engine(requested, size, unit=unit, backing=backing)
