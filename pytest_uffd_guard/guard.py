@@ -18,7 +18,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
-from .engines import EngineChoice, choose_engine, make_tracker
+from .engines import EngineChoice, make_tracker
 from .engines.base import Region, Tracker
 from .engines.pagediff import diff_runs
 from .errors import (
@@ -27,6 +27,7 @@ from .errors import (
     UffdGuardError,
 )
 from .guard_args import Source, check_choice, check_name, count, errno_of, parse_source
+from .guard_pool import engine_choice, give_back, map_flags, take_snapshot
 from .guard_results import GuardResults
 from .kernel.backing import open_mapping, overlay
 from .kernel.memory import (
@@ -99,6 +100,8 @@ class GuardedBuffer(GuardResults):
     _max_records: int | None
     _stacks: int | None
     _choice: EngineChoice
+    #: The mapping still needs MADV_NOHUGEPAGE (MAP_STACK did not do it).
+    _nohuge: bool
 
     def __new__(
         cls,
@@ -134,10 +137,11 @@ class GuardedBuffer(GuardResults):
         kind = open_mapping(backing, size, name or "buffer")
         label = name if name is not None else f"buffer-{next(_names)}"
         try:
-            # The one decision (engines.choose_engine), before any mapping:
-            # off Linux only the diff engine, asked for by name, runs.
+            # The one decision (engines.choose_engine, cached per process by
+            # guard_cache), before any mapping: off Linux only the diff
+            # engine, asked for by name, runs.
             try:
-                choice = choose_engine(
+                choice = engine_choice(
                     engine, round_up(size, kind.unit), unit=kind.unit, backing=backing
                 )
             except (OSError, UffdGuardError) as exc:
@@ -146,11 +150,15 @@ class GuardedBuffer(GuardResults):
                     raise
                 raise limit from exc
             choice.check()
+            flags, nohuge = kind.flags, backing != "hugetlb"
+            if backing == "anonymous" and not kind.overlay:
+                # MAP_STACK says "no huge pages" on Linux 6.7+: no madvise then.
+                flags, nohuge = map_flags(flags)
             self = super().__new__(
                 cls,
                 kind.fd if not kind.overlay else -1,
                 kind.length,
-                flags=kind.flags,
+                flags=flags,
                 prot=mmap.PROT_READ | mmap.PROT_WRITE,
             )
             # Open from the start: on Python 3.12+ taking the address goes
@@ -169,6 +177,7 @@ class GuardedBuffer(GuardResults):
             if kind.fd >= 0:
                 os.close(kind.fd)
         self._choice = choice
+        self._nohuge = nohuge
         self._size = size
         self._unit = kind.unit
         self._source = view
@@ -204,12 +213,15 @@ class GuardedBuffer(GuardResults):
         try:
             # Keep the range on base pages: a transparent huge page would turn
             # a one-byte write into a 2 MiB fault unit.
-            if self.backing != "hugetlb" and hasattr(mmap, "MADV_NOHUGEPAGE"):
+            if self._nohuge and hasattr(mmap, "MADV_NOHUGEPAGE"):
                 mmap.mmap.madvise(self, mmap.MADV_NOHUGEPAGE)
-            self._snapshot = self._scratch(
-                f"mapping the {self._size}-byte snapshot of guarded buffer {self.name!r}"
-            )
-            self._snapshot_address = address_of(self._snapshot)
+            try:
+                # Small snapshots come from guard_pool, zeroed.
+                self._snapshot, self._snapshot_address = take_snapshot(self._length)
+            except OSError as exc:
+                raise resource_error(
+                    exc, f"mapping the {self._size}-byte snapshot of guarded buffer {self.name!r}"
+                ) from exc
             view, self._source = self._source, None
             if view is not None:
                 mmap.mmap.__setitem__(self, slice(0, self._size), view)
@@ -348,16 +360,22 @@ class GuardedBuffer(GuardResults):
             whole = sum(length for _, length in runs) <= KEEP_AT_CLOSE
             self._final_changes = self._diff(runs, None if whole else PREVIEW_AT_CLOSE)
             del runs
-            release_mapping(self._live_snapshot())
+            self._release_snapshot()
             free_pages(self, shared=self.backing != "anonymous")
 
     def _abandon(self) -> None:
         self._closed = True
         self._final_changes = []
         if self._snapshot is not None:
-            release_mapping(self._live_snapshot())
+            self._release_snapshot()
         with suppress(BufferError):
             mmap.mmap.close(self)
+
+    def _release_snapshot(self) -> None:
+        # Dropped at once: a pooled snapshot is the next buffer's.
+        snapshot, self._snapshot = self._live_snapshot(), None
+        if not give_back(snapshot, self._snapshot_address):
+            release_mapping(snapshot)
 
     # ------------------------------------------------------------ helpers
 

@@ -54,6 +54,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "guard": (
         "guard",
         "guard_args",
+        "guard_pool",
         "guard_mapping",
         "guard_results",
         "borrowed",

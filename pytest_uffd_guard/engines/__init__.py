@@ -52,6 +52,8 @@ from .choice import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ..kernel.capabilities import Capabilities
     from .base import Region, Tracker
 
@@ -340,22 +342,36 @@ def make_tracker(
     if isinstance(engine, str):
         engine = choose_engine(engine, region.length, unit=region.unit, backing=backing)
     engine.check()
-    name = engine.engine
-    if name == "diff":
-        from .diff import DiffTracker as factory
-    elif name == "async":
-        from .async_ import AsyncTracker as factory  # type: ignore[assignment]
-    elif name == "hybrid":
-        from .hybrid import HybridTracker as factory  # type: ignore[assignment]
-    else:
-        from .sync import SyncTracker as factory  # type: ignore[assignment]
-    tracker: Tracker = factory(region, max_records=max_records, stacks=stacks)
+    tracker: Tracker = _factory(engine.engine)(region, max_records=max_records, stacks=stacks)
     try:
         tracker.arm()
     except BaseException:
         tracker.close()
         raise
     return tracker
+
+
+def _factory(name: str) -> Callable[..., Tracker]:
+    """The tracker class of engine ``name``, imported on first use."""
+    found = _FACTORIES.get(name)
+    if found is not None:
+        return found
+    factory: Callable[..., Tracker]
+    if name == "diff":
+        from .diff import DiffTracker as factory
+    elif name == "async":
+        from .async_ import AsyncTracker as factory
+    elif name == "hybrid":
+        from .hybrid import HybridTracker as factory
+    else:
+        from .sync import SyncTracker as factory
+    _FACTORIES[name] = factory
+    return factory
+
+
+#: Tracker classes by engine name (a dict insert of an immutable class:
+#: safe without a lock, also on the free-threaded build).
+_FACTORIES: dict[str, Callable[..., Tracker]] = {}
 
 
 __all__ = [

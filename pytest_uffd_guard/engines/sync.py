@@ -68,10 +68,14 @@ class SyncTracker(KernelTracked):
         caps = HANDLER.start()
         self._stacks = capture.DEFAULT_STACKS if stacks is None else stacks
         # Why writers cannot be named in this process, if they cannot.
-        self._stack_note = capture.ensure_started() if self._stacks else None
-        # Thread names are kept even when stacks are off (cheap: one dict
-        # insert per thread start).
-        watch_threads()
+        if self._stacks:
+            # ensure_started() also watches the threads.
+            self._stack_note = capture.ensure_started()
+        else:
+            self._stack_note = None
+            # Thread names are kept even when stacks are off (cheap: one dict
+            # insert per thread start).
+            watch_threads()
         budget = self._stacks if self._stack_note is None else 0
         core = HANDLER.core
         self._gid, ioctls = core.guard_add(address, length, PAGE_SIZE, capacity, budget)

@@ -45,6 +45,7 @@ class Handler:
         #: The handler runs in this process (False again in a forked child).
         self._running = False
         self._capabilities: Capabilities | None = None
+        self._core: ModuleType | None = None
         self._tracked: weakref.WeakSet[Tracked] = weakref.WeakSet()
         self._atexit_registered = False
         process.on_fork_child(self._forget)
@@ -57,9 +58,11 @@ class Handler:
 
     @property
     def core(self) -> ModuleType:
-        from .. import _uffd
+        core = self._core
+        if core is None:
+            from .. import _uffd
 
-        core: ModuleType = _uffd
+            core = self._core = _uffd
         return core
 
     def start(self) -> Capabilities:
@@ -67,6 +70,11 @@ class Handler:
 
         Raises UffdUnavailableError when the machine cannot guard memory.
         """
+        caps = self._capabilities
+        if self._running and caps is not None and self.core.handler_failure() is None:
+            # Every buffer after the first (issue 11 target 4): no lock, no
+            # handler_state() dict; a handler that gave up takes the slow path.
+            return caps
         with self._lock:
             if self._running:
                 state = self.core.handler_state()
