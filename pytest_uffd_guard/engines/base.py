@@ -16,7 +16,7 @@ from typing import Protocol
 from ..errors import TrackingStoppedError
 from ..kernel import process
 from ..kernel.memory import PAGE_SIZE
-from ..kernel.records import WriteRecord
+from ..kernel.records import RecordLog, Records, WriteRecord
 
 
 class StopReason(enum.Enum):
@@ -52,11 +52,16 @@ INHERITED = Stop(
 @dataclass(frozen=True)
 class Drained:
     """What a tracker hands over at ``drain()`` or ``close()``: the records
-    since the last drain, oldest first, and how many more did not fit the
-    log (the count is the caller's from then on)."""
+    since the last drain, oldest first (``log``, made lazily), and how many
+    more did not fit the log (the count is the caller's from then on)."""
 
-    records: list[WriteRecord] = field(default_factory=list)
+    log: Records = field(default_factory=Records)
     overflow: int = 0
+
+    @property
+    def records(self) -> list[WriteRecord]:
+        """The records, made (for callers that want a list)."""
+        return list(self.log)
 
 
 class Outbox:
@@ -66,13 +71,13 @@ class Outbox:
     """
 
     def __init__(self) -> None:
-        self.records: list[WriteRecord] = []
+        self.records = RecordLog()
         self.overflow = 0
 
     def hand_over(self) -> Drained:
         """Everything waiting, which is the caller's from now on."""
-        drained = Drained(self.records, self.overflow)
-        self.records, self.overflow = [], 0
+        drained = Drained(self.records.view(), self.overflow)
+        self.records, self.overflow = RecordLog(), 0
         return drained
 
 

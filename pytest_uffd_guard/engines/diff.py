@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from ..kernel.process import ForkSafeLock
 from .base import CLOSED, Drained, Stop
-from .pagediff import PageLog, PageLogged, first_changes
+from .pagediff import PageLog, PageLogged
 
 if TYPE_CHECKING:
     from .base import Region
@@ -43,7 +43,7 @@ class DiffTracker(PageLogged):
         self._snapshot = region.snapshot
         self._unit = region.unit
         self._lock = ForkSafeLock()
-        self._log = PageLog(max_records)
+        self._log = PageLog(max_records, region.length // region.unit)
         self._paused = True
         self._closed = False
 
@@ -71,5 +71,6 @@ class DiffTracker(PageLogged):
     def _collect(self) -> None:
         if self._paused or self._closed:
             return
-        changed = first_changes(self._address, self._snapshot, 0, self._length, self._unit)
-        self._log.add(changed, changed)
+        self._log.collect(
+            self._address, self._snapshot, [(0, self._length)], self._unit, only_changed=True
+        )

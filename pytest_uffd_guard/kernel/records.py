@@ -6,10 +6,13 @@ survive a trip through pytest-xdist unchanged.
 
 from __future__ import annotations
 
+import bisect
+import operator
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
+from typing import overload
 
 
 def _short_path(path: str) -> str:
@@ -186,3 +189,334 @@ def unpack_faults(blob: bytes) -> Iterator[RawFault]:
 
 #: The leading fields of a packed record, as RawFault names them.
 _HEAD_FIELDS = ("address", "time_ns", "seq", "tid", "flags", "dump_offset", "syscall", "attr")
+
+
+# ---------------------------------------------------------------------------
+# Lazy sequences (issue 11): ``.writes`` and ``.changes()`` of a big buffer
+# hold hundreds of thousands of items, and a frozen dataclass costs about a
+# microsecond to make.  They are kept packed as the C core returns them and
+# made into WriteRecord / Change objects only when looked at (each once).
+
+
+class _Chunk:
+    """Records of one drain, made on first access and kept."""
+
+    __slots__ = ("_made", "count")
+
+    count: int
+    _made: list[WriteRecord | None] | None
+
+    def get(self, index: int) -> WriteRecord:
+        made = self._made
+        if made is None:
+            made = self._made = [None] * self.count
+        record = made[index]
+        if record is None:
+            record = made[index] = self._make(index)
+        return record
+
+    def _make(self, index: int) -> WriteRecord:
+        raise NotImplementedError
+
+
+class _ListChunk(_Chunk):
+    """Records made already (appended one by one)."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: list[WriteRecord]) -> None:
+        self.items = items
+        self._made = None
+        self.count = len(items)
+
+    def get(self, index: int) -> WriteRecord:
+        return self.items[index]
+
+
+class PageChunk(_Chunk):
+    """Records found after the fact (async, diff): one per page, no thread,
+    not exact; ``offsets`` packed as native uint64 (the C core's
+    ``page_firsts``), sequence numbers ``first_seq`` on."""
+
+    __slots__ = ("_first_seq", "_offsets", "_time")
+
+    def __init__(self, offsets: bytes, first_seq: int, time: float) -> None:
+        self._offsets = memoryview(offsets).cast("B").cast("Q")
+        self._first_seq = first_seq
+        self._time = time
+        self._made = None
+        self.count = len(self._offsets)
+
+    def offset(self, index: int) -> int:
+        return int(self._offsets[index])
+
+    def _make(self, index: int) -> WriteRecord:
+        return WriteRecord(
+            offset=int(self._offsets[index]),
+            exact=False,
+            thread_id=None,
+            thread_name=None,
+            time=self._time,
+            seq=self._first_seq + index,
+        )
+
+
+class RawChunk(_Chunk):
+    """Records of the sync engine as the C core packed them
+    (``RECORD_FORMAT``), made by ``build`` (the tracker's, pure: it reads
+    nothing that may change later) from each RawFault."""
+
+    __slots__ = ("_blob", "_build")
+
+    def __init__(self, blob: bytes, build: Callable[[RawFault], WriteRecord]) -> None:
+        self._blob = blob
+        self._build = build
+        self._made = None
+        self.count = len(blob) // RECORD_SIZE
+
+    def address(self, index: int) -> int:
+        return int(_ADDRESS.unpack_from(self._blob, index * RECORD_SIZE)[0])
+
+    def _make(self, index: int) -> WriteRecord:
+        return self._build(raw_fault(self._blob, index))
+
+
+_ADDRESS = struct.Struct("<Q")
+_RECORD = struct.Struct(RECORD_FORMAT)
+
+
+def raw_fault(blob: bytes, index: int) -> RawFault:
+    """Record ``index`` of the C core's packed records."""
+    fields = _RECORD.unpack_from(blob, index * RECORD_SIZE)
+    head = dict(zip(_HEAD_FIELDS, fields))
+    comm = fields[8].split(b"\0", 1)[0].decode("utf-8", "replace")
+    return RawFault(**head, comm=comm, kind=fields[9], length=fields[11])
+
+
+_Part = tuple[_Chunk, int]
+
+
+class Records(Sequence[WriteRecord]):
+    """The records of a buffer, oldest first: an immutable list.
+
+    Indexing, slicing (a slice is a ``list``), iterating, ``len()`` (O(1)),
+    ``==`` with a list or another Records, ``repr`` and pickling (as a
+    ``list``) behave like the list of the same records; each WriteRecord is
+    made when first looked at and then kept.
+    """
+
+    __slots__ = ("_len", "_parts", "_starts")
+
+    def __init__(self, parts: Iterable[_Part] = ()) -> None:
+        self._parts = tuple(p for p in parts if p[1] > 0)
+        starts, total = [], 0
+        for _, n in self._parts:
+            starts.append(total)
+            total += n
+        self._starts = starts
+        self._len = total
+
+    def __len__(self) -> int:
+        return self._len
+
+    @overload
+    def __getitem__(self, index: int) -> WriteRecord: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[WriteRecord]: ...
+    def __getitem__(self, index: int | slice) -> WriteRecord | list[WriteRecord]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._len))]
+        i = operator.index(index)
+        if i < 0:
+            i += self._len
+        if not 0 <= i < self._len:
+            raise IndexError("list index out of range")
+        k = bisect.bisect_right(self._starts, i) - 1
+        return self._parts[k][0].get(i - self._starts[k])
+
+    def __iter__(self) -> Iterator[WriteRecord]:
+        for chunk, n in self._parts:
+            get = chunk.get
+            for i in range(n):
+                yield get(i)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, (Records, list)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]  # a list is not hashable
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+    def __reduce__(self) -> tuple[type[list[WriteRecord]], tuple[list[WriteRecord]]]:
+        return list, (list(self),)
+
+    def __add__(self, other: object) -> list[WriteRecord]:
+        if not isinstance(other, (Records, list)):
+            return NotImplemented
+        return [*self, *other]
+
+    def __radd__(self, other: object) -> list[WriteRecord]:
+        if not isinstance(other, list):
+            return NotImplemented
+        return [*other, *self]
+
+    def head(self, n: int) -> Records:
+        """The first ``n`` records."""
+        parts: list[_Part] = []
+        for chunk, count in self._parts:
+            if n <= 0:
+                break
+            parts.append((chunk, min(count, n)))
+            n -= count
+        return Records(parts)
+
+    def offsets(self) -> Iterator[int]:
+        """Each record's offset; page chunks (async, diff) are read as
+        packed, without making their records."""
+        for chunk, n in self._parts:
+            if isinstance(chunk, PageChunk):
+                yield from (chunk.offset(i) for i in range(n))
+            else:
+                yield from (chunk.get(i).offset for i in range(n))
+
+
+class RecordLog:
+    """Records being collected (an outbox, a buffer's log): chunks appended,
+    :meth:`view` an immutable :class:`Records` of what is there now.
+
+    Not locked itself: its owner holds its lock around every use.
+    """
+
+    __slots__ = ("_len", "_parts")
+
+    def __init__(self) -> None:
+        self._parts: list[_Part] = []
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def append(self, record: WriteRecord) -> None:
+        if self._parts:
+            chunk, n = self._parts[-1]
+            if isinstance(chunk, _ListChunk) and n == len(chunk.items):
+                chunk.items.append(record)
+                chunk.count += 1
+                self._parts[-1] = (chunk, n + 1)
+                self._len += 1
+                return
+        self.add(_ListChunk([record]))
+
+    def add(self, chunk: _Chunk) -> None:
+        if chunk.count:
+            self._parts.append((chunk, chunk.count))
+            self._len += chunk.count
+
+    def extend(self, records: Records | Iterable[WriteRecord]) -> None:
+        if isinstance(records, Records):
+            self._parts.extend(records._parts)
+            self._len += len(records)
+            return
+        for record in records:
+            self.append(record)
+
+    def view(self) -> Records:
+        return Records(self._parts)
+
+
+class Changes(Sequence[Change]):
+    """The changed runs of a buffer, in offset order: an immutable list.
+
+    Kept as the C core's ``changed_runs`` returns them (three native uint64
+    per run: offset, length, where its bytes start in ``before`` and
+    ``after``); each Change is made when first looked at and then kept.
+    Behaves like a list as :class:`Records` does.
+    """
+
+    __slots__ = ("_after", "_before", "_len", "_made", "_runs")
+
+    def __init__(self, runs: bytes = b"", before: bytes = b"", after: bytes = b"") -> None:
+        self._runs = memoryview(runs).cast("B").cast("Q")
+        self._before = before
+        self._after = after
+        self._len = len(self._runs) // 3
+        self._made: list[Change | None] | None = None
+
+    @classmethod
+    def of(cls, changes: Iterable[Change]) -> Changes:
+        """Changes holding made Change objects (the pure-Python paths)."""
+        made = list(changes)
+        self = cls()
+        self._len = len(made)
+        self._made = list(made)
+        return self
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _make(self, i: int) -> Change:
+        runs = self._runs
+        offset, length, start = runs[3 * i], runs[3 * i + 1], runs[3 * i + 2]
+        end = runs[3 * i + 5] if i + 1 < self._len else len(self._after)
+        return Change(int(offset), int(length), self._before[start:end], self._after[start:end])
+
+    def _get(self, i: int) -> Change:
+        made = self._made
+        if made is None:
+            made = self._made = [None] * self._len
+        change = made[i]
+        if change is None:
+            change = made[i] = self._make(i)
+        return change
+
+    @overload
+    def __getitem__(self, index: int) -> Change: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Change]: ...
+    def __getitem__(self, index: int | slice) -> Change | list[Change]:
+        if isinstance(index, slice):
+            return [self._get(i) for i in range(*index.indices(self._len))]
+        i = operator.index(index)
+        if i < 0:
+            i += self._len
+        if not 0 <= i < self._len:
+            raise IndexError("list index out of range")
+        return self._get(i)
+
+    def __iter__(self) -> Iterator[Change]:
+        get = self._get
+        for i in range(self._len):
+            yield get(i)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, (Changes, list)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]  # a list is not hashable
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+    def __reduce__(self) -> tuple[type[list[Change]], tuple[list[Change]]]:
+        return list, (list(self),)
+
+    def __add__(self, other: object) -> list[Change]:
+        if not isinstance(other, (Changes, list)):
+            return NotImplemented
+        return [*self, *other]
+
+    def __radd__(self, other: object) -> list[Change]:
+        if not isinstance(other, list):
+            return NotImplemented
+        return [*other, *self]
+
+    def runs(self) -> list[tuple[int, int]]:
+        """``(offset, length)`` of each run, no bytes made."""
+        runs = self._runs
+        if self._made is not None and not len(runs):
+            return [(c.offset, c.length) for c in self._made if c is not None]
+        return [(int(runs[3 * i]), int(runs[3 * i + 1])) for i in range(self._len)]
