@@ -50,9 +50,9 @@ page_firsts_py(PyObject *Py_UNUSED(self), PyObject *args)
 {
     unsigned long long a, b, unit;
     PyObject *ranges, *reported;
-    int only_changed;
-    if (!PyArg_ParseTuple(args, "KKSKYi:page_firsts", &a, &b, &ranges, &unit, &reported,
-                          &only_changed))
+    int only_changed, live_anonymous = 0;
+    if (!PyArg_ParseTuple(args, "KKSKYi|i:page_firsts", &a, &b, &ranges, &unit, &reported,
+                          &only_changed, &live_anonymous))
         return NULL;
     if (unit == 0) {
         PyErr_SetString(PyExc_ValueError, "unit must be positive");
@@ -86,12 +86,12 @@ page_firsts_py(PyObject *Py_UNUSED(self), PyObject *args)
         return PyErr_NoMemory();
     size_t n = 0;
     Py_BEGIN_ALLOW_THREADS
-    /* The live memory is read (it may be shmem or hugetlb); the snapshot,
-     * private anonymous, is read only where it has pages. */
+    /* The snapshot, private anonymous, is read only where it has pages;
+     * so is the live memory when it is private anonymous too. */
     uint64_t last = nranges ? get64(r + 16 * (nranges - 1) + 8) : 0;
     int fd = open_pagemap(last);
     struct mem live, snap;
-    mem_init(&live, (const void *)(uintptr_t)a, -1, base_page());
+    mem_init(&live, (const void *)(uintptr_t)a, live_anonymous ? fd : -1, base_page());
     mem_init(&snap, (const void *)(uintptr_t)b, fd, base_page());
     for (size_t k = 0; k < nranges; k++) {
         uint64_t lo = get64(r + 16 * k), hi = get64(r + 16 * k + 8);

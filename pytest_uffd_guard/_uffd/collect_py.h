@@ -13,14 +13,16 @@ PyObject *changed_runs_py(PyObject *self, PyObject *args);
 #pragma GCC visibility pop
 
 static const char page_firsts_doc[] =
-"page_firsts(a, b, ranges, unit, reported, only_changed) -> bytes\n\n"
+"page_firsts(a, b, ranges, unit, reported, only_changed, live_anonymous=0)\n"
+"    -> bytes\n\n"
 "For each unit (page) of the packed uint64 (start, end) offset pairs\n"
 "`ranges` (unit-aligned starts, ascending) whose byte in the bytearray\n"
 "`reported` is 0: the offset of its first byte that differs between the\n"
 "memories at a and b, or of the unit itself when none differs (then the\n"
 "unit is skipped instead when only_changed is true); its byte in\n"
-"`reported` is set.  b is a private anonymous mapping: its pages neither\n"
-"present nor swapped are taken as zeros without being read.\n"
+"`reported` is set.  b is a private anonymous mapping, and so is a when\n"
+"live_anonymous: their pages neither present nor swapped are taken as\n"
+"zeros without being read.\n"
 "Returns the offsets as packed native uint64.";
 
 static const char changed_runs_doc[] =

@@ -27,7 +27,7 @@ from ..errors import UffdUnavailableError
 from ..kernel import process
 from ..kernel.asyncfd import ASYNC_FD
 from ..kernel.process import ForkSafeLock
-from .base import CLOSED, Drained, KernelTracked, Stop
+from .base import CLOSED, Drained, KernelTracked, Stop, live_anonymous
 from .pagediff import PageLog, PageLogged
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ class AsyncTracker(PageLogged, KernelTracked):
         self._length = length
         self._snapshot = region.snapshot
         self._unit = region.unit
+        self._anonymous = live_anonymous(region)
         self._made_in = process.generation()
         self._lock = ForkSafeLock()
         self._log = PageLog(max_records, length // region.unit)
@@ -118,7 +119,12 @@ class AsyncTracker(PageLogged, KernelTracked):
         reported yet (hybrid: the pages written while it moved between fds)."""
         with self._lock:
             self._log.collect(
-                self._address, self._snapshot, [(0, self._length)], self._unit, only_changed=True
+                self._address,
+                self._snapshot,
+                [(0, self._length)],
+                self._unit,
+                only_changed=True,
+                live_anonymous=self._anonymous,
             )
 
     def _collect(self) -> None:

@@ -146,7 +146,9 @@ class Region:
     length: int
     #: Bytes in use (``len()`` of the buffer).
     size: int
-    #: Address of the snapshot taken at arming (``length`` bytes).
+    #: Address of the snapshot taken at arming (``length`` bytes): a private
+    #: anonymous mapping, whose never-touched pages the collect path takes
+    #: as zeros without reading them (``pagediff.changes``).
     snapshot: int
     #: Page size of the mapping (a huge page for hugetlb).
     unit: int = PAGE_SIZE
@@ -154,3 +156,12 @@ class Region:
     #: thread (the hybrid watcher) holds the owner while it works on the
     #: region, so the memory cannot be unmapped under it.
     owner: Callable[[], object | None] | None = field(default=None, compare=False, repr=False)
+
+
+def live_anonymous(region: Region) -> bool:
+    """Whether the region's memory is private anonymous (a GuardedBuffer's
+    ``backing="anonymous"``), so that its never-touched pages read as
+    zeros: the collect path then skips them instead of faulting them in.
+    Asked of the owner; False (read everything) when unknown."""
+    owner = region.owner() if region.owner is not None else None
+    return getattr(owner, "backing", None) == "anonymous"

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..kernel.process import ForkSafeLock
-from .base import CLOSED, Drained, Stop
+from .base import CLOSED, Drained, Stop, live_anonymous
 from .pagediff import PageLog, PageLogged
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ class DiffTracker(PageLogged):
         self._length = region.length
         self._snapshot = region.snapshot
         self._unit = region.unit
+        self._anonymous = live_anonymous(region)
         self._lock = ForkSafeLock()
         self._log = PageLog(max_records, region.length // region.unit)
         self._paused = True
@@ -72,5 +73,10 @@ class DiffTracker(PageLogged):
         if self._paused or self._closed:
             return
         self._log.collect(
-            self._address, self._snapshot, [(0, self._length)], self._unit, only_changed=True
+            self._address,
+            self._snapshot,
+            [(0, self._length)],
+            self._unit,
+            only_changed=True,
+            live_anonymous=self._anonymous,
         )

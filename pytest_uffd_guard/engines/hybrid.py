@@ -51,7 +51,7 @@ from ..kernel import process
 from ..kernel.process import ForkSafeLock
 from ..kernel.records import RecordLog
 from .async_ import AsyncTracker
-from .base import Drained, Outbox, Stop, StopReason
+from .base import Drained, Outbox, Stop, StopReason, live_anonymous
 from .pagediff import first_changes, page_record
 from .sync import SyncTracker
 
@@ -384,7 +384,14 @@ class HybridTracker:
         if self._async is not None:
             self._async.collect_changed()
             return
-        changed = first_changes(self._address, self._snapshot, 0, self._length, self._unit)
+        changed = first_changes(
+            self._address,
+            self._snapshot,
+            0,
+            self._length,
+            self._unit,
+            live_anonymous=live_anonymous(self._region),
+        )
         found = RecordLog()
         found.extend(page_record(changed[page]) for page in sorted(set(changed) - self._seen))
         self._keep(Drained(found.view()))

@@ -135,11 +135,27 @@ NUMPY_CHUNK = 16 << 20
 NUMPY_MIN = 256 << 10
 
 
-def first_changes(address: int, snapshot: int, start: int, end: int, unit: int) -> dict[int, int]:
+def first_changes(
+    address: int,
+    snapshot: int,
+    start: int,
+    end: int,
+    unit: int,
+    *,
+    live_anonymous: bool = False,
+) -> dict[int, int]:
     """``{page offset: offset of its first changed byte}`` for pages in
     ``[start, end)`` (offsets from ``address``, page-aligned) that differ."""
     reported = bytearray(-(-end // unit))
-    found = page_firsts(address, snapshot, [(start, end)], unit, reported, only_changed=True)
+    found = page_firsts(
+        address,
+        snapshot,
+        [(start, end)],
+        unit,
+        reported,
+        only_changed=True,
+        live_anonymous=live_anonymous,
+    )
     return {offset - offset % unit: offset for offset in _unpack_offsets(found)}
 
 
@@ -151,13 +167,15 @@ def page_firsts(
     reported: bytearray,
     *,
     only_changed: bool,
+    live_anonymous: bool = False,
 ) -> bytes:
     """The first changed byte of each unit of ``ranges`` (``(start, end)``
     offsets, unit-aligned starts, ascending) not marked in ``reported`` (a
     byte per unit), which it marks; a unit with no changed byte gives its
     own offset, or is skipped with ``only_changed``.  Native uint64 offsets,
     packed (``kernel.records.PageChunk``): one C call, no Python object per
-    page (issue 11); pure Python where the C core is missing.
+    page (issue 11); pure Python where the C core is missing.  The rules of
+    :func:`changes` apply to ``snapshot`` and ``live_anonymous``.
     """
     flat = [x for pair in ranges for x in pair]
     try:
@@ -165,7 +183,11 @@ def page_firsts(
     except ImportError:
         return _page_firsts_py(address, snapshot, flat, unit, reported, only_changed)
     packed = struct.pack(f"={len(flat)}Q", *flat)
-    return bytes(_uffd.page_firsts(address, snapshot, packed, unit, reported, int(only_changed)))
+    return bytes(
+        _uffd.page_firsts(
+            address, snapshot, packed, unit, reported, int(only_changed), int(live_anonymous)
+        )
+    )
 
 
 def _page_firsts_py(
@@ -257,11 +279,20 @@ class PageLog:
         unit: int,
         *,
         only_changed: bool,
+        live_anonymous: bool = False,
     ) -> None:
         """Records for the units of ``ranges`` not reported yet (see
         :func:`page_firsts`)."""
         self.add_found(
-            page_firsts(address, snapshot, ranges, unit, self.reported, only_changed=only_changed)
+            page_firsts(
+                address,
+                snapshot,
+                ranges,
+                unit,
+                self.reported,
+                only_changed=only_changed,
+                live_anonymous=live_anonymous,
+            )
         )
 
     def add_found(self, offsets: bytes) -> None:
