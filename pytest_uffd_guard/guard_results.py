@@ -86,7 +86,7 @@ class GuardResults(ClosableMapping):
             self._check_open()
             return self._changes(preview)
 
-    def _changes(self, preview: int | None, whole_up_to: int = pagediff.ALL) -> Changes:
+    def _changes(self, preview: int | None, whole_up_to: int | None = None) -> Changes:
         return pagediff.changes(
             self.address,
             self._snapshot_address,

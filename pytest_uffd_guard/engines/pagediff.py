@@ -55,13 +55,14 @@ def changes(
     snapshot: int,
     length: int,
     preview: int | None,
-    whole_up_to: int = ALL,
+    whole_up_to: int | None = None,
     *,
     live_anonymous: bool = False,
 ) -> Changes:
     """The changed runs of ``address`` against ``snapshot`` with their bytes:
     all of them if they add up to at most ``whole_up_to`` bytes, else the
-    first ``preview`` bytes of each (all of them for None).
+    first ``preview`` bytes of each (all of them for None; ``whole_up_to``
+    None: the preview always applies).
 
     One C call (issue 11); pure Python where the C core is missing.
     ``snapshot`` must be a private anonymous mapping (``anonymous_map``),
@@ -70,17 +71,14 @@ def changes(
     would cost several times the compare).
     """
     cap = ALL if preview is None else min(preview, ALL)
+    whole = (0 if preview is not None else ALL) if whole_up_to is None else min(whole_up_to, ALL)
     if length <= 0:
         return Changes()
     try:
         from .. import _uffd
     except ImportError:
-        return _changes_py(address, snapshot, length, cap, whole_up_to)
-    return Changes(
-        *_uffd.changed_runs(
-            address, snapshot, length, cap, min(whole_up_to, ALL), int(live_anonymous)
-        )
-    )
+        return _changes_py(address, snapshot, length, cap, whole)
+    return Changes(*_uffd.changed_runs(address, snapshot, length, cap, whole, int(live_anonymous)))
 
 
 def snapshot_runs(
