@@ -118,14 +118,7 @@ class AsyncTracker(PageLogged, KernelTracked):
         """Report every page that differs from the snapshot and was not
         reported yet (hybrid: the pages written while it moved between fds)."""
         with self._lock:
-            self._log.collect(
-                self._address,
-                self._snapshot,
-                [(0, self._length)],
-                self._unit,
-                only_changed=True,
-                live_anonymous=self._anonymous,
-            )
+            self._collect_changed()
 
     def _collect(self) -> None:
         """Turn the pages PAGEMAP_SCAN reports written into records, each on

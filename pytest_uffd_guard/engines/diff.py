@@ -72,11 +72,4 @@ class DiffTracker(PageLogged):
     def _collect(self) -> None:
         if self._paused or self._closed:
             return
-        self._log.collect(
-            self._address,
-            self._snapshot,
-            [(0, self._length)],
-            self._unit,
-            only_changed=True,
-            live_anonymous=self._anonymous,
-        )
+        self._collect_changed()

@@ -321,9 +321,27 @@ class PageLogged:
 
     _lock: ForkSafeLock
     _log: PageLog
+    _address: int
+    _length: int
+    _snapshot: int
+    _unit: int
+    #: Whether the memory is private anonymous (``base.live_anonymous``).
+    _anonymous: bool
 
     def _collect(self) -> None:
         raise NotImplementedError
+
+    def _collect_changed(self) -> None:
+        """Records for every page that differs from the snapshot and was
+        not reported yet; the caller holds the lock."""
+        self._log.collect(
+            self._address,
+            self._snapshot,
+            [(0, self._length)],
+            self._unit,
+            only_changed=True,
+            live_anonymous=self._anonymous,
+        )
 
     def drain(self) -> Drained:
         with self._lock:

@@ -12,7 +12,7 @@ import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import overload
+from typing import Generic, TypeVar, overload
 
 
 def _short_path(path: str) -> str:
@@ -198,25 +198,38 @@ _HEAD_FIELDS = ("address", "time_ns", "seq", "tid", "flags", "dump_offset", "sys
 # made into WriteRecord / Change objects only when looked at (each once).
 
 
-class _Chunk:
-    """Records of one drain, made on first access and kept."""
+_T = TypeVar("_T")
 
-    __slots__ = ("_made", "count")
 
-    count: int
-    _made: list[WriteRecord | None] | None
+class _Made(Generic[_T]):
+    """Items made on first access (``_make``) and kept."""
 
-    def get(self, index: int) -> WriteRecord:
+    __slots__ = ("_made",)
+
+    _made: list[_T | None] | None
+
+    def _make(self, index: int) -> _T:
+        raise NotImplementedError
+
+    def _once(self, index: int, count: int) -> _T:
         made = self._made
         if made is None:
-            made = self._made = [None] * self.count
-        record = made[index]
-        if record is None:
-            record = made[index] = self._make(index)
-        return record
+            made = self._made = [None] * count
+        item = made[index]
+        if item is None:
+            item = made[index] = self._make(index)
+        return item
 
-    def _make(self, index: int) -> WriteRecord:
-        raise NotImplementedError
+
+class _Chunk(_Made[WriteRecord]):
+    """Records of one drain, made on first access and kept."""
+
+    __slots__ = ("count",)
+
+    count: int
+
+    def get(self, index: int) -> WriteRecord:
+        return self._once(index, self.count)
 
 
 class _ListChunk(_Chunk):
@@ -296,14 +309,69 @@ def raw_fault(blob: bytes, index: int) -> RawFault:
 _Part = tuple[_Chunk, int]
 
 
-class Records(Sequence[WriteRecord]):
-    """The records of a buffer, oldest first: an immutable list.
+class _ListLike(Sequence[_T]):
+    """An immutable list of items made on demand (``_item``): indexing,
+    slicing (a slice is a ``list``), iterating, ``len()`` (O(1)), ``==``
+    with a list or another such sequence, ``repr``, ``+`` with a list and
+    pickling (as a ``list``) behave like the list of the same items."""
 
-    Indexing, slicing (a slice is a ``list``), iterating, ``len()`` (O(1)),
-    ``==`` with a list or another Records, ``repr`` and pickling (as a
-    ``list``) behave like the list of the same records; each WriteRecord is
-    made when first looked at and then kept.
-    """
+    __slots__ = ()
+
+    _len: int
+
+    def _item(self, i: int) -> _T:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self._len
+
+    @overload
+    def __getitem__(self, index: int) -> _T: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[_T]: ...
+    def __getitem__(self, index: int | slice) -> _T | list[_T]:
+        if isinstance(index, slice):
+            return [self._item(i) for i in range(*index.indices(self._len))]
+        i = operator.index(index)
+        if i < 0:
+            i += self._len
+        if not 0 <= i < self._len:
+            raise IndexError("list index out of range")
+        return self._item(i)
+
+    def __iter__(self) -> Iterator[_T]:
+        item = self._item
+        for i in range(self._len):
+            yield item(i)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, (_ListLike, list)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]  # a list is not hashable
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+    def __reduce__(self) -> tuple[type[list[_T]], tuple[list[_T]]]:
+        return list, (list(self),)
+
+    def __add__(self, other: object) -> list[_T]:
+        if not isinstance(other, (_ListLike, list)):
+            return NotImplemented
+        return [*self, *other]
+
+    def __radd__(self, other: object) -> list[_T]:
+        if not isinstance(other, list):
+            return NotImplemented
+        return [*other, *self]
+
+
+class Records(_ListLike[WriteRecord]):
+    """The records of a buffer, oldest first: an immutable list
+    (``_ListLike``); each WriteRecord is made when first looked at, then
+    kept."""
 
     __slots__ = ("_len", "_parts", "_starts")
 
@@ -316,21 +384,7 @@ class Records(Sequence[WriteRecord]):
         self._starts = starts
         self._len = total
 
-    def __len__(self) -> int:
-        return self._len
-
-    @overload
-    def __getitem__(self, index: int) -> WriteRecord: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[WriteRecord]: ...
-    def __getitem__(self, index: int | slice) -> WriteRecord | list[WriteRecord]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(self._len))]
-        i = operator.index(index)
-        if i < 0:
-            i += self._len
-        if not 0 <= i < self._len:
-            raise IndexError("list index out of range")
+    def _item(self, i: int) -> WriteRecord:
         k = bisect.bisect_right(self._starts, i) - 1
         return self._parts[k][0].get(i - self._starts[k])
 
@@ -339,29 +393,6 @@ class Records(Sequence[WriteRecord]):
             get = chunk.get
             for i in range(n):
                 yield get(i)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, (Records, list)):
-            return NotImplemented
-        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
-
-    __hash__ = None  # type: ignore[assignment]  # a list is not hashable
-
-    def __repr__(self) -> str:
-        return repr(list(self))
-
-    def __reduce__(self) -> tuple[type[list[WriteRecord]], tuple[list[WriteRecord]]]:
-        return list, (list(self),)
-
-    def __add__(self, other: object) -> list[WriteRecord]:
-        if not isinstance(other, (Records, list)):
-            return NotImplemented
-        return [*self, *other]
-
-    def __radd__(self, other: object) -> list[WriteRecord]:
-        if not isinstance(other, list):
-            return NotImplemented
-        return [*other, *self]
 
     def head(self, n: int) -> Records:
         """The first ``n`` records."""
@@ -427,23 +458,23 @@ class RecordLog:
         return Records(self._parts)
 
 
-class Changes(Sequence[Change]):
+class Changes(_ListLike[Change], _Made[Change]):
     """The changed runs of a buffer, in offset order: an immutable list.
 
     Kept as the C core's ``changed_runs`` returns them (three native uint64
     per run: offset, length, where its bytes start in ``before`` and
     ``after``); each Change is made when first looked at and then kept.
-    Behaves like a list as :class:`Records` does.
+    An immutable list (``_ListLike``).
     """
 
-    __slots__ = ("_after", "_before", "_len", "_made", "_runs")
+    __slots__ = ("_after", "_before", "_len", "_runs")
 
     def __init__(self, runs: bytes = b"", before: bytes = b"", after: bytes = b"") -> None:
         self._runs = memoryview(runs).cast("B").cast("Q")
         self._before = before
         self._after = after
         self._len = len(self._runs) // 3
-        self._made: list[Change | None] | None = None
+        self._made = None
 
     @classmethod
     def of(cls, changes: Iterable[Change]) -> Changes:
@@ -454,65 +485,14 @@ class Changes(Sequence[Change]):
         self._made = list(made)
         return self
 
-    def __len__(self) -> int:
-        return self._len
-
     def _make(self, i: int) -> Change:
         runs = self._runs
         offset, length, start = runs[3 * i], runs[3 * i + 1], runs[3 * i + 2]
         end = runs[3 * i + 5] if i + 1 < self._len else len(self._after)
         return Change(int(offset), int(length), self._before[start:end], self._after[start:end])
 
-    def _get(self, i: int) -> Change:
-        made = self._made
-        if made is None:
-            made = self._made = [None] * self._len
-        change = made[i]
-        if change is None:
-            change = made[i] = self._make(i)
-        return change
-
-    @overload
-    def __getitem__(self, index: int) -> Change: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[Change]: ...
-    def __getitem__(self, index: int | slice) -> Change | list[Change]:
-        if isinstance(index, slice):
-            return [self._get(i) for i in range(*index.indices(self._len))]
-        i = operator.index(index)
-        if i < 0:
-            i += self._len
-        if not 0 <= i < self._len:
-            raise IndexError("list index out of range")
-        return self._get(i)
-
-    def __iter__(self) -> Iterator[Change]:
-        get = self._get
-        for i in range(self._len):
-            yield get(i)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, (Changes, list)):
-            return NotImplemented
-        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
-
-    __hash__ = None  # type: ignore[assignment]  # a list is not hashable
-
-    def __repr__(self) -> str:
-        return repr(list(self))
-
-    def __reduce__(self) -> tuple[type[list[Change]], tuple[list[Change]]]:
-        return list, (list(self),)
-
-    def __add__(self, other: object) -> list[Change]:
-        if not isinstance(other, (Changes, list)):
-            return NotImplemented
-        return [*self, *other]
-
-    def __radd__(self, other: object) -> list[Change]:
-        if not isinstance(other, list):
-            return NotImplemented
-        return [*other, *self]
+    def _item(self, i: int) -> Change:
+        return self._once(i, self._len)
 
     def runs(self) -> list[tuple[int, int]]:
         """``(offset, length)`` of each run, no bytes made."""
