@@ -25,13 +25,16 @@ uint64_t diff_first_equal(const unsigned char *a, const unsigned char *b, uint64
 #define MEM_MAX_PAGE 65536
 struct mem {
     const unsigned char *base;
+    uint64_t size; /* bytes mapped from base on (mincore fails past them) */
     uint64_t page;
     int fd;
+    int no_swap; /* the machine has no swap: not resident means absent */
     uint64_t win, nwin; /* pages [win, win + nwin) have `present` known */
     unsigned char present[MEM_WINDOW];
 };
 
-void mem_init(struct mem *m, const void *base, int pagemap_fd, uint64_t page);
+void mem_init(struct mem *m, const void *base, uint64_t size, int pagemap_fd, uint64_t page,
+              int no_swap);
 
 /* Offset of the first byte in [o, end) at which a and b differ, or end. */
 uint64_t mem_first_diff(struct mem *a, struct mem *b, uint64_t o, uint64_t end);

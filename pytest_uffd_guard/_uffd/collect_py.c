@@ -13,6 +13,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <sys/sysinfo.h>
+
 #include "collect.h"
 #include "collect_py.h"
 #include "uffd.h"
@@ -28,6 +30,14 @@ open_pagemap(uint64_t len)
     if (len < PAGEMAP_FROM)
         return -1;
     return open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+}
+
+/* No swap configured: a page mincore() says is not resident is absent. */
+static int
+no_swap(void)
+{
+    struct sysinfo si;
+    return sysinfo(&si) == 0 && si.totalswap == 0;
 }
 
 static uint64_t
@@ -91,8 +101,10 @@ page_firsts_py(PyObject *Py_UNUSED(self), PyObject *args)
     uint64_t last = nranges ? get64(r + 16 * (nranges - 1) + 8) : 0;
     int fd = open_pagemap(last);
     struct mem live, snap;
-    mem_init(&live, (const void *)(uintptr_t)a, live_anonymous ? fd : -1, base_page());
-    mem_init(&snap, (const void *)(uintptr_t)b, fd, base_page());
+    int swapless = no_swap();
+    mem_init(&live, (const void *)(uintptr_t)a, last, live_anonymous ? fd : -1, base_page(),
+             swapless);
+    mem_init(&snap, (const void *)(uintptr_t)b, last, fd, base_page(), swapless);
     for (size_t k = 0; k < nranges; k++) {
         uint64_t lo = get64(r + 16 * k), hi = get64(r + 16 * k + 8);
         for (uint64_t page = lo; page < hi; page += unit) {
@@ -161,8 +173,10 @@ changed_runs_py(PyObject *Py_UNUSED(self), PyObject *args)
     int fd;
     Py_BEGIN_ALLOW_THREADS
     fd = open_pagemap(len);
-    mem_init(&live, (const void *)(uintptr_t)a, live_anonymous ? fd : -1, base_page());
-    mem_init(&snap, (const void *)(uintptr_t)b, fd, base_page());
+    int swapless = no_swap();
+    mem_init(&live, (const void *)(uintptr_t)a, len, live_anonymous ? fd : -1, base_page(),
+             swapless);
+    mem_init(&snap, (const void *)(uintptr_t)b, len, fd, base_page(), swapless);
     uint64_t off = 0, run, n;
     while (!failed && mem_next_run(&live, &snap, len, &off, &run, &n))
         failed = runs_add(&rs, run, n) < 0;
