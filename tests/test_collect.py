@@ -376,3 +376,16 @@ def test_pure_python_changes_agree() -> None:
     c = pagediff.changes(pair.a, pair.b, pair.size, None)
     python = pagediff._changes_py(pair.a, pair.b, pair.size, ALL, ALL)
     assert c == list(python) and c.runs() == python.runs()
+
+
+def test_sync_records_mix_captured_and_packed(uffd: None) -> None:
+    """Sync records whose writer was captured (the first ``stacks``) are
+    made at drain, the rest kept packed; the order, the offsets read from
+    the packed form and the records agree."""
+    with GuardedBuffer(16 * P, engine="sync", stacks=3) as buf:
+        for page in (5, 2, 9, 1, 0):
+            buf[page * P + 3] = 1
+        writes = buf.writes
+        offsets = [w.offset - w.offset % P for w in writes]
+        assert offsets == [5 * P, 2 * P, 9 * P, P, 0]
+        assert [o - o % P for o in writes.offsets()] == offsets

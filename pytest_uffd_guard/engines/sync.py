@@ -189,19 +189,21 @@ class SyncTracker(KernelTracked):
         # packed and made when looked at (issue 11).
         attrs = blob[_ATTR_AT::RECORD_SIZE]
         if _CAPTURED.isdisjoint(attrs):
-            self._outbox.records.add(RawChunk(blob, build))
+            self._outbox.records.add(RawChunk(blob, build, self._address))
             return
-        lazy = 0
+        lazy, base = 0, self._address
         for index, attr in enumerate(attrs):
             if attr in _CAPTURED:
                 if index > lazy:
                     self._outbox.records.add(
-                        RawChunk(blob[lazy * RECORD_SIZE : index * RECORD_SIZE], build)
+                        RawChunk(
+                            blob[lazy * RECORD_SIZE : index * RECORD_SIZE], build, self._address
+                        )
                     )
                 self._outbox.records.append(build(raw_fault(blob, index)))
                 lazy = index + 1
         if lazy < len(attrs):
-            self._outbox.records.add(RawChunk(blob[lazy * RECORD_SIZE :], build))
+            self._outbox.records.add(RawChunk(blob[lazy * RECORD_SIZE :], build, base))
 
 
 #: Where a record's ``attr`` lies in its packed form (its low byte: every

@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import operator
 import struct
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -231,6 +232,10 @@ class _Chunk(_Made[WriteRecord]):
     def get(self, index: int) -> WriteRecord:
         return self._once(index, self.count)
 
+    def offsets(self, n: int) -> list[int]:
+        """The offsets of the first ``n`` records."""
+        return [self.get(i).offset for i in range(n)]
+
 
 class _ListChunk(_Chunk):
     """Records made already (appended one by one)."""
@@ -263,6 +268,9 @@ class PageChunk(_Chunk):
     def offset(self, index: int) -> int:
         return int(self._offsets[index])
 
+    def offsets(self, n: int) -> list[int]:
+        return list(self._offsets[:n].tolist())
+
     def _make(self, index: int) -> WriteRecord:
         return WriteRecord(
             offset=int(self._offsets[index]),
@@ -279,16 +287,22 @@ class RawChunk(_Chunk):
     (``RECORD_FORMAT``), made by ``build`` (the tracker's, pure: it reads
     nothing that may change later) from each RawFault."""
 
-    __slots__ = ("_blob", "_build")
+    __slots__ = ("_base", "_blob", "_build")
 
-    def __init__(self, blob: bytes, build: Callable[[RawFault], WriteRecord]) -> None:
+    def __init__(self, blob: bytes, build: Callable[[RawFault], WriteRecord], base: int) -> None:
         self._blob = blob
         self._build = build
+        #: The buffer's address: a record's offset is its address - base.
+        self._base = base
         self._made = None
         self.count = len(blob) // RECORD_SIZE
 
-    def address(self, index: int) -> int:
-        return int(_ADDRESS.unpack_from(self._blob, index * RECORD_SIZE)[0])
+    def offsets(self, n: int) -> list[int]:
+        base = self._base
+        if sys.byteorder == "little":  # the address leads each record ("<Q")
+            words = memoryview(self._blob).cast("B").cast("Q")
+            return [a - base for a in words[0 : n * RECORD_SIZE // 8 : RECORD_SIZE // 8].tolist()]
+        return [_ADDRESS.unpack_from(self._blob, i * RECORD_SIZE)[0] - base for i in range(n)]
 
     def _make(self, index: int) -> WriteRecord:
         return self._build(raw_fault(self._blob, index))
@@ -405,13 +419,10 @@ class Records(_ListLike[WriteRecord]):
         return Records(parts)
 
     def offsets(self) -> Iterator[int]:
-        """Each record's offset; page chunks (async, diff) are read as
-        packed, without making their records."""
+        """Each record's offset, read from the packed records (async,
+        diff, sync) without making them."""
         for chunk, n in self._parts:
-            if isinstance(chunk, PageChunk):
-                yield from (chunk.offset(i) for i in range(n))
-            else:
-                yield from (chunk.get(i).offset for i in range(n))
+            yield from chunk.offsets(n)
 
 
 class RecordLog:
