@@ -5,3 +5,18 @@
 from typing import Any
 
 def __getattr__(name: str) -> Any: ...
+
+# The collect path (_uffd/collect_py.c), typed: the engines build on them.
+def page_firsts(
+    a: int,
+    b: int,
+    ranges: bytes,
+    unit: int,
+    reported: bytearray,
+    only_changed: int,
+    live_anonymous: int = 0,
+    /,
+) -> bytes: ...
+def changed_runs(
+    a: int, b: int, length: int, preview: int, whole_up_to: int, live_anonymous: int = 0, /
+) -> tuple[bytes, bytes, bytes]: ...

@@ -40,7 +40,7 @@ from .kernel.memory import (
     round_up,
 )
 from .kernel.process import ForkSafeLock
-from .kernel.records import Change, WriteRecord
+from .kernel.records import Changes, RecordLog
 from .names import ENGINES
 
 #: At close, changed runs are kept whole up to this many bytes in all;
@@ -204,11 +204,11 @@ class GuardedBuffer(GuardResults):
         self._closed = False
         self._length = round_up(self._size, self._unit)
         self.address = address_of(self)
-        self._records: list[WriteRecord] = []
+        self._records = RecordLog()
         self._overflow = 0
         self._pauses = 0
         self._pause_copy: mmap.mmap | None = None
-        self._final_changes: list[Change] | None = None
+        self._final_changes: Changes | None = None
         self._snapshot: mmap.mmap | None = None
         try:
             # Keep the range on base pages: a transparent huge page would turn
@@ -290,12 +290,12 @@ class GuardedBuffer(GuardResults):
                 # Inside unprotected(): the block's end protects again and
                 # absorbs what was written meanwhile; only re-baseline here.
                 self._tracker.discard()
-                self._records, self._overflow = [], 0
+                self._records, self._overflow = RecordLog(), 0
                 copy(self._snapshot_address, self.address, self._size)
                 return
             self._tracker.pause()
             self._tracker.discard()
-            self._records, self._overflow = [], 0
+            self._records, self._overflow = RecordLog(), 0
             self._tracker.arm()
             # Reads only: copying protected pages never faults.
             copy(self._snapshot_address, self.address, self._size)
@@ -352,20 +352,17 @@ class GuardedBuffer(GuardResults):
                 return
             self._closed = True
             last = self._tracker.close()
-            self._records.extend(last.records)
+            self._records.extend(last.log)
             self._overflow += last.overflow
             # One pass over the runs, and at most KEEP_AT_CLOSE bytes (or a
             # preview of each run) copied out: never every changed byte.
-            runs = self._runs()
-            whole = sum(length for _, length in runs) <= KEEP_AT_CLOSE
-            self._final_changes = self._diff(runs, None if whole else PREVIEW_AT_CLOSE)
-            del runs
+            self._final_changes = self._changes(PREVIEW_AT_CLOSE, KEEP_AT_CLOSE)
             self._release_snapshot()
             free_pages(self, shared=self.backing != "anonymous")
 
     def _abandon(self) -> None:
         self._closed = True
-        self._final_changes = []
+        self._final_changes = Changes()
         if self._snapshot is not None:
             self._release_snapshot()
         with suppress(BufferError):

@@ -12,23 +12,24 @@ from __future__ import annotations
 import mmap
 import sys
 
+from .engines import pagediff
 from .engines.base import Tracker
-from .engines.pagediff import diff_runs
 from .guard_args import count
 from .guard_mapping import ClosableMapping
 from .kernel.process import ForkSafeLock
-from .kernel.records import Change, WriteRecord
+from .kernel.records import Changes, RecordLog, Records
 
 
 class GuardResults(ClosableMapping):
     """Records and changes of a guarded buffer (see the module docstring)."""
 
     address: int
+    backing: str
     _lock: ForkSafeLock
     _tracker: Tracker
-    _records: list[WriteRecord]
+    _records: RecordLog
     _overflow: int
-    _final_changes: list[Change] | None
+    _final_changes: Changes | None
     _snapshot: mmap.mmap | None
     _snapshot_address: int
 
@@ -37,11 +38,14 @@ class GuardResults(ClosableMapping):
         return self._snapshot
 
     @property
-    def writes(self) -> list[WriteRecord]:
-        """Recorded writes, oldest first: the first write into each page."""
+    def writes(self) -> Records:
+        """Recorded writes, oldest first: the first write into each page.
+
+        An immutable list (see ``kernel.records.Records``) whose records
+        are made when looked at."""
         with self._lock:
             self._drain()
-            return list(self._records)
+            return self._records.view()
 
     @property
     def overflowed(self) -> int:
@@ -61,11 +65,13 @@ class GuardResults(ClosableMapping):
             self._drain()
             return int(getattr(self._tracker, "duplicates", 0))
 
-    def changes(self, preview: int | None = None) -> list[Change]:
+    def changes(self, preview: int | None = None) -> Changes:
         """Runs of bytes that differ from the snapshot taken at arming.
 
         With ``preview``, ``before``/``after`` hold at most that many bytes
         of each run.  After ``close()``, the changes as they were at close.
+        An immutable list (``kernel.records.Changes``) whose Change objects
+        are made when looked at.
         """
         if preview is not None:
             preview = count(
@@ -76,12 +82,27 @@ class GuardResults(ClosableMapping):
             )
         with self._lock:
             if self._final_changes is not None:
-                return list(self._final_changes)
+                return self._final_changes
             self._check_open()
-            return self._diff(self._runs(), preview)
+            return self._changes(preview)
+
+    def _changes(self, preview: int | None, whole_up_to: int | None = None) -> Changes:
+        return pagediff.changes(
+            self.address,
+            self._snapshot_address,
+            self._size,
+            preview,
+            whole_up_to,
+            live_anonymous=self.backing == "anonymous",
+        )
 
     def _runs(self) -> list[tuple[int, int]]:
-        return diff_runs(self.address, self._snapshot_address, self._size)
+        return pagediff.snapshot_runs(
+            self.address,
+            self._snapshot_address,
+            self._size,
+            live_anonymous=self.backing == "anonymous",
+        )
 
     def _changed_runs(self) -> list[tuple[int, int]]:
         """``(offset, length)`` of each changed run, nothing copied (harvest)."""
@@ -95,16 +116,6 @@ class GuardResults(ClosableMapping):
             self._check_open()
             before = self._live_snapshot()[offset : offset + n]
             return before, mmap.mmap.__getitem__(self, slice(offset, offset + n))
-
-    def _diff(self, runs: list[tuple[int, int]], preview: int | None) -> list[Change]:
-        snapshot = self._live_snapshot()
-        result = []
-        for offset, length in runs:
-            n = length if preview is None else min(length, preview)
-            before = snapshot[offset : offset + n]
-            after = mmap.mmap.__getitem__(self, slice(offset, offset + n))
-            result.append(Change(offset, length, before, after))
-        return result
 
     @property
     def tracking(self) -> bool:
@@ -120,5 +131,5 @@ class GuardResults(ClosableMapping):
     def _drain(self) -> None:
         if not self._closed:
             drained = self._tracker.drain()
-            self._records.extend(drained.records)
+            self._records.extend(drained.log)
             self._overflow += drained.overflow

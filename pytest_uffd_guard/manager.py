@@ -5,7 +5,7 @@ report each test's guarded buffers.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -237,7 +237,7 @@ class Manager:
         item: pytest.Item,
         entry: Entry,
         phase: str,
-        records: list[WriteRecord],
+        records: Sequence[WriteRecord],
         overflowed: int,
         stopped: str | None,
     ) -> Finding | None:

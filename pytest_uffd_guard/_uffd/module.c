@@ -36,6 +36,7 @@
 #endif
 #include <Python.h>
 
+#include "collect_py.h"
 #include "doc.h"
 #include "uffd.h"
 #include "uffd_py.h"
@@ -391,6 +392,8 @@ static PyMethodDef methods[] = {
     {"writeprotect", writeprotect_py, METH_VARARGS, writeprotect_doc},
     {"populate", populate_py, METH_VARARGS, populate_doc},
     {"diff_runs", diff_runs_py, METH_VARARGS, diff_runs_doc},
+    {"page_firsts", page_firsts_py, METH_VARARGS, page_firsts_doc},
+    {"changed_runs", changed_runs_py, METH_VARARGS, changed_runs_doc},
     {"handler_start", handler_start_py, METH_VARARGS, handler_start_doc},
     {"handler_stop", handler_stop_py, METH_NOARGS, handler_stop_doc},
     {"handler_state", handler_state_py, METH_NOARGS, handler_state_doc},

@@ -27,8 +27,8 @@ from ..errors import UffdUnavailableError
 from ..kernel import process
 from ..kernel.asyncfd import ASYNC_FD
 from ..kernel.process import ForkSafeLock
-from .base import CLOSED, Drained, KernelTracked, Stop
-from .pagediff import PageLog, PageLogged, first_changes
+from .base import CLOSED, Drained, KernelTracked, Stop, live_anonymous
+from .pagediff import PageLog, PageLogged
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -53,9 +53,10 @@ class AsyncTracker(PageLogged, KernelTracked):
         self._length = length
         self._snapshot = region.snapshot
         self._unit = region.unit
+        self._anonymous = live_anonymous(region)
         self._made_in = process.generation()
         self._lock = ForkSafeLock()
-        self._log = PageLog(max_records)
+        self._log = PageLog(max_records, length // region.unit)
         self._paused = True
         self._stopped: Stop | None = None
         try:
@@ -111,39 +112,29 @@ class AsyncTracker(PageLogged, KernelTracked):
         """Treat ``pages`` (offsets) as reported already (hybrid: the pages
         its sync phase recorded)."""
         with self._lock:
-            self._log.reported.update(pages)
+            self._log.mark(pages, self._unit)
 
-    def add_found(self, offsets: dict[int, int]) -> None:
-        """Report pages found another way: ``{page: first changed byte}``
-        (hybrid: the pages written while it moved between fds)."""
+    def collect_changed(self) -> None:
+        """Report every page that differs from the snapshot and was not
+        reported yet (hybrid: the pages written while it moved between fds)."""
         with self._lock:
-            self._log.add(offsets, offsets)
+            self._collect_changed()
 
     def _collect(self) -> None:
-        """Turn the pages PAGEMAP_SCAN reports written into records; the
-        caller holds the lock."""
+        """Turn the pages PAGEMAP_SCAN reports written into records, each on
+        its first changed byte (a page written with identical bytes keeps
+        the page start); the caller holds the lock."""
         if self._paused or self.stopped is not None:
             return
         start, length, unit = self._address, self._length, self._unit
-        written: set[int] = set()
+        ranges = []
         for first, last in self._pagemap.written(start, start + length):
             # Whole units inside the buffer only, whatever the kernel said.
             low = max(0, first - start)
             high = min(length, last - start)
-            written.update(range(low - low % unit, high, unit))
-        new = sorted(written - self._log.reported)
-        if not new:
-            return
-        offsets: dict[int, int] = {}
-        # One diff per run of new pages places each record on its page's
-        # first changed byte; a page written with identical bytes keeps the
-        # page start.
-        run_start = prev = new[0]
-        for page in [*new[1:], None]:
-            if page is not None and page == prev + unit:
-                prev = page
-                continue
-            offsets.update(first_changes(start, self._snapshot, run_start, prev + unit, unit))
-            if page is not None:
-                run_start = prev = page
-        self._log.add(new, offsets)
+            low -= low % unit
+            high = min(length, -(-high // unit) * unit)
+            if low < high:
+                ranges.append((low, high))
+        if ranges:
+            self._log.collect(start, self._snapshot, ranges, unit, only_changed=False)

@@ -16,7 +16,7 @@ from typing import Protocol
 from ..errors import TrackingStoppedError
 from ..kernel import process
 from ..kernel.memory import PAGE_SIZE
-from ..kernel.records import WriteRecord
+from ..kernel.records import RecordLog, Records, WriteRecord
 
 
 class StopReason(enum.Enum):
@@ -52,11 +52,16 @@ INHERITED = Stop(
 @dataclass(frozen=True)
 class Drained:
     """What a tracker hands over at ``drain()`` or ``close()``: the records
-    since the last drain, oldest first, and how many more did not fit the
-    log (the count is the caller's from then on)."""
+    since the last drain, oldest first (``log``, made lazily), and how many
+    more did not fit the log (the count is the caller's from then on)."""
 
-    records: list[WriteRecord] = field(default_factory=list)
+    log: Records = field(default_factory=Records)
     overflow: int = 0
+
+    @property
+    def records(self) -> list[WriteRecord]:
+        """The records, made (for callers that want a list)."""
+        return list(self.log)
 
 
 class Outbox:
@@ -66,13 +71,13 @@ class Outbox:
     """
 
     def __init__(self) -> None:
-        self.records: list[WriteRecord] = []
+        self.records = RecordLog()
         self.overflow = 0
 
     def hand_over(self) -> Drained:
         """Everything waiting, which is the caller's from now on."""
-        drained = Drained(self.records, self.overflow)
-        self.records, self.overflow = [], 0
+        drained = Drained(self.records.view(), self.overflow)
+        self.records, self.overflow = RecordLog(), 0
         return drained
 
 
@@ -141,7 +146,9 @@ class Region:
     length: int
     #: Bytes in use (``len()`` of the buffer).
     size: int
-    #: Address of the snapshot taken at arming (``length`` bytes).
+    #: Address of the snapshot taken at arming (``length`` bytes): a private
+    #: anonymous mapping, whose never-touched pages the collect path takes
+    #: as zeros without reading them (``pagediff.changes``).
     snapshot: int
     #: Page size of the mapping (a huge page for hugetlb).
     unit: int = PAGE_SIZE
@@ -149,3 +156,12 @@ class Region:
     #: thread (the hybrid watcher) holds the owner while it works on the
     #: region, so the memory cannot be unmapped under it.
     owner: Callable[[], object | None] | None = field(default=None, compare=False, repr=False)
+
+
+def live_anonymous(region: Region) -> bool:
+    """Whether the region's memory is private anonymous (a GuardedBuffer's
+    ``backing="anonymous"``), so that its never-touched pages read as
+    zeros: the collect path then skips them instead of faulting them in.
+    Asked of the owner; False (read everything) when unknown."""
+    owner = region.owner() if region.owner is not None else None
+    return getattr(owner, "backing", None) == "anonymous"

@@ -17,8 +17,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..kernel.process import ForkSafeLock
-from .base import CLOSED, Drained, Stop
-from .pagediff import PageLog, PageLogged, first_changes
+from .base import CLOSED, Drained, Stop, live_anonymous
+from .pagediff import PageLog, PageLogged
 
 if TYPE_CHECKING:
     from .base import Region
@@ -42,8 +42,9 @@ class DiffTracker(PageLogged):
         self._length = region.length
         self._snapshot = region.snapshot
         self._unit = region.unit
+        self._anonymous = live_anonymous(region)
         self._lock = ForkSafeLock()
-        self._log = PageLog(max_records)
+        self._log = PageLog(max_records, region.length // region.unit)
         self._paused = True
         self._closed = False
 
@@ -71,5 +72,4 @@ class DiffTracker(PageLogged):
     def _collect(self) -> None:
         if self._paused or self._closed:
             return
-        changed = first_changes(self._address, self._snapshot, 0, self._length, self._unit)
-        self._log.add(changed, changed)
+        self._collect_changed()

@@ -49,8 +49,9 @@ from typing import TYPE_CHECKING
 
 from ..kernel import process
 from ..kernel.process import ForkSafeLock
+from ..kernel.records import RecordLog
 from .async_ import AsyncTracker
-from .base import Drained, Outbox, Stop, StopReason
+from .base import Drained, Outbox, Stop, StopReason, live_anonymous
 from .pagediff import first_changes, page_record
 from .sync import SyncTracker
 
@@ -321,13 +322,19 @@ class HybridTracker:
         """Queue a phase's records, counting those past max_records (and the
         phase's own overflow) as overflow."""
         self._outbox.overflow += drained.overflow
-        for record in drained.records:
-            self._seen.add(record.offset - record.offset % self._unit)
-            if self._max_records is not None and self._kept >= self._max_records:
-                self._outbox.overflow += 1
-                continue
-            self._kept += 1
-            self._outbox.records.append(record)
+        log = drained.log
+        if self._async is None:
+            # Sync phases only: their pages count against the budget (an
+            # async phase's pages, packed, are never made into records here).
+            unit = self._unit
+            self._seen.update(offset - offset % unit for offset in log.offsets())
+        if self._max_records is not None:
+            room = max(0, self._max_records - self._kept)
+            if len(log) > room:
+                self._outbox.overflow += len(log) - room
+                log = log.head(room)
+        self._kept += len(log)
+        self._outbox.records.extend(log)
 
     def _switch(self) -> None:
         """Move to the async fd.  The caller holds the lock and the buffer."""
@@ -374,9 +381,17 @@ class HybridTracker:
 
     def _report_window(self) -> None:
         """Pages that changed while no fd protected them, as records."""
-        changed = first_changes(self._address, self._snapshot, 0, self._length, self._unit)
         if self._async is not None:
-            self._async.add_found(changed)
+            self._async.collect_changed()
             return
-        found = [page_record(changed[page]) for page in sorted(set(changed) - self._seen)]
-        self._keep(Drained(found))
+        changed = first_changes(
+            self._address,
+            self._snapshot,
+            0,
+            self._length,
+            self._unit,
+            live_anonymous=live_anonymous(self._region),
+        )
+        found = RecordLog()
+        found.extend(page_record(changed[page]) for page in sorted(set(changed) - self._seen))
+        self._keep(Drained(found.view()))

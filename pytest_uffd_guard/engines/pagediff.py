@@ -8,11 +8,12 @@ pure Python (ctypes, numpy when installed) otherwise.
 
 from __future__ import annotations
 
+import struct
 import time
 from collections.abc import Iterable
 
 from ..kernel.process import ForkSafeLock
-from ..kernel.records import WriteRecord
+from ..kernel.records import Change, Changes, PageChunk, WriteRecord
 from .base import Drained, Outbox
 
 _seq_lock = ForkSafeLock()
@@ -45,6 +46,68 @@ def diff_runs(a: int, b: int, length: int) -> list[tuple[int, int]]:
     return list(runs)
 
 
+#: ``whole_up_to`` for "every byte of every run".
+ALL = (1 << 64) - 1
+
+
+def changes(
+    address: int,
+    snapshot: int,
+    length: int,
+    preview: int | None,
+    whole_up_to: int | None = None,
+    *,
+    live_anonymous: bool = False,
+) -> Changes:
+    """The changed runs of ``address`` against ``snapshot`` with their bytes:
+    all of them if they add up to at most ``whole_up_to`` bytes, else the
+    first ``preview`` bytes of each (all of them for None; ``whole_up_to``
+    None: the preview always applies).
+
+    One C call (issue 11); pure Python where the C core is missing.
+    ``snapshot`` must be a private anonymous mapping (``anonymous_map``),
+    and so must ``address`` when ``live_anonymous``: their pages that were
+    never touched are taken as zeros without being read (faulting them in
+    would cost several times the compare).
+    """
+    cap = ALL if preview is None else min(preview, ALL)
+    whole = (0 if preview is not None else ALL) if whole_up_to is None else min(whole_up_to, ALL)
+    if length <= 0:
+        return Changes()
+    try:
+        from .. import _uffd
+    except ImportError:
+        return _changes_py(address, snapshot, length, cap, whole)
+    return Changes(*_uffd.changed_runs(address, snapshot, length, cap, whole, int(live_anonymous)))
+
+
+def snapshot_runs(
+    address: int, snapshot: int, length: int, *, live_anonymous: bool = False
+) -> list[tuple[int, int]]:
+    """``diff_runs`` against a snapshot, with :func:`changes`' rules (no
+    bytes copied)."""
+    if length <= 0:
+        return []
+    return changes(address, snapshot, length, 0, 0, live_anonymous=live_anonymous).runs()
+
+
+def _changes_py(address: int, snapshot: int, length: int, cap: int, whole: int) -> Changes:
+    import ctypes
+
+    runs = _diff_runs_py(address, snapshot, length)
+    if sum(n for _, n in runs) <= whole:
+        cap = ALL
+    return Changes.of(
+        Change(
+            offset,
+            n,
+            ctypes.string_at(snapshot + offset, min(n, cap)),
+            ctypes.string_at(address + offset, min(n, cap)),
+        )
+        for offset, n in runs
+    )
+
+
 def _diff_runs_py(a: int, b: int, length: int) -> list[tuple[int, int]]:
     import ctypes
 
@@ -70,28 +133,81 @@ NUMPY_CHUNK = 16 << 20
 NUMPY_MIN = 256 << 10
 
 
-def first_changes(address: int, snapshot: int, start: int, end: int, unit: int) -> dict[int, int]:
+def first_changes(
+    address: int,
+    snapshot: int,
+    start: int,
+    end: int,
+    unit: int,
+    *,
+    live_anonymous: bool = False,
+) -> dict[int, int]:
     """``{page offset: offset of its first changed byte}`` for pages in
-    ``[start, end)`` (offsets from ``address``, page-aligned) that differ.
+    ``[start, end)`` (offsets from ``address``, page-aligned) that differ."""
+    reported = bytearray(-(-end // unit))
+    found = page_firsts(
+        address,
+        snapshot,
+        [(start, end)],
+        unit,
+        reported,
+        only_changed=True,
+        live_anonymous=live_anonymous,
+    )
+    return {offset - offset % unit: offset for offset in _unpack_offsets(found)}
 
-    With numpy, pages are compared a word at a time and only up to their
-    first difference matters (~1 GB/s per core faster than a full diff);
-    without it, the C core's byte diff is used.
+
+def page_firsts(
+    address: int,
+    snapshot: int,
+    ranges: Iterable[tuple[int, int]],
+    unit: int,
+    reported: bytearray,
+    *,
+    only_changed: bool,
+    live_anonymous: bool = False,
+) -> bytes:
+    """The first changed byte of each unit of ``ranges`` (``(start, end)``
+    offsets, unit-aligned starts, ascending) not marked in ``reported`` (a
+    byte per unit), which it marks; a unit with no changed byte gives its
+    own offset, or is skipped with ``only_changed``.  Native uint64 offsets,
+    packed (``kernel.records.PageChunk``): one C call, no Python object per
+    page (issue 11); pure Python where the C core is missing.  The rules of
+    :func:`changes` apply to ``snapshot`` and ``live_anonymous``.
     """
-    if unit % 8 == 0 and (end - start) % unit == 0 and end - start >= NUMPY_MIN:
-        try:
-            return _first_changes_numpy(address, snapshot, start, end, unit)
-        except ImportError:
-            pass
-    found: dict[int, int] = {}
-    for offset, length in diff_runs(address + start, snapshot + start, end - start):
-        first = start + offset
-        last = first + length - 1
-        page = first - first % unit
-        while page <= last:
-            found.setdefault(page, max(first, page))
-            page += unit
-    return found
+    flat = [x for pair in ranges for x in pair]
+    try:
+        from .. import _uffd
+    except ImportError:
+        return _page_firsts_py(address, snapshot, flat, unit, reported, only_changed)
+    packed = struct.pack(f"={len(flat)}Q", *flat)
+    return bytes(
+        _uffd.page_firsts(
+            address, snapshot, packed, unit, reported, int(only_changed), int(live_anonymous)
+        )
+    )
+
+
+def _page_firsts_py(
+    address: int, snapshot: int, flat: list[int], unit: int, reported: bytearray, only: bool
+) -> bytes:
+    found = []
+    for lo, hi in zip(flat[::2], flat[1::2]):
+        for page in range(lo, hi, unit):
+            k = page // unit
+            if reported[k]:
+                continue
+            n = min(unit, hi - page)
+            runs = diff_runs(address + page, snapshot + page, n)
+            if not runs and only:
+                continue
+            reported[k] = 1
+            found.append(page + (runs[0][0] if runs else 0))
+    return struct.pack(f"={len(found)}Q", *found)
+
+
+def _unpack_offsets(packed: bytes) -> list[int]:
+    return list(memoryview(packed).cast("B").cast("Q")) if packed else []
 
 
 def _first_changes_numpy(
@@ -140,54 +256,61 @@ def page_record(offset: int, now: float | None = None) -> WriteRecord:
     )
 
 
-def page_records(offsets: list[int], now: float) -> list[WriteRecord]:
-    """``page_record`` for many offsets at once.
-
-    A big buffer written in full makes hundreds of thousands of records; the
-    frozen dataclass's ``__init__`` costs several microseconds each, so
-    records are filled from a template's ``__dict__`` (about 4x faster),
-    falling back to the constructor if WriteRecord ever uses ``__slots__``.
-    """
-    template = page_record(0, now)
-    if not hasattr(template, "__dict__"):
-        return [page_record(offset, now) for offset in offsets]
-    fields = dict(template.__dict__)
-    new = object.__new__
-    records = []
-    for offset, seq in zip(offsets, _seqs(len(offsets))):
-        record = new(WriteRecord)
-        values = record.__dict__
-        values.update(fields)
-        values["offset"] = offset
-        values["seq"] = seq
-        records.append(record)
-    return records
-
-
 class PageLog:
-    """Pages already reported and records waiting to be drained.
+    """Pages already reported (a byte per unit) and records waiting to be
+    drained.
 
     Not locked itself: its tracker holds its lock around every use.
     """
 
-    def __init__(self, capacity: int | None) -> None:
+    def __init__(self, capacity: int | None, units: int) -> None:
         self.capacity = capacity
-        self.reported: set[int] = set()
+        self.reported = bytearray(units)
         self.outbox = Outbox()
         self.kept = 0
 
-    def add(self, pages: Iterable[int], offsets: dict[int, int]) -> None:
-        new = sorted(set(pages) - self.reported)
-        self.reported.update(new)
-        room = len(new) if self.capacity is None else max(0, self.capacity - self.kept)
-        kept = new[:room]
-        self.outbox.overflow += len(new) - len(kept)
-        self.kept += len(kept)
-        found = page_records([offsets.get(p, p) for p in kept], time.monotonic())
-        self.outbox.records.extend(found)
+    def collect(
+        self,
+        address: int,
+        snapshot: int,
+        ranges: Iterable[tuple[int, int]],
+        unit: int,
+        *,
+        only_changed: bool,
+        live_anonymous: bool = False,
+    ) -> None:
+        """Records for the units of ``ranges`` not reported yet (see
+        :func:`page_firsts`)."""
+        self.add_found(
+            page_firsts(
+                address,
+                snapshot,
+                ranges,
+                unit,
+                self.reported,
+                only_changed=only_changed,
+                live_anonymous=live_anonymous,
+            )
+        )
+
+    def add_found(self, offsets: bytes) -> None:
+        """Records at ``offsets`` (packed, marked reported already), as far
+        as the capacity goes; the rest are counted as overflow."""
+        found = len(offsets) // 8
+        room = found if self.capacity is None else max(0, min(found, self.capacity - self.kept))
+        self.outbox.overflow += found - room
+        if not room:
+            return
+        self.kept += room
+        self.outbox.records.add(PageChunk(offsets[: 8 * room], _seqs(room)[0], time.monotonic()))
+
+    def mark(self, pages: Iterable[int], unit: int) -> None:
+        """Treat the units at offsets ``pages`` as reported."""
+        for page in pages:
+            self.reported[page // unit] = 1
 
     def reset(self) -> None:
-        self.reported.clear()
+        self.reported = bytearray(len(self.reported))
         self.outbox = Outbox()
         self.kept = 0
 
@@ -198,9 +321,27 @@ class PageLogged:
 
     _lock: ForkSafeLock
     _log: PageLog
+    _address: int
+    _length: int
+    _snapshot: int
+    _unit: int
+    #: Whether the memory is private anonymous (``base.live_anonymous``).
+    _anonymous: bool
 
     def _collect(self) -> None:
         raise NotImplementedError
+
+    def _collect_changed(self) -> None:
+        """Records for every page that differs from the snapshot and was
+        not reported yet; the caller holds the lock."""
+        self._log.collect(
+            self._address,
+            self._snapshot,
+            [(0, self._length)],
+            self._unit,
+            only_changed=True,
+            live_anonymous=self._anonymous,
+        )
 
     def drain(self) -> Drained:
         with self._lock:

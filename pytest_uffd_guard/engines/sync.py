@@ -8,8 +8,10 @@ and the writer goes on.  See ``_uffd.c``.
 
 from __future__ import annotations
 
+import struct
 import weakref
 from contextlib import suppress
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UffdUnavailableError
@@ -17,7 +19,16 @@ from ..kernel import capture, process
 from ..kernel.handler import HANDLER
 from ..kernel.memory import PAGE_SIZE
 from ..kernel.namer import thread_names, watch_threads
-from ..kernel.records import KIND_DISCARD, KIND_NAMES, WriteRecord, unpack_faults
+from ..kernel.records import (
+    KIND_DISCARD,
+    KIND_NAMES,
+    RECORD_FORMAT,
+    RECORD_SIZE,
+    RawChunk,
+    RawFault,
+    WriteRecord,
+    raw_fault,
+)
 from .base import CLOSED, Drained, KernelTracked, Outbox, Stop, StopReason
 
 if TYPE_CHECKING:
@@ -168,31 +179,65 @@ class SyncTracker(KernelTracked):
     def _take(self, blob: bytes, overflow: int, duplicates: int = 0) -> None:
         self._outbox.overflow += overflow
         self.duplicates += duplicates
-        names = thread_names() if blob else {}
-        for raw in unpack_faults(blob):
-            if raw.kind == KIND_DISCARD:
-                self._outbox.records.append(
-                    WriteRecord(
-                        offset=raw.address - self._address,
-                        exact=True,
-                        thread_id=None,
-                        thread_name=None,
-                        time=raw.time_ns / 1e9,
-                        seq=raw.seq,
-                        stack_note=DISCARD_NOTE,
-                        kind=KIND_NAMES[raw.kind],
-                        length=raw.length,
+        if not blob:
+            return
+        build = partial(
+            _record,
+            self._address,
+            self._exact,
+            thread_names(),
+            self._stack_note,
+        )
+        # Records whose writer was captured are made now: their stack is
+        # read from the capture file, which moves on.  The others are kept
+        # packed and made when looked at (issue 11).
+        attrs = blob[_ATTR_AT::RECORD_SIZE]
+        if _CAPTURED.isdisjoint(attrs):
+            self._outbox.records.add(RawChunk(blob, build, self._address))
+            return
+        lazy, base = 0, self._address
+        for index, attr in enumerate(attrs):
+            if attr in _CAPTURED:
+                if index > lazy:
+                    self._outbox.records.add(
+                        RawChunk(
+                            blob[lazy * RECORD_SIZE : index * RECORD_SIZE], build, self._address
+                        )
                     )
-                )
-                continue
-            self._outbox.records.append(
-                WriteRecord(
-                    offset=raw.address - self._address,
-                    exact=self._exact,
-                    thread_id=raw.tid or None,
-                    thread_name=names.get(raw.tid) if raw.tid else None,
-                    time=raw.time_ns / 1e9,
-                    seq=raw.seq,
-                    **capture.describe(raw, self._stack_note),
-                )
-            )
+                self._outbox.records.append(build(raw_fault(blob, index)))
+                lazy = index + 1
+        if lazy < len(attrs):
+            self._outbox.records.add(RawChunk(blob[lazy * RECORD_SIZE :], build, base))
+
+
+#: Where a record's ``attr`` lies in its packed form (its low byte: every
+#: ATTR_* value is below 256), and the values whose stack is read at drain.
+_ATTR_AT = struct.calcsize(RECORD_FORMAT[:8])
+_CAPTURED = frozenset({capture.ATTR_SIGNALLED, capture.ATTR_NAMING, capture.ATTR_NAMED})
+
+
+def _record(
+    address: int, exact: bool, names: dict[int, str], note: str | None, raw: RawFault
+) -> WriteRecord:
+    """The WriteRecord of one of the C core's records."""
+    if raw.kind == KIND_DISCARD:
+        return WriteRecord(
+            offset=raw.address - address,
+            exact=True,
+            thread_id=None,
+            thread_name=None,
+            time=raw.time_ns / 1e9,
+            seq=raw.seq,
+            stack_note=DISCARD_NOTE,
+            kind=KIND_NAMES[raw.kind],
+            length=raw.length,
+        )
+    return WriteRecord(
+        offset=raw.address - address,
+        exact=exact,
+        thread_id=raw.tid or None,
+        thread_name=names.get(raw.tid) if raw.tid else None,
+        time=raw.time_ns / 1e9,
+        seq=raw.seq,
+        **capture.describe(raw, note),
+    )
