@@ -40,7 +40,7 @@ from .kernel.memory import (
     round_up,
 )
 from .kernel.process import ForkSafeLock
-from .kernel.records import Changes, RecordLog
+from .kernel.recordseq import Changes, RecordLog
 from .names import ENGINES
 
 #: At close, changed runs are kept whole up to this many bytes in all;

@@ -17,7 +17,7 @@ from .engines.base import Tracker
 from .guard_args import count
 from .guard_mapping import ClosableMapping
 from .kernel.process import ForkSafeLock
-from .kernel.records import Changes, RecordLog, Records
+from .kernel.recordseq import Changes, RecordLog, Records
 
 
 class GuardResults(ClosableMapping):
@@ -41,7 +41,7 @@ class GuardResults(ClosableMapping):
     def writes(self) -> Records:
         """Recorded writes, oldest first: the first write into each page.
 
-        An immutable list (see ``kernel.records.Records``) whose records
+        An immutable list (see ``kernel.recordseq.Records``) whose records
         are made when looked at."""
         with self._lock:
             self._drain()
@@ -70,7 +70,7 @@ class GuardResults(ClosableMapping):
 
         With ``preview``, ``before``/``after`` hold at most that many bytes
         of each run.  After ``close()``, the changes as they were at close.
-        An immutable list (``kernel.records.Changes``) whose Change objects
+        An immutable list (``kernel.recordseq.Changes``) whose Change objects
         are made when looked at.
         """
         if preview is not None:

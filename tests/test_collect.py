@@ -1,7 +1,7 @@
 """The collect path at memory speed (issue 11, target 1).
 
 ``.writes`` and ``.changes()`` are lazy, list-like sequences over the C
-core's packed results (``kernel.records.Records`` / ``Changes``); the C run
+core's packed results (``kernel.recordseq.Records`` / ``Changes``); the C run
 finder (``_uffd.changed_runs``) and page scan (``_uffd.page_firsts``) are
 checked here against a byte-by-byte Python reference, at the edges (byte 0,
 the last byte, runs spanning pages, the whole buffer, huge-page units), and
@@ -21,14 +21,8 @@ import pytest
 from pytest_uffd_guard import GuardedBuffer, _uffd
 from pytest_uffd_guard.engines import pagediff
 from pytest_uffd_guard.kernel.memory import address_of, anonymous_map
-from pytest_uffd_guard.kernel.records import (
-    Change,
-    Changes,
-    PageChunk,
-    RecordLog,
-    Records,
-    WriteRecord,
-)
+from pytest_uffd_guard.kernel.records import Change, WriteRecord
+from pytest_uffd_guard.kernel.recordseq import Changes, PageChunk, RecordLog, Records
 
 from .conftest import bound
 from .test_memory_kinds import huge_pages  # noqa: F401  (a fixture)

@@ -36,6 +36,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "kernel.pagemap",
         "kernel.process",
         "kernel.records",
+        "kernel.recordseq",
         "kernel.uffd",
         "_uffd",
     ),

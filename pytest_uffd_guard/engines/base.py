@@ -16,7 +16,8 @@ from typing import Protocol
 from ..errors import TrackingStoppedError
 from ..kernel import process
 from ..kernel.memory import PAGE_SIZE
-from ..kernel.records import RecordLog, Records, WriteRecord
+from ..kernel.records import WriteRecord
+from ..kernel.recordseq import RecordLog, Records
 
 
 class StopReason(enum.Enum):

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING
 
 from ..kernel import process
 from ..kernel.process import ForkSafeLock
-from ..kernel.records import RecordLog
+from ..kernel.recordseq import RecordLog
 from .async_ import AsyncTracker
 from .base import Drained, Outbox, Stop, StopReason, live_anonymous
 from .pagediff import first_changes, page_record

@@ -13,7 +13,8 @@ import time
 from collections.abc import Iterable
 
 from ..kernel.process import ForkSafeLock
-from ..kernel.records import Change, Changes, PageChunk, WriteRecord
+from ..kernel.records import Change, WriteRecord
+from ..kernel.recordseq import Changes, PageChunk
 from .base import Drained, Outbox
 
 _seq_lock = ForkSafeLock()
@@ -171,7 +172,7 @@ def page_firsts(
     offsets, unit-aligned starts, ascending) not marked in ``reported`` (a
     byte per unit), which it marks; a unit with no changed byte gives its
     own offset, or is skipped with ``only_changed``.  Native uint64 offsets,
-    packed (``kernel.records.PageChunk``): one C call, no Python object per
+    packed (``kernel.recordseq.PageChunk``): one C call, no Python object per
     page (issue 11); pure Python where the C core is missing.  The rules of
     :func:`changes` apply to ``snapshot`` and ``live_anonymous``.
     """

@@ -24,11 +24,10 @@ from ..kernel.records import (
     KIND_NAMES,
     RECORD_FORMAT,
     RECORD_SIZE,
-    RawChunk,
     RawFault,
     WriteRecord,
-    raw_fault,
 )
+from ..kernel.recordseq import RawChunk, raw_fault
 from .base import CLOSED, Drained, KernelTracked, Outbox, Stop, StopReason
 
 if TYPE_CHECKING:
