@@ -42,7 +42,7 @@ def test_a_stale_fault_does_not_unprotect_the_next_guard_of_its_range() -> None:
         core.attribution_setup(signal.SIGRTMIN + 3, dump.fileno())
         core.attribution_enable(True)
         core.namer_setup({pending}, 0.0)   # a namer that never claims
-        buf = mmap.mmap(-1, P)
+        buf = mmap.mmap(-1, P, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shmem WP needs 5.19
         addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
         buf[0] = 1                               # populated
         old, _ = core.guard_add(addr, P, P, 16, 1)
