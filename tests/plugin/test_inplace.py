@@ -271,7 +271,7 @@ def test_session_fixture_pollution_names_the_polluter(pytester: pytest.Pytester)
             "*",
             f"{FAILURE_PREFIX}: 'gains' (1 write, 2 changed ranges)*",
             "written from:",
-            "gains offset 16000, innermost first:",
+            f"gains offset {at(16000)}, innermost first:",
             "    test_pollute.py:10 in normalise",
             "    test_pollute.py:14 in test_normalise",
             "*WRITTEN test_pollute.py::test_normalise*",
@@ -434,7 +434,7 @@ def test_uffd_watch_every_phase(pytester: pytest.Pytester) -> None:
             "test_phases.py:6 in poke*forbidden*",
             "*ERROR at teardown of test_fixture*",
             "*during teardown of test_fixture*",
-            "tables:GAMMA*teardown*20000*test_phases.py:8 in poke*",
+            f"tables:GAMMA*teardown*{at(20000)}*test_phases.py:8 in poke*",
             "*test_call*",
             f"{FAILURE_PREFIX}: 'tables:GAMMA' (1 write, 1 changed range); see*",
             "tables:GAMMA*call*8000*8*→*forbidden*",
@@ -530,7 +530,7 @@ def test_uffd_watch_collection_and_session(pytester: pytest.Pytester) -> None:
         [
             f"uffd-guard: ERROR outside any test: {FAILURE_PREFIX}: 'tables:GAMMA' (1 write, "
             "1 changed range) during collection; see*",
-            "tables:GAMMA*collection*16000*conftest.py:3 in pytest_collection_modifyitems*",
+            f"tables:GAMMA*collection*{at(16000)}*conftest.py:3 in pytest_collection_modifyitems*",
         ]
     )
 
