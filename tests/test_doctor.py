@@ -322,7 +322,12 @@ def test_open_failure_wording_follows_the_kernel() -> None:
     from 6.1, and a forced user-mode-only open on 5.10 needs 5.11, not the sysctl."""
     import errno
 
-    from pytest_uffd_guard.kernel.uffd import OpenAttempt, explain_open_failure, why_no_fd
+    from pytest_uffd_guard.kernel.uffd import (
+        OpenAttempt,
+        explain_open_failure,
+        unprivileged_userfaultfd,
+        why_no_fd,
+    )
 
     old, new = (5, 10, 0), (6, 12, 0)
     for method in ("syscall", "syscall-user-mode-only"):
@@ -331,6 +336,11 @@ def test_open_failure_wording_follows_the_kernel() -> None:
     assert "user-mode faults only" in explain_open_failure("syscall", errno.EPERM, 0, new)
     assert "before Linux 6.1" in explain_open_failure("dev", errno.ENOENT, 0, old)
     assert "6.1" not in explain_open_failure("dev", errno.ENOENT, 0, new)
+    # Under a seccomp filter, when the sysctl cannot be why (root, or it is
+    # 1): the filter is named, not the sysctl (seen on 5.10 as nobody).
+    if os.geteuid() == 0 or unprivileged_userfaultfd() == 1:
+        for version in (old, new):
+            assert "seccomp" in explain_open_failure("syscall", errno.EPERM, 2, version)
 
     denied = [
         OpenAttempt(m, False, errno.EPERM if m != "dev" else errno.ENOENT, "", "")

@@ -84,6 +84,10 @@ def explain_open_failure(
             return "userfaultfd(2) answered ENOSYS under a seccomp filter (blocked by the filter)"
         return "the kernel has no userfaultfd(2) (built without CONFIG_USERFAULTFD)"
     if err == errno.EPERM:
+        if seccomp == 2 and (os.geteuid() == 0 or unprivileged_userfaultfd() == 1):
+            # The sysctl cannot be why (it allows this user, or the user is
+            # root): the filter is (seen on 5.10 as nobody with the sysctl at 1).
+            return "denied by a seccomp filter (Seccomp: 2 in /proc/self/status)"
         if before_5_11:
             # Before 5.11 the sysctl is checked before the flags: 0 refuses
             # every unprivileged open, with UFFD_USER_MODE_ONLY or without.
