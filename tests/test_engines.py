@@ -12,6 +12,7 @@ import ctypes
 import json
 import mmap
 import threading
+import time
 
 import pytest
 
@@ -259,6 +260,11 @@ def test_hybrid_names_first_writers_then_finds_every_page(
         t.join(30)
         tracker = buf._tracker
         assert isinstance(tracker, hybrid.HybridTracker)
+        # The watcher switches at its next poll (every POLL_SECONDS): a fast
+        # writer (3.13t, GIL off) can finish all its faults before that.
+        deadline = time.monotonic() + bound(10)
+        while tracker.switches == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
         assert tracker.switches == 1 and tracker.phase == "async"
         writes = buf.writes
         assert sorted(w.page_offset for w in writes) == [i * PAGE for i in range(npages)]
