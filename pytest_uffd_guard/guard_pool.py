@@ -21,8 +21,8 @@ Only snapshots are pooled, never a buffer's own memory: a ``GuardedBuffer``
 mapped until it is garbage-collected (``kernel.memory.free_pages``), so
 its pages cannot be handed to the next buffer.
 
-The state is guarded by a lock (the free-threaded build runs creators in
-parallel) and reset at fork through the package's one fork hook; a forked
+The state is guarded by a ``ForkSafeLock`` (the free-threaded build runs
+creators in parallel) and reset at fork through the package's one fork hook; a forked
 child keeps its copies of the pooled mappings (private memory, zeroed
 before reuse like any other).
 """
@@ -33,7 +33,6 @@ import atexit
 import ctypes
 import mmap
 import sys
-import threading
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
@@ -54,7 +53,7 @@ POOL_MAX_LENGTH = 64 << 10
 #: Mappings kept per length (beyond it, a returned snapshot is unmapped).
 POOL_PER_LENGTH = 16
 
-_lock = threading.Lock()
+_lock = process.ForkSafeLock()
 #: The probe answer the cached choices were made with.
 _caps: Capabilities | None = None
 _choices: dict[tuple[str, bool, int, str], EngineChoice] = {}
@@ -149,8 +148,8 @@ def drain() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _lock, _caps
-    _lock = threading.Lock()
+    # _lock is a ForkSafeLock: the package's fork hook has re-created it.
+    global _caps
     _caps = None
     _choices.clear()
 
