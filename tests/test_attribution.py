@@ -431,13 +431,3 @@ def test_user_frames_skip_package_and_stdlib() -> None:
     assert user_frames(rec) == [stack[3], stack[4]]
     assert user_frames(rec, 1) == [stack[3]]
     assert "/proj/mod.py:4 in g" in describe_writer(rec)
-
-
-def test_syscall_names() -> None:
-    """Known numbers get names; others say the number."""
-    import platform
-
-    if platform.machine() == "x86_64":
-        assert capture.syscall_name(0) == "read"
-        assert capture.syscall_name(19) == "readv"
-    assert capture.syscall_name(99999) == "syscall 99999"

@@ -16,7 +16,7 @@ import pytest
 
 from pytest_uffd_guard.kernel import capabilities as probe
 from pytest_uffd_guard.kernel import capture as attribution
-from pytest_uffd_guard.kernel import records
+from pytest_uffd_guard.kernel import records, syscalls
 from tests.conftest import bound, run_python
 
 _uffd = pytest.importorskip("pytest_uffd_guard._uffd")
@@ -41,7 +41,7 @@ def test_every_attr_value_is_exported_and_equal() -> None:
 
 def test_syscall_markers_match() -> None:
     """issue 10: SYSCALL_USER / SYSCALL_UNKNOWN are the extension's."""
-    assert (attribution.SYSCALL_USER, attribution.SYSCALL_UNKNOWN) == (
+    assert (syscalls.SYSCALL_USER, syscalls.SYSCALL_UNKNOWN) == (
         _uffd.SYSCALL_USER,
         _uffd.SYSCALL_UNKNOWN,
     )

@@ -37,6 +37,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "kernel.process",
         "kernel.records",
         "kernel.recordseq",
+        "kernel.syscalls",
         "kernel.uffd",
         "_uffd",
     ),

@@ -298,13 +298,13 @@ def test_record_layout_is_checked_against_the_extension() -> None:
 def test_shared_constants_come_from_the_extension() -> None:
     """issue 9 item 17: ATTR_*, SYSCALL_* and kinds are exported by the C core."""
     from pytest_uffd_guard import _uffd
-    from pytest_uffd_guard.kernel import capture, records
+    from pytest_uffd_guard.kernel import capture, records, syscalls
 
     for name in ("OFF", "BOUND", "SIGNALLED", "BUSY", "BLOCKED", "NO_TID", "FAILED"):
         assert getattr(_uffd, f"ATTR_{name}") == getattr(capture, f"ATTR_{name}")
     assert (_uffd.SYSCALL_USER, _uffd.SYSCALL_UNKNOWN) == (
-        capture.SYSCALL_USER,
-        capture.SYSCALL_UNKNOWN,
+        syscalls.SYSCALL_USER,
+        syscalls.SYSCALL_UNKNOWN,
     )
     assert (_uffd.KIND_WRITE, _uffd.KIND_DISCARD) == (records.KIND_WRITE, records.KIND_DISCARD)
     assert _uffd.RECORD_SIZE == records.RECORD_SIZE
