@@ -94,6 +94,7 @@ if sys.platform.startswith("linux"):
             ],
             depends=[
                 "pytest_uffd_guard/_uffd/uffd.h",
+                "pytest_uffd_guard/_uffd/uapi.h",
                 "pytest_uffd_guard/_uffd/uffd_py.h",
                 "pytest_uffd_guard/_uffd/doc.h",
                 "pytest_uffd_guard/_uffd/collect.h",

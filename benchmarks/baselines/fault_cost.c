@@ -61,16 +61,8 @@
 #include <time.h>
 #include <unistd.h>
 
-/* Older uapi headers lack these; the values are fixed ABI. */
-#ifndef UFFD_USER_MODE_ONLY
-#define UFFD_USER_MODE_ONLY 1
-#endif
-#ifndef UFFD_FEATURE_EXACT_ADDRESS
-#define UFFD_FEATURE_EXACT_ADDRESS (1 << 11)
-#endif
-#ifndef UFFD_FEATURE_WP_UNPOPULATED
-#define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)
-#endif
+/* Older uapi headers lack these: the extension's own list of them. */
+#include "../../pytest_uffd_guard/_uffd/uapi.h"
 
 #define MSG_BATCH 64 /* uffd_msg structs read per read(2) */
 

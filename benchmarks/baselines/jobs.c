@@ -67,18 +67,9 @@ void touch_pages(uintptr_t addr, size_t len, size_t offset, int value)
 #include <time.h>
 #include <unistd.h>
 
-#ifndef UFFD_USER_MODE_ONLY
-#define UFFD_USER_MODE_ONLY 1
-#endif
-#ifndef UFFD_FEATURE_THREAD_ID
-#define UFFD_FEATURE_THREAD_ID (1 << 8)
-#endif
-#ifndef UFFD_FEATURE_WP_UNPOPULATED
-#define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)
-#endif
-#ifndef UFFD_FEATURE_WP_ASYNC
-#define UFFD_FEATURE_WP_ASYNC (1 << 15)
-#endif
+/* The uapi bits that older headers lack, shared with the extension so the
+ * two use the same values (UFFD_FEATURE_THREAD_ID is in every header). */
+#include "../../pytest_uffd_guard/_uffd/uapi.h"
 
 /* PAGEMAP_SCAN (Linux 6.7, include/uapi/linux/fs.h), defined here so that
  * older headers build. */

@@ -222,3 +222,30 @@ changed_runs_py(PyObject *Py_UNUSED(self), PyObject *args)
     free(rs.v);
     return Py_BuildValue("(NNN)", packed, before, after);
 }
+
+/* The runs one by one, as a list (the diff engine's older path). */
+PyObject *
+diff_runs_py(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    unsigned long long a, b, len, max_runs;
+    if (!PyArg_ParseTuple(args, "KKKK:diff_runs", &a, &b, &len, &max_runs))
+        return NULL;
+    const unsigned char *pa = (const unsigned char *)(uintptr_t)a;
+    const unsigned char *pb = (const unsigned char *)(uintptr_t)b;
+    PyObject *runs = PyList_New(0);
+    if (!runs)
+        return NULL;
+    uint64_t off = 0, run, n;
+    while (diff_next_run(pa, pb, len, &off, &run, &n)) {
+        if ((uint64_t)PyList_Size(runs) >= max_runs)
+            return Py_BuildValue("(NO)", runs, Py_False);
+        PyObject *item = Py_BuildValue("(KK)", (unsigned long long)run, (unsigned long long)n);
+        if (!item || PyList_Append(runs, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(runs);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    return Py_BuildValue("(NO)", runs, Py_True);
+}

@@ -1,5 +1,6 @@
 /*
- * collect_py.h -- the functions of collect_py.c and their docstrings, for
+ * collect_py.h -- the functions of collect_py.c (the collect path, and the
+ * diff engine's run list) and their docstrings, for
  * module.c's method table.  Include after Python.h.
  */
 #ifndef PYTEST_UFFD_GUARD_COLLECT_PY_H
@@ -9,6 +10,7 @@
 
 PyObject *page_firsts_py(PyObject *self, PyObject *args);
 PyObject *changed_runs_py(PyObject *self, PyObject *args);
+PyObject *diff_runs_py(PyObject *self, PyObject *args);
 
 #pragma GCC visibility pop
 
@@ -36,5 +38,12 @@ static const char changed_runs_doc[] =
 "else the first `preview` bytes of each.  b is a private anonymous mapping,\n"
 "and so is a when live_anonymous: their pages that are neither present nor\n"
 "swapped are taken as zeros without being read (/proc/self/pagemap).";
+
+static const char diff_runs_doc[] =
+"diff_runs(a, b, length, max_runs) -> (runs, complete)\n\n"
+"Compare length bytes at addresses a and b; return the runs of differing\n"
+"bytes as a list of (offset, length), at most max_runs of them, and whether\n"
+"the comparison reached the end.  Reads only; the caller keeps both\n"
+"memories alive.";
 
 #endif /* PYTEST_UFFD_GUARD_COLLECT_PY_H */

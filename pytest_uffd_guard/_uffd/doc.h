@@ -31,19 +31,15 @@ static const char populate_doc[] =
 "Fault in every page of the range for writing (MADV_POPULATE_WRITE, or a\n"
 "touch per page on kernels before 5.14).  The range must not be protected.";
 
-static const char diff_runs_doc[] =
-"diff_runs(a, b, length, max_runs) -> (runs, complete)\n\n"
-"Compare length bytes at addresses a and b; return the runs of differing\n"
-"bytes as a list of (offset, length), at most max_runs of them, and whether\n"
-"the comparison reached the end.  Reads only; the caller keeps both\n"
-"memories alive.";
-
 static const char handler_start_doc[] =
-"handler_start(fd, page_size, features=0)\n\n"
+"handler_start(fd, page_size, features=0, spin_us=0)\n\n"
 "Start this process's fault-handler thread on fd, which the handler now\n"
 "owns (it is closed by handler_stop, or in a forked child).  features are\n"
 "the UFFD_FEATURE_* bits enabled on fd at UFFDIO_API: with\n"
-"FEATURE_EVENT_REMOVE, madvise discards are recorded and re-protected.";
+"FEATURE_EVENT_REMOVE, madvise discards are recorded and re-protected.\n"
+"spin_us (at most SPIN_US_MAX): after a fault the thread keeps reading\n"
+"for that long before it sleeps, on a process that may use several CPUs;\n"
+"0 turns it off.";
 
 static const char handler_stop_doc[] =
 "handler_stop()\n\n"

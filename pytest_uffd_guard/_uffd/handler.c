@@ -141,94 +141,6 @@ warn_locked(const char *what, uint64_t addr, int err)
         snprintf(H.warning, sizeof H.warning, "%s at %#llx", what, (unsigned long long)addr);
 }
 
-/* One write fault, from its lookup to its resolution: what handle_fault
- * learnt and decided about it.  Handler thread only. */
-struct fault {
-    struct fault_record r;
-    uint64_t start;         /* the faulting unit, rounded down */
-    uint64_t unit;          /* its guard's unit (H.page outside every guard) */
-    int record;             /* r is a first write of its unit: store it */
-    int capture;            /* name the writer */
-    int hold;               /* _debug(hold=1): keep the writer blocked */
-    uint64_t owner;         /* id of the guard holding the address, 0: none */
-    /* Which arming of which guard r was stored in (see rearmed_locked);
-     * guard_id 0: not stored. */
-    uint64_t guard_id;
-    uint64_t arming;
-};
-
-/* The thread we signalled faulted again on the same page: the signal woke
- * it before the page was resolved (or, in a system call, the kernel
- * retried).  One write, one record. */
-static int
-refault_of_capture(const struct fault_record *r, uint64_t page)
-{
-    uint64_t token = atomic_load(&A.token);
-    return token != 0 && atomic_load(&A.done) != token
-           && (uint32_t)atomic_load(&A.tid) == r->tid && A.page == page;
-}
-
-/* Whether to name the writer of this first write of guard g; when not,
- * r->attr says why.  The decisions are Python's parameters: the budget
- * (guard_add's stacks, guard_set_stacks) and the switch
- * (attribution_enable); what is left here is mechanism: no thread id, no
- * naming; no room for the record, no capture spent on it.
- * Caller holds H.lock. */
-static int
-wants_capture_locked(struct guard *g, struct fault_record *r)
-{
-    if (!A.enabled) {
-        r->attr = ATTR_OFF;
-        return 0;
-    }
-    if (g->stacks_left == 0) {
-        r->attr = g->stacks ? ATTR_BOUND : ATTR_OFF;
-        return 0;
-    }
-    if (r->tid == 0) {
-        r->attr = ATTR_NO_TID;
-        return 0;
-    }
-    if (g->count >= g->capacity)
-        return 0;
-    g->stacks_left--;
-    return 1;
-}
-
-/* Number the fault, find its guard and decide whether it is recorded and
- * its writer named.  Caller holds H.lock. */
-static void
-classify_fault_locked(struct fault *f)
-{
-    f->r.seq = ++H.faults;
-    f->r.time_ns = monotonic_ns();
-    long i = find_guard(f->r.address);
-    if (i < 0) {
-        H.unmatched++;
-        warn_locked("a write fault outside every guarded range", f->r.address, 0);
-        f->record = 0;
-        return;
-    }
-    struct guard *g = &H.guards[i];
-    f->owner = g->id;
-    f->unit = g->unit;
-    uint64_t page = f->r.address & ~(f->unit - 1);
-    size_t unit_index = (size_t)((page - g->start) / f->unit);
-    f->record = 1;
-    if (refault_of_capture(&f->r, page)) {
-        f->record = 0;
-    } else if (g->recorded && bit_test(g->recorded, unit_index)) {
-        /* Another thread blocked on a page already recorded since it
-         * was protected: one record per page per arming. */
-        g->duplicates++;
-        f->record = 0;
-    } else {
-        f->capture = wants_capture_locked(g, &f->r);
-    }
-    if (f->record && g->recorded)
-        bit_set(g->recorded, unit_index);
-}
-
 /* Test hook _debug(fail_after=N): 1 when this is the Nth fault, which is
  * stored (it was seen) and then treated as fatal.  Caller holds H.lock. */
 static int
@@ -399,34 +311,6 @@ handle_message(const struct uffd_msg *msg)
         return handle_unexpected(msg);
     }
 }
-/* PYTEST_UFFD_GUARD_SPIN_US=N (off by default; at most 10 ms): after a
- * fault the handler does not go back to sleep at once but reads its
- * (non-blocking) fd in a loop for N µs, yielding the CPU in between, so
- * that a writer faulting again within the window finds it awake: one
- * cross-CPU wake-up per fault (the writer's) instead of two (issue 11
- * target 3).  Bounded: once no fault came for N µs the thread sleeps in
- * poll(), so an idle handler uses no CPU; never when the thread may use
- * one CPU only (it would spin on the CPU the writer needs).  Off by
- * default because on the project's loaded 2-vCPU VM it did not measurably
- * help (benchmarks/README.md, "Small buffers, start-up, sync spin").
- * Read once, when the thread starts. */
-#define SPIN_NS_DEFAULT 0ULL
-#define SPIN_NS_MAX 10000000ULL
-
-static uint64_t
-spin_window(void)
-{
-    const char *text = getenv("PYTEST_UFFD_GUARD_SPIN_US");
-    if (text == NULL || *text == '\0')
-        return SPIN_NS_DEFAULT;
-    char *end = NULL;
-    unsigned long long us = strtoull(text, &end, 10);
-    if (end == text || *end != '\0')
-        return SPIN_NS_DEFAULT;
-    uint64_t ns = us * 1000ULL;
-    return ns > SPIN_NS_MAX ? SPIN_NS_MAX : ns;
-}
-
 /* Whether this thread may run on more than one CPU (affinity, cpusets). */
 static int
 several_cpus(void)
@@ -478,7 +362,7 @@ handler_main(void *arg)
     sigset_t all;
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, NULL);
-    const uint64_t spin_ns = spin_window();
+    const uint64_t spin_ns = H.spin_ns;
 
     for (;;) {
         struct pollfd fds[2] = {
@@ -503,9 +387,14 @@ handler_main(void *arg)
             return NULL;
         if (!got || !spin_ns)
             continue;
-        /* The spin window (see spin_window), renewed by each message.  Not
-         * when this thread may use one CPU only: it would spin on the CPU the
-         * writer needs to go on. */
+        /* The spin window (handler_start's spin_ns; Python's
+         * PYTEST_UFFD_GUARD_SPIN_US, off by default): after a fault, read
+         * the non-blocking fd in a loop, yielding in between, so that a
+         * writer faulting again within the window finds this thread awake:
+         * one cross-CPU wake-up per fault instead of two.  Renewed by each
+         * message; once none came for spin_ns the thread sleeps in poll(),
+         * so an idle handler uses no CPU.  Never when this thread may use
+         * one CPU only: it would spin on the CPU the writer needs. */
         if (!several_cpus())
             continue;
         uint64_t until = monotonic_ns() + spin_ns;

@@ -94,28 +94,36 @@ api_py(PyObject *Py_UNUSED(self), PyObject *args)
     return Py_BuildValue("(KK)", (unsigned long long)f, (unsigned long long)io);
 }
 
+/* (fd, start, len): the arguments of every range ioctl. */
+struct range_args {
+    int fd;
+    unsigned long long start, len;
+};
+
+static int
+parse_range(PyObject *args, const char *format, struct range_args *r)
+{
+    return PyArg_ParseTuple(args, format, &r->fd, &r->start, &r->len);
+}
+
 static PyObject *
 register_wp_py(PyObject *Py_UNUSED(self), PyObject *args)
 {
-    int fd;
-    unsigned long long start, len;
-    if (!PyArg_ParseTuple(args, "iKK:register_wp", &fd, &start, &len))
-        return NULL;
+    struct range_args r;
     uint64_t io = 0;
-    int rc = uffd_register_wp(fd, start, len, &io);
-    if (rc < 0)
-        return raise_errno(rc, "UFFDIO_REGISTER");
-    return PyLong_FromUnsignedLongLong(io);
+    if (!parse_range(args, "iKK:register_wp", &r))
+        return NULL;
+    int rc = uffd_register_wp(r.fd, r.start, r.len, &io);
+    return rc < 0 ? raise_errno(rc, "UFFDIO_REGISTER") : PyLong_FromUnsignedLongLong(io);
 }
 
 static PyObject *
 unregister_py(PyObject *Py_UNUSED(self), PyObject *args)
 {
-    int fd;
-    unsigned long long start, len;
-    if (!PyArg_ParseTuple(args, "iKK:unregister", &fd, &start, &len))
+    struct range_args r;
+    if (!parse_range(args, "iKK:unregister", &r))
         return NULL;
-    return none_or_raise(uffd_unregister(fd, start, len), "UFFDIO_UNREGISTER");
+    return none_or_raise(uffd_unregister(r.fd, r.start, r.len), "UFFDIO_UNREGISTER");
 }
 
 static PyObject *
@@ -146,38 +154,16 @@ populate_py(PyObject *Py_UNUSED(self), PyObject *args)
 }
 
 static PyObject *
-diff_runs_py(PyObject *Py_UNUSED(self), PyObject *args)
-{
-    unsigned long long a, b, len, max_runs;
-    if (!PyArg_ParseTuple(args, "KKKK:diff_runs", &a, &b, &len, &max_runs))
-        return NULL;
-    const unsigned char *pa = (const unsigned char *)(uintptr_t)a;
-    const unsigned char *pb = (const unsigned char *)(uintptr_t)b;
-    PyObject *runs = PyList_New(0);
-    if (!runs)
-        return NULL;
-    uint64_t off = 0, run, n;
-    while (diff_next_run(pa, pb, len, &off, &run, &n)) {
-        if ((uint64_t)PyList_Size(runs) >= max_runs)
-            return Py_BuildValue("(NO)", runs, Py_False);
-        PyObject *item = Py_BuildValue("(KK)", (unsigned long long)run, (unsigned long long)n);
-        if (!item || PyList_Append(runs, item) < 0) {
-            Py_XDECREF(item);
-            Py_DECREF(runs);
-            return NULL;
-        }
-        Py_DECREF(item);
-    }
-    return Py_BuildValue("(NO)", runs, Py_True);
-}
-
-static PyObject *
 handler_start_py(PyObject *Py_UNUSED(self), PyObject *args)
 {
     int fd;
-    unsigned long long page, features = 0;
-    if (!PyArg_ParseTuple(args, "iK|K:handler_start", &fd, &page, &features))
+    unsigned long long page, features = 0, spin_us = 0;
+    if (!PyArg_ParseTuple(args, "iK|KK:handler_start", &fd, &page, &features, &spin_us))
         return NULL;
+    if (spin_us > SPIN_US_MAX) {
+        PyErr_Format(PyExc_ValueError, "spin_us must be at most %d", SPIN_US_MAX);
+        return NULL;
+    }
     if (page == 0 || (page & (page - 1))) {
         PyErr_SetString(PyExc_ValueError, "page_size must be a power of two");
         return NULL;
@@ -186,7 +172,7 @@ handler_start_py(PyObject *Py_UNUSED(self), PyObject *args)
     int rc;
     const char *what = NULL;
     Py_BEGIN_ALLOW_THREADS
-    rc = handler_start(fd, page, features, &what);
+    rc = handler_start(fd, page, features, spin_us * 1000ULL, &what);
     Py_END_ALLOW_THREADS
     if (rc == TABLE_STARTED) {
         PyErr_SetString(PyExc_RuntimeError, "handler already started in this process");
@@ -446,7 +432,7 @@ static const struct {
     C("EVENT_PAGEFAULT", UFFD_EVENT_PAGEFAULT), C("EVENT_FORK", UFFD_EVENT_FORK),
     C("EVENT_REMAP", UFFD_EVENT_REMAP), C("EVENT_REMOVE", UFFD_EVENT_REMOVE),
     C("EVENT_UNMAP", UFFD_EVENT_UNMAP),
-    C("RECORD_SIZE", sizeof(struct fault_record)),
+    C("RECORD_SIZE", sizeof(struct fault_record)), C("SPIN_US_MAX", SPIN_US_MAX),
     C("KIND_WRITE", KIND_WRITE), C("KIND_DISCARD", KIND_DISCARD),
     C("ATTR_OFF", ATTR_OFF), C("ATTR_BOUND", ATTR_BOUND), C("ATTR_SIGNALLED", ATTR_SIGNALLED),
     C("ATTR_BUSY", ATTR_BUSY), C("ATTR_BLOCKED", ATTR_BLOCKED), C("ATTR_NO_TID", ATTR_NO_TID),

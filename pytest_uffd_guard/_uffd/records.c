@@ -1,7 +1,8 @@
 /*
  * records.c -- the guards' logs: finding the guard of an address, storing
- * a record, and the re-arm checks that keep a record with the arming it
- * belongs to.  Called on the handler thread, and by table.c; the _locked
+ * a record, deciding what becomes of a write fault (classify_fault_locked:
+ * one record per unit per arming, whether to name its writer), and the
+ * re-arm checks that keep a record with the arming it belongs to.  Called on the handler thread, and by table.c; the _locked
  * functions want H.lock held by the caller.
  */
 #include "uffd.h"
@@ -142,3 +143,74 @@ set_record_attr_locked(uint64_t addr, uint64_t seq, uint32_t attr)
         }
 }
 
+/* The thread we signalled faulted again on the same page: the signal woke
+ * it before the page was resolved (or, in a system call, the kernel
+ * retried).  One write, one record. */
+static int
+refault_of_capture(const struct fault_record *r, uint64_t page)
+{
+    uint64_t token = atomic_load(&A.token);
+    return token != 0 && atomic_load(&A.done) != token
+           && (uint32_t)atomic_load(&A.tid) == r->tid && A.page == page;
+}
+
+/* Whether to name the writer of this first write of guard g; when not,
+ * r->attr says why.  The decisions are Python's parameters: the budget
+ * (guard_add's stacks, guard_set_stacks) and the switch
+ * (attribution_enable); what is left here is mechanism: no thread id, no
+ * naming; no room for the record, no capture spent on it.
+ * Caller holds H.lock. */
+static int
+wants_capture_locked(struct guard *g, struct fault_record *r)
+{
+    if (!A.enabled) {
+        r->attr = ATTR_OFF;
+        return 0;
+    }
+    if (g->stacks_left == 0) {
+        r->attr = g->stacks ? ATTR_BOUND : ATTR_OFF;
+        return 0;
+    }
+    if (r->tid == 0) {
+        r->attr = ATTR_NO_TID;
+        return 0;
+    }
+    if (g->count >= g->capacity)
+        return 0;
+    g->stacks_left--;
+    return 1;
+}
+
+/* Number the fault, find its guard and decide whether it is recorded and
+ * its writer named.  Caller holds H.lock. */
+void
+classify_fault_locked(struct fault *f)
+{
+    f->r.seq = ++H.faults;
+    f->r.time_ns = monotonic_ns();
+    long i = find_guard(f->r.address);
+    if (i < 0) {
+        H.unmatched++;
+        warn_locked("a write fault outside every guarded range", f->r.address, 0);
+        f->record = 0;
+        return;
+    }
+    struct guard *g = &H.guards[i];
+    f->owner = g->id;
+    f->unit = g->unit;
+    uint64_t page = f->r.address & ~(f->unit - 1);
+    size_t unit_index = (size_t)((page - g->start) / f->unit);
+    f->record = 1;
+    if (refault_of_capture(&f->r, page)) {
+        f->record = 0;
+    } else if (g->recorded && bit_test(g->recorded, unit_index)) {
+        /* Another thread blocked on a page already recorded since it
+         * was protected: one record per page per arming. */
+        g->duplicates++;
+        f->record = 0;
+    } else {
+        f->capture = wants_capture_locked(g, &f->r);
+    }
+    if (f->record && g->recorded)
+        bit_set(g->recorded, unit_index);
+}

@@ -160,7 +160,7 @@ handler_shutdown(void)
  * Returns 0, TABLE_STARTED, or -errno with *what naming the call that
  * failed.  Everything under life_lock; call without the GIL. */
 int
-handler_start(int fd, uint64_t page, uint64_t features, const char **what)
+handler_start(int fd, uint64_t page, uint64_t features, uint64_t spin_ns, const char **what)
 {
     int rc = 0;
     pthread_mutex_lock(&life_lock);
@@ -195,6 +195,7 @@ handler_start(int fd, uint64_t page, uint64_t features, const char **what)
     H.pagemap = pagemap;
     H.page = page;
     H.features = features;
+    H.spin_ns = spin_ns;
     H.failed = H.stopping = 0;
     H.error[0] = H.warning[0] = '\0';
     H.faults = H.unmatched = H.errors = H.discards = H.other_events = 0;

@@ -14,7 +14,9 @@
  *   namer.c       naming a writer inside a system call: the namer handshake;
  *   diff.c        byte comparison for the diff engine;
  *   module.c      the Python wrappers, method table, exported constants, init;
- *   capture_py.c  the Python wrappers of capture.c and namer.c.
+ *   capture_py.c  the Python wrappers of capture.c and namer.c;
+ *   uapi.h        the kernel uapi bits older headers lack (also used by
+ *                 the C baselines in benchmarks/baselines/).
  * Only module.c and capture_py.c include Python.h (with uffd_py.h and the
  * docstrings in doc.h); every other file is plain C and never raises.
  *
@@ -49,80 +51,13 @@
  * interposed by, symbols of the interpreter or other libraries. */
 #pragma GCC visibility push(hidden)
 
-/* Newer uapi bits, defined here so the module builds against old headers
- * (Debian 12 ships 6.1 headers).  Values from include/uapi/linux/userfaultfd.h. */
-#ifndef UFFD_USER_MODE_ONLY
-#define UFFD_USER_MODE_ONLY 1
-#endif
-#ifndef USERFAULTFD_IOC_NEW
-#define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
-#endif
-#ifndef UFFD_FEATURE_EXACT_ADDRESS
-#define UFFD_FEATURE_EXACT_ADDRESS (1 << 11)
-#endif
-#ifndef UFFD_FEATURE_WP_HUGETLBFS_SHMEM
-#define UFFD_FEATURE_WP_HUGETLBFS_SHMEM (1 << 12)
-#endif
-#ifndef UFFD_FEATURE_WP_UNPOPULATED
-#define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)
-#endif
-#ifndef UFFD_FEATURE_WP_ASYNC
-#define UFFD_FEATURE_WP_ASYNC (1 << 15)
-#endif
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23
-#endif
-#ifndef UFFD_FEATURE_EVENT_REMOVE
-#define UFFD_FEATURE_EVENT_REMOVE (1 << 3)
-#endif
-#ifndef UFFD_EVENT_REMOVE
-#define UFFD_EVENT_REMOVE 0x15
-#endif
-#ifndef UFFDIO_COPY_MODE_WP
-#define UFFDIO_COPY_MODE_WP ((__u64)1 << 1)
-#endif
+/* Newer uapi bits (older headers lack them): uapi.h. */
+#include "uapi.h"
 
 /* /proc/self/pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst). */
 #define PM_PRESENT (1ULL << 63)
 #define PM_SWAP (1ULL << 62)
 #define PM_UFFD_WP (1ULL << 57)
-
-/* Feature bits and event numbers that Python mirrors (probe.FEATURES) and
- * that older uapi headers lack.  Values from include/uapi/linux/userfaultfd.h;
- * module.c exports every one of them, so tests/test_contract.py can compare. */
-#ifndef UFFD_FEATURE_EVENT_REMAP
-#define UFFD_FEATURE_EVENT_REMAP (1 << 2)
-#endif
-#ifndef UFFD_FEATURE_MISSING_HUGETLBFS
-#define UFFD_FEATURE_MISSING_HUGETLBFS (1 << 4)
-#endif
-#ifndef UFFD_FEATURE_MISSING_SHMEM
-#define UFFD_FEATURE_MISSING_SHMEM (1 << 5)
-#endif
-#ifndef UFFD_FEATURE_EVENT_UNMAP
-#define UFFD_FEATURE_EVENT_UNMAP (1 << 6)
-#endif
-#ifndef UFFD_FEATURE_MINOR_HUGETLBFS
-#define UFFD_FEATURE_MINOR_HUGETLBFS (1 << 9)
-#endif
-#ifndef UFFD_FEATURE_MINOR_SHMEM
-#define UFFD_FEATURE_MINOR_SHMEM (1 << 10)
-#endif
-#ifndef UFFD_FEATURE_POISON
-#define UFFD_FEATURE_POISON (1 << 14)
-#endif
-#ifndef UFFD_FEATURE_MOVE
-#define UFFD_FEATURE_MOVE (1 << 16)
-#endif
-#ifndef UFFD_EVENT_FORK
-#define UFFD_EVENT_FORK 0x13
-#endif
-#ifndef UFFD_EVENT_REMAP
-#define UFFD_EVENT_REMAP 0x14
-#endif
-#ifndef UFFD_EVENT_UNMAP
-#define UFFD_EVENT_UNMAP 0x16
-#endif
 
 /* What became of the attempt to name the writer of one fault (the "attr"
  * field of a record).  Exported to Python (PyInit); append, never renumber. */
@@ -299,6 +234,7 @@ struct handler {
     uint64_t page;      /* base page size */
     uint64_t features;  /* UFFD_FEATURE_* enabled on uffd */
     int pagemap;        /* /proc/self/pagemap, or -1 */
+    uint64_t spin_ns;   /* read-on after a fault (handler_main); 0: off */
     void *zero_page;    /* H.page zero bytes, source of UFFDIO_COPY */
 
     struct guard *guards;   /* sorted by start, non-overlapping */
@@ -425,6 +361,22 @@ int handler_writeprotect(uint64_t start, uint64_t len, int protect);
 const char *event_name(uint32_t event);
 void warn_locked(const char *what, uint64_t addr, int err);
 
+/* One write fault, from its lookup to its resolution: what handle_fault
+ * learnt and decided about it.  Handler thread only. */
+struct fault {
+    struct fault_record r;
+    uint64_t start;         /* the faulting unit, rounded down */
+    uint64_t unit;          /* its guard's unit (H.page outside every guard) */
+    int record;             /* r is a first write of its unit: store it */
+    int capture;            /* name the writer */
+    int hold;               /* _debug(hold=1): keep the writer blocked */
+    uint64_t owner;         /* id of the guard holding the address, 0: none */
+    /* Which arming of which guard r was stored in (see rearmed_locked);
+     * guard_id 0: not stored. */
+    uint64_t guard_id;
+    uint64_t arming;
+};
+
 /* -------------------------------------------------------------- records.c */
 long find_guard(uint64_t addr);
 void clear_recorded_locked(struct guard *g, uint64_t start, uint64_t end);
@@ -433,6 +385,7 @@ void set_record_attr_locked(uint64_t addr, uint64_t seq, uint32_t attr);
 int rearmed(uint64_t addr, uint64_t id, uint64_t arming);
 int owner_unchanged(uint64_t addr, uint64_t owner);
 void record_again_if_rearmed(const struct fault_record *r, uint64_t id, uint64_t arming);
+void classify_fault_locked(struct fault *f);
 
 /* --------------------------------------------------------------- remove.c */
 void handle_remove(const struct uffd_msg *msg);
@@ -440,7 +393,10 @@ int pagemap_read(uint64_t start, uint64_t *out, size_t n);
 void reprotect_pending(void);
 
 /* ---------------------------------------------------------------- table.c */
-int handler_start(int fd, uint64_t page, uint64_t features, const char **what);
+/* Longest spin window handler_start accepts (10 ms); exported to Python. */
+#define SPIN_US_MAX 10000
+int handler_start(int fd, uint64_t page, uint64_t features, uint64_t spin_ns,
+                  const char **what);
 void handler_stop(void);
 void handler_shutdown(void);
 int handler_fd(char *error, size_t size);

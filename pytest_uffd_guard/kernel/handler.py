@@ -20,7 +20,7 @@ import os
 import weakref
 from typing import TYPE_CHECKING, Protocol
 
-from ..errors import UffdUnavailableError
+from ..errors import UffdGuardError, UffdUnavailableError
 from . import process
 from .capabilities import FEATURES, Capabilities, capabilities, open_for
 from .memory import PAGE_SIZE
@@ -35,6 +35,26 @@ class Tracked(Protocol):
     """What the handler needs from a tracker it serves."""
 
     def _detach(self, reason: str) -> None: ...
+
+
+#: After each fault the handler thread keeps reading for this many µs before
+#: it sleeps, to spare the next fault a cross-CPU wake-up (issue 11).  Off
+#: by default: on the project's 2-vCPU VM it did not measurably help
+#: (benchmarks/README.md).  Read when the handler thread starts.
+SPIN_VARIABLE = "PYTEST_UFFD_GUARD_SPIN_US"
+
+
+def spin_window_us(most: int) -> int:
+    """The handler's spin window from ``$PYTEST_UFFD_GUARD_SPIN_US`` (0: off)."""
+    text = os.environ.get(SPIN_VARIABLE, "").strip()
+    if not text:
+        return 0
+    if not text.isdigit() or int(text) > most:
+        raise UffdGuardError(
+            f"{SPIN_VARIABLE}={text!r} is not a whole number of microseconds from 0 to {most}",
+            f"set {SPIN_VARIABLE} to 0..{most} (0 or unset: no spinning)",
+        )
+    return int(text)
 
 
 class Handler:
@@ -98,10 +118,11 @@ class Handler:
                     "`python setup.py build_ext --inplace`)",
                 )
             features = self.features(caps)
+            spin_us = spin_window_us(self.core.SPIN_US_MAX)
             fd = open_for(caps, "userfaultfd")
             try:
                 self.core.api(fd, features)
-                self.core.handler_start(fd, PAGE_SIZE, features)
+                self.core.handler_start(fd, PAGE_SIZE, features, spin_us)
             except (OSError, RuntimeError) as exc:
                 os.close(fd)
                 raise UffdUnavailableError(f"starting the fault handler failed: {exc}") from exc

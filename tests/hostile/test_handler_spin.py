@@ -82,3 +82,26 @@ def test_every_fault_is_recorded_whatever_the_window(uffd: None, window: str) ->
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("window", ["fast", "-5", "10001"])
+def test_a_bad_window_is_a_clear_error(uffd: None, window: str) -> None:
+    """Bad input gets a clear error: a window that is not 0..SPIN_US_MAX µs
+    is refused when the handler starts, naming the variable and the fix,
+    instead of being ignored (the C core used to fall back to 0 silently)."""
+    result = run_python(
+        """
+        from pytest_uffd_guard import GuardedBuffer, UffdGuardError
+        try:
+            GuardedBuffer(4096, stacks=0)
+        except UffdGuardError as exc:
+            print(exc)
+        """,
+        env={"PYTEST_UFFD_GUARD_SPIN_US": window},
+        timeout=60,
+        sync_engine=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"PYTEST_UFFD_GUARD_SPIN_US={window!r} is not a whole number" in result.stdout
+    assert "Fix: set PYTEST_UFFD_GUARD_SPIN_US to 0..10000" in result.stdout
