@@ -24,6 +24,16 @@ find_guard(uint64_t addr)
     return -1;
 }
 
+/* Index of the guard with this id, or -1.  Caller holds H.lock. */
+long
+guard_index(uint64_t id)
+{
+    for (size_t i = 0; i < H.nguards; i++)
+        if (H.guards[i].id == id)
+            return (long)i;
+    return -1;
+}
+
 /* Forget which units of [start, end) of g were recorded: the next fault on
  * each is a first write again.  Caller holds H.lock. */
 void

@@ -16,14 +16,22 @@ static void life_atfork_prepare(void) { pthread_mutex_lock(&life_lock); }
 static void life_atfork_parent(void) { pthread_mutex_unlock(&life_lock); }
 static void life_atfork_child(void) { pthread_mutex_init(&life_lock, NULL); }
 
-/* Index of the guard with this id, or -1.  Caller holds H.lock. */
-static long
-guard_index(uint64_t id)
+/* This process's pid.  getpid() is a system call (glibc stopped caching it
+ * in 2.25) and every guard call asks whether the table is this process's
+ * (8 calls per create and close of a buffer): cached here, and set again in
+ * a forked child by atfork_child.  A child made without fork()'s atfork
+ * handlers (a raw clone(2), vfork + exec) never calls into this module. */
+static _Atomic pid_t own_pid;
+
+static pid_t
+self_pid(void)
 {
-    for (size_t i = 0; i < H.nguards; i++)
-        if (H.guards[i].id == id)
-            return (long)i;
-    return -1;
+    pid_t pid = atomic_load_explicit(&own_pid, memory_order_relaxed);
+    if (pid == 0) {
+        pid = getpid();
+        atomic_store_explicit(&own_pid, pid, memory_order_relaxed);
+    }
+    return pid;
 }
 
 static void
@@ -86,6 +94,7 @@ atfork_parent(void)
 static void
 atfork_child(void)
 {
+    atomic_store_explicit(&own_pid, getpid(), memory_order_relaxed);
     pthread_mutex_init(&H.lock, NULL);
     pthread_mutex_init(&H.reg_lock, NULL);
     reset_stopped();
@@ -113,7 +122,7 @@ install_atfork(void)
 void
 handler_stop(void)
 {
-    if (H.pid != getpid())
+    if (H.pid != self_pid())
         return;
     pthread_mutex_lock(&H.reg_lock);
     pthread_mutex_lock(&H.lock);
@@ -164,7 +173,7 @@ handler_start(int fd, uint64_t page, uint64_t features, uint64_t spin_ns, const 
 {
     int rc = 0;
     pthread_mutex_lock(&life_lock);
-    if (H.pid == getpid()) {
+    if (H.pid == self_pid()) {
         rc = TABLE_STARTED;
         goto out;
     }
@@ -217,7 +226,7 @@ handler_start(int fd, uint64_t page, uint64_t features, uint64_t spin_ns, const 
     }
     pthread_mutex_lock(&H.lock);
     H.running = 1;
-    H.pid = getpid();
+    H.pid = self_pid();
     pthread_mutex_unlock(&H.lock);
 out:
     pthread_mutex_unlock(&life_lock);
@@ -233,7 +242,7 @@ int
 handler_fd(char *error, size_t size)
 {
     pthread_mutex_lock(&H.lock);
-    int fd = H.pid == getpid() ? H.uffd : -1;
+    int fd = H.pid == self_pid() ? H.uffd : -1;
     int failed = fd >= 0 && H.failed;
     if (failed)
         snprintf(error, size, "%s", H.error);
@@ -266,7 +275,7 @@ guard_add(uint64_t start, uint64_t len, uint64_t unit, uint64_t capacity,
     /* handler_stop (another thread) may have closed the fd since the
      * caller's handler_fd: it does so under reg_lock, so look again here. */
     pthread_mutex_lock(&H.lock);
-    int fd = H.pid == getpid() ? H.uffd : -1;
+    int fd = H.pid == self_pid() ? H.uffd : -1;
     pthread_mutex_unlock(&H.lock);
     rc = fd < 0 ? TABLE_NO_HANDLER : uffd_register_wp(fd, start, len, ioctls);
     if (rc == 0) {
@@ -319,7 +328,7 @@ guard_protect(uint64_t id, int protect, uint64_t off, uint64_t len)
     pthread_mutex_lock(&H.reg_lock);
     pthread_mutex_lock(&H.lock);
     /* The fd again under reg_lock: handler_stop closes it under both. */
-    int fd = H.pid == getpid() ? H.uffd : -1;
+    int fd = H.pid == self_pid() ? H.uffd : -1;
     long i = fd >= 0 ? guard_index(id) : -1;
     uint64_t start = 0, end = 0;
     if (i >= 0) {
@@ -359,7 +368,7 @@ guard_take(uint64_t id, struct taken *t)
 {
     int rc = 0;
     pthread_mutex_lock(&H.lock);
-    long i = H.pid == getpid() ? guard_index(id) : -1;
+    long i = H.pid == self_pid() ? guard_index(id) : -1;
     if (i >= 0) {
         struct guard *g = &H.guards[i];
         if (g->count) {
@@ -391,7 +400,7 @@ guard_forget(uint64_t id, struct taken *t)
     struct guard g = {0};
     pthread_mutex_lock(&H.reg_lock);
     pthread_mutex_lock(&H.lock);
-    long i = H.pid == getpid() ? guard_index(id) : -1;
+    long i = H.pid == self_pid() ? guard_index(id) : -1;
     int unregister = i >= 0 && !H.failed;
     if (i >= 0)
         g = H.guards[i];
@@ -433,7 +442,7 @@ int
 guard_set_stacks(uint64_t id, uint64_t stacks)
 {
     pthread_mutex_lock(&H.lock);
-    long i = H.pid == getpid() ? guard_index(id) : -1;
+    long i = H.pid == self_pid() ? guard_index(id) : -1;
     if (i >= 0)
         H.guards[i].stacks = H.guards[i].stacks_left = stacks;
     pthread_mutex_unlock(&H.lock);
@@ -446,7 +455,7 @@ void
 handler_snapshot(struct handler_snapshot *s)
 {
     pthread_mutex_lock(&H.lock);
-    int mine = H.pid == getpid();
+    int mine = H.pid == self_pid();
     s->running = mine && H.running && !H.failed;
     s->failed = mine && H.failed;
     snprintf(s->error, sizeof s->error, "%s", mine ? H.error : "");
@@ -472,7 +481,7 @@ int
 handler_failure_copy(char *error, size_t size)
 {
     pthread_mutex_lock(&H.lock);
-    int failed = H.pid == getpid() && H.failed;
+    int failed = H.pid == self_pid() && H.failed;
     if (failed)
         snprintf(error, size, "%s", H.error);
     pthread_mutex_unlock(&H.lock);

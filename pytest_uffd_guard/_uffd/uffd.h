@@ -379,6 +379,7 @@ struct fault {
 
 /* -------------------------------------------------------------- records.c */
 long find_guard(uint64_t addr);
+long guard_index(uint64_t id);
 void clear_recorded_locked(struct guard *g, uint64_t start, uint64_t end);
 void store_record_locked(const struct fault_record *r);
 void set_record_attr_locked(uint64_t addr, uint64_t seq, uint32_t attr);
