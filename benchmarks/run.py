@@ -317,9 +317,14 @@ def run_worker(
 
 
 def child_env() -> dict[str, str]:
-    """Children import the package from this checkout first."""
+    """Children import the package from this checkout first, with bytecode
+    caching on as an installed package has it: under PYTHONDONTWRITEBYTECODE
+    (set on the project's machine) every pytest run would compile the
+    plugin's modules and their assertion rewriting again, which is no
+    user's start-up cost."""
     path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": str(REPO_ROOT) + (os.pathsep + path if path else "")}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    return {**env, "PYTHONPATH": str(REPO_ROOT) + (os.pathsep + path if path else "")}
 
 
 # --------------------------------------------------------------------------
