@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from . import harvest
 from .marker import strict_rules
 from .state import (
     FIXTURE,
@@ -88,6 +87,8 @@ class GuardedBufferFactory:
             stacks=stacks,
             max_records=max_records,
         )
+        from . import harvest  # here, not at start-up: most runs guard nothing
+
         entry = Entry(
             buffer=buffer,
             readonly=bool(readonly),

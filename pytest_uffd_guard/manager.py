@@ -11,20 +11,22 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from . import harvest, report
-from .fixture import new_buffer
-from .jsonfile import JSON_FAILED, JSON_WRITTEN, os_error_text, write_json
+from .jsonfile import JSON_FAILED, JSON_WRITTEN
 from .marker import BAD_MARKER, MARKER, Unguardable, guarded_copy, marked_arguments, release
-from .report import Finding
 from .session import engine_choice, engine_request, handler_summary, unavailable_message
 from .settings import ENGINE_INI, ENGINE_OPTION, Settings
 from .state import FIXTURE, REQUIRED_SUFFIX, Entry, is_worker, item_state, item_state_key
-from .verdict import Range, normalize_range
 
+# Judging and reporting (harvest, report, verdict, findings) are imported by
+# the methods that need them, when a test guarded something: a run with no
+# guarded test never loads them (issue 11: start-up within 10 ms of
+# ``-p no:uffd_guard``).
 if TYPE_CHECKING:
+    from .findings import Finding
     from .guard import GuardedBuffer
     from .inplace import Watch
     from .kernel.records import WriteRecord
+    from .verdict import Range
 
 #: Name of the manager object in pytest's plugin manager.
 MANAGER_NAME = "uffd_guard_manager"
@@ -79,6 +81,10 @@ class Manager:
 
     def swap(self, item: pytest.Item) -> None:
         """Give the test guarded copies of the arguments its markers name."""
+        from . import harvest
+        from .fixture import new_buffer
+        from .verdict import normalize_range
+
         funcargs: dict[str, Any] = getattr(item, "funcargs", {})
         state = item_state(item)
         for arg in state.marked:
@@ -142,10 +148,15 @@ class Manager:
         self, item: pytest.Item, call: pytest.CallInfo[None]
     ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
         findings = self.harvest(item, call.when)
-        item.user_properties.extend(report.property_items(findings))
+        if findings:
+            from . import report
+
+            item.user_properties.extend(report.property_items(findings))
         rep = yield
         if rep.failed and call.excinfo is not None and self._user_mode_efault(item, call):
-            rep.sections.append((f"{report.SECTION_TITLE}: hint", self._efault_hint()))
+            from .report import SECTION_TITLE
+
+            rep.sections.append((f"{SECTION_TITLE}: hint", self._efault_hint()))
         if not findings:
             return rep
         rep.uffd_guard = [f.to_dict() for f in findings]  # type: ignore[attr-defined]
@@ -209,7 +220,7 @@ class Manager:
         """Collect what each guarded buffer saw since the last harvest, then
         re-arm it so the next phase starts from a clean baseline."""
         state = item.stash.get(item_state_key, None)
-        if state is None:
+        if state is None or not state.entries:
             return []
         findings = []
         for entry in state.entries:
@@ -243,6 +254,8 @@ class Manager:
     ) -> Finding | None:
         """Give each write and changed run its status (``harvest.judge``,
         linear in both) and call our hooks; None when nothing happened."""
+        from . import harvest
+
         hook = self.config.hook
         about = {"config": self.config, "item": item, "buffer": entry.buffer, "phase": phase}
         rules = harvest.Rules(
@@ -295,6 +308,8 @@ class Manager:
         entry = next((e for e in state.entries if e.buffer is buffer), None) if state else None
         if entry is None or not entry.allow:
             return None
+        from . import harvest
+
         return harvest.allowed_by_ranges(record, changes, entry.allow, harvest.unit_of(buffer))
 
     # -- reports: status letter, collection, session summary
@@ -309,13 +324,19 @@ class Manager:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         # On the xdist controller the worker's findings arrive here as plain
         # data on the report, so the session report sees every worker.
-        for data in getattr(report, "uffd_guard", None) or ():
-            self.findings.append(Finding.from_dict(data))
+        found = getattr(report, "uffd_guard", None)
+        if not found:
+            return
+        from .findings import Finding
+
+        self.findings.extend(Finding.from_dict(data) for data in found)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if is_worker(self.config):
             return
         if self.settings.report_terminal:
+            from . import report
+
             limit = None if self.config.get_verbosity() > 0 else report.SUMMARY_ROWS
             terminalreporter.write_sep("=", report.SUMMARY_TITLE)
             for line in report.summary_lines(self.findings, limit):
@@ -332,6 +353,8 @@ class Manager:
         path = self.settings.report_json
         if path is None or is_worker(self.config):
             return
+        from . import report
+        from .jsonfile import os_error_text, write_json
         from .kernel.capabilities import capabilities
 
         caps = capabilities()

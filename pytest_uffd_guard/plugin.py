@@ -2,10 +2,11 @@
 
 Registered through the ``pytest11`` entry point.  It offers the
 ``guarded_buffer`` fixture, the ``readonly_buffer`` marker, the
-``--uffd-report`` and ``--uffd-require`` options, a header line and the
+``--uffd-report`` and ``--uffd-require`` options, the engine line and the
 ``pytest_uffd_*`` hooks (see ``hookspecs.py``).
 
-This module is glue: options, configuration and the header.  The run's
+This module is glue: options, configuration and the engine line (said
+after the collection, only when a test guards something).  The run's
 hooks are the methods of ``manager.Manager``; buffers come from
 ``guard.py`` (imported lazily, so that loading the plugin opens no file
 descriptor, starts no thread and imports neither ctypes nor numpy), tables
@@ -28,7 +29,7 @@ import pytest
 from .fixture import GuardedBufferFactory, guarded_buffer
 from .jsonfile import JSON_WRITTEN, check_path
 from .manager import EFAULT_HINT, MANAGER_NAME, STATUS_WORD, Manager, manager_key
-from .marker import BAD_MARKER, UNGUARDABLE, UNKNOWN_ARGUMENT, marker_help
+from .marker import BAD_MARKER, MARKER, UNGUARDABLE, UNKNOWN_ARGUMENT, marker_help
 from .session import engine_request
 from .settings import (
     DOCTOR_HELP,
@@ -51,7 +52,15 @@ from .settings import (
     SettingsError,
     resolve,
 )
-from .state import REQUIRED_SUFFIX, UNAVAILABLE_PREFIX, is_worker, item_state_key, settings_key
+from .state import (
+    FIXTURE,
+    REQUIRED_SUFFIX,
+    UNAVAILABLE_PREFIX,
+    is_worker,
+    item_state_key,
+    settings_key,
+    watch_manager_key,
+)
 
 #: In-place watches (the marker's inplace=, uffd_readonly_fixtures, uffd_watch).
 pytest_plugins = ["pytest_uffd_guard.watchplugin"]
@@ -168,7 +177,48 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         del config.stash[settings_key]
 
 
+#: With -v, when no collected test guards anything (the kernel is not probed).
+NOTHING_GUARDED = (
+    "uffd-guard: no guarded test collected, the kernel was not probed "
+    "(`pytest --uffd-doctor` tells what this machine offers)"
+)
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
+    # The engine line needs the kernel probed and the engine modules loaded
+    # (tens of ms): it waits for the collection, and is only said when a
+    # test guards something (issue 11: start-up).  pytest-xdist's controller
+    # collects nothing itself, so there it stays in the header.
+    if not config.pluginmanager.has_plugin("dsession"):
+        return []
+    return engine_lines(config)
+
+
+def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Item]) -> list[str]:
+    if config.get_verbosity() < 0 or config.getoption("no_header", False):
+        return []  # -q and --no-header hide the header, and so this line
+    if config.pluginmanager.has_plugin("dsession"):
+        return []
+    if any(guards_something(item) for item in items) or watches_in_place(config):
+        return engine_lines(config)
+    return [NOTHING_GUARDED] if config.get_verbosity() > 0 else []
+
+
+def guards_something(item: pytest.Item) -> bool:
+    """Whether the test uses the fixture or the marker."""
+    return FIXTURE in getattr(item, "fixturenames", ()) or bool(item.get_closest_marker(MARKER))
+
+
+def watches_in_place(config: pytest.Config) -> bool:
+    """Whether ``--uffd-watch`` / ``--uffd-readonly-fixture`` (or their ini
+    keys) name something to watch."""
+    manager = config.stash.get(watch_manager_key, None)
+    return manager is not None and bool(manager.settings.specs or manager.settings.fixtures)
+
+
+def engine_lines(config: pytest.Config) -> list[str]:
+    """The engine line (and with -v the details): what runs, on which kernel,
+    what is missing, all from ``engines.choose_engine``."""
     from .engines import choose_engine
     from .kernel.capabilities import capabilities
 

@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from .settings import REQUIRE_INI, REQUIRE_OPTION, Settings
-from .verdict import Range
 
 if TYPE_CHECKING:
     from .findings import Finding
     from .guard import GuardedBuffer
     from .marker import MarkedArgument
+    from .verdict import Range
+    from .watchbook import WatchBook
 
 FIXTURE = "guarded_buffer"
 #: Start of the skip reason (and error) when userfaultfd cannot be used.
@@ -59,6 +60,9 @@ class ItemState:
 
 settings_key = pytest.StashKey[Settings]()
 item_state_key = pytest.StashKey[ItemState]()
+#: The run's in-place watches (watchplugin.WatchManager); here so that
+#: plugin.py need not import watchplugin, which pytest_plugins loads.
+watch_manager_key: pytest.StashKey[WatchBook] = pytest.StashKey()
 
 
 def item_state(item: pytest.Item) -> ItemState:

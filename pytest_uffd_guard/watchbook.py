@@ -17,16 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from . import harvest
 from .marker import BAD_MARKER, MARKER
-from .report import Finding
 from .state import REQUIRED_SUFFIX, UNAVAILABLE_PREFIX, item_state, settings_key
-from .verdict import Range, normalize_range
 from .watched import Seen, Watched, failure_sentence, problem_of, section_text, size_of
 from .watchsettings import READONLY_FIXTURE_OPTION, READONLY_FIXTURES_INI, WatchSettings
 
 if TYPE_CHECKING:
+    from .findings import Finding
     from .kernel.records import Change, WriteRecord
+    from .verdict import Range
 
 #: Setup error of a fixture named in uffd_readonly_fixtures whose value cannot be watched.
 UNWATCHABLE_FIXTURE = (
@@ -114,6 +113,8 @@ class WatchBook:
                     ),
                     pytrace=False,
                 )
+            from .verdict import normalize_range
+
             try:
                 watched.allow = tuple(normalize_range(a, size_of(value)) for a in arg.allow)
             except ValueError as exc:
@@ -159,7 +160,7 @@ class WatchBook:
     ) -> list[Finding]:
         """What each watch saw since it was (re)armed, judged; the session's
         watches are re-armed after a phase in which they saw something."""
-        findings = []
+        findings: list[Finding] = []
         for watched in list(watches):
             watch = watched.watch
             # Every change is a record (a protected page's first write, or a
@@ -170,8 +171,10 @@ class WatchBook:
             session = watched in self.session
             if session:
                 watch.stop()  # takes the last records and the final changes
+            from .harvest import PREVIEW_BYTES
+
             records = watch.writes
-            changes = watch.changes(preview=harvest.PREVIEW_BYTES)
+            changes = watch.changes(preview=PREVIEW_BYTES)
             findings.append(
                 self._judge(
                     watched, records, changes, watch.overflowed, phase, nodeid, test_file, item
@@ -199,6 +202,8 @@ class WatchBook:
     ) -> Finding:
         # The session's watches hold every phase against the test; a test's
         # own watches run during the call only.
+        from . import harvest
+
         enforced = watched.strict or not self.report_only
         rules = harvest.Rules(
             readonly=True, enforced=enforced, allow=watched.allow, element=watched.element

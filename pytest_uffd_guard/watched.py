@@ -11,13 +11,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import harvest, report
-from .findings import Finding
-from .verdict import Range
+# harvest, report and verdict are imported where they are used: the plugin
+# imports this module at start-up, and most runs watch nothing (issue 11).
 
 if TYPE_CHECKING:
+    from .findings import Finding
     from .inplace import Watch
     from .kernel.records import Change
+    from .verdict import Range
 
 #: First words of the failure sentence of a test failed by an in-place watch.
 FAILURE_PREFIX = "write into memory watched in place"
@@ -43,7 +44,9 @@ class Watched:
         strict: bool = False,
     ) -> None:
         self.obj, self.name, self.origin, self.strict = obj, name, origin, strict
-        self.element = harvest.element_of(typed(obj))
+        from .harvest import element_of
+
+        self.element = element_of(typed(obj))
         self.allow: tuple[Range, ...] = ()
         self.watch: Watch | None = None
         #: How the running watch covers the bytes (``coverage_text``), for sections.
@@ -117,10 +120,12 @@ def problem_of(exc: BaseException) -> tuple[str, str | None]:
 
 def failure_sentence(findings: Sequence[Finding], during: str | None = None) -> str:
     """The one-line ``longrepr`` of a phase failed by in-place watches."""
+    from .verdict import FORBIDDEN
+
     failed = [f for f in findings if f.failed]
     names = ", ".join(sorted({repr(f.buffer) for f in failed}))
-    writes = sum(f.write_counts().get(report.FORBIDDEN, 0) for f in failed)
-    ranges = sum(f.change_counts().get(report.FORBIDDEN, 0) for f in failed)
+    writes = sum(f.write_counts().get(FORBIDDEN, 0) for f in failed)
+    ranges = sum(f.change_counts().get(FORBIDDEN, 0) for f in failed)
     text = (
         f"{FAILURE_PREFIX}: {names} ({_plural(writes, 'write')}, "
         f"{_plural(ranges, 'changed range')})"
@@ -133,6 +138,8 @@ def failure_sentence(findings: Sequence[Finding], during: str | None = None) -> 
 def section_text(findings: Sequence[Finding], verbose: bool, coverage: dict[str, str]) -> str:
     """The findings' table (bounded unless ``verbose``: -v) and how each was
     watched (``coverage``: origin -> ``coverage_text``)."""
+    from . import report
+
     text = report.finding_section(
         findings, None if verbose else report.ROW_LIMIT, full_stacks=verbose
     )

@@ -33,9 +33,8 @@ from typing import Any
 
 import pytest
 
-from . import report
 from .settings import SettingsError
-from .state import settings_key
+from .state import settings_key, watch_manager_key
 from .watchbook import WatchBook, start, start_for_test
 from .watched import FAILURE_PREFIX, SECTION_TITLE, Watched, failure_sentence
 from .watchsettings import (
@@ -62,7 +61,6 @@ NOT_WATCHABLE = "uffd watch spec {spec!r} from {where} cannot be watched: {cause
 # ------------------------------------------------------------ the plugin
 
 
-watch_manager_key = pytest.StashKey["WatchManager"]()
 #: The item's own watches (marker inplace=, uffd_readonly_fixtures), made at setup.
 item_watches_key = pytest.StashKey[list[Watched]]()
 
@@ -225,7 +223,10 @@ class WatchManager(WatchBook):
             findings += self.harvest(
                 item.stash.get(item_watches_key, []), when, item.nodeid, str(item.path), item
             )
-        item.user_properties.extend(report.property_items(findings))
+        if findings:
+            from .report import property_items
+
+            item.user_properties.extend(property_items(findings))
         rep = yield
         if not findings:
             return rep

@@ -8,11 +8,23 @@ import pytest
 
 from pytest_uffd_guard import capabilities
 from pytest_uffd_guard.engines import choose_engine
+from pytest_uffd_guard.plugin import NOTHING_GUARDED
+
+#: The engine line is said once the collection found a guarded test.
+GUARDED = "def test_guarded(guarded_buffer):\n    guarded_buffer(16)\n"
+
+#: Says, at the end of the inner run, whether the kernel was probed.
+PROBED = """
+import sys
+
+def pytest_unconfigure(config):
+    print("PROBED", "pytest_uffd_guard.kernel.capabilities" in sys.modules)
+"""
 
 
 def test_header_one_line(pytester: pytest.Pytester) -> None:
-    """One line: engine, kernel, what is missing."""
-    pytester.makepyfile("def test_nothing():\n    pass\n")
+    """One line, after the collection: engine, kernel, what is missing."""
+    pytester.makepyfile(GUARDED)
     result = pytester.runpytest_subprocess()
     caps = capabilities()
     if caps.available:
@@ -28,7 +40,7 @@ def test_header_one_line(pytester: pytest.Pytester) -> None:
 @pytest.mark.needs_uffd
 def test_header_verbose_detail(pytester: pytest.Pytester) -> None:
     """-v adds how the fd was opened, the features and the mode."""
-    pytester.makepyfile("def test_nothing():\n    pass\n")
+    pytester.makepyfile(GUARDED)
     result = pytester.runpytest_subprocess("-v", "--uffd-report")
     result.stdout.fnmatch_lines(
         [
@@ -45,7 +57,7 @@ def test_header_names_hidden_feature(
 ) -> None:
     """A missing feature is named with the kernel that brought it; -v says what it costs."""
     monkeypatch.setenv("PYTEST_UFFD_GUARD_HIDE_FEATURES", "exact_address")
-    pytester.makepyfile("def test_nothing():\n    pass\n")
+    pytester.makepyfile(GUARDED)
     result = pytester.runpytest_subprocess("-v")
     result.stdout.fnmatch_lines(
         [
@@ -62,7 +74,7 @@ def test_header_user_mode_only(pytester: pytest.Pytester, monkeypatch: pytest.Mo
     """Under UFFD_USER_MODE_ONLY auto avoids sync and says why; sync asked for by
     name warns that kernel writes fail with EFAULT or come back short."""
     monkeypatch.setenv("PYTEST_UFFD_GUARD_OPEN", "syscall-user-mode-only")
-    pytester.makepyfile("def test_nothing():\n    pass\n")
+    pytester.makepyfile(GUARDED)
     result = pytester.runpytest_subprocess()
     if "UNAVAILABLE" in result.stdout.str():
         pytest.skip("this kernel has no UFFD_USER_MODE_ONLY")
@@ -105,3 +117,23 @@ def test_engine_stacks_and_doctor_options(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("--uffd-doctor")
     result.stdout.fnmatch_lines(["*kernel*"])
     assert "test_engine" not in result.stdout.str()
+
+
+def test_nothing_guarded_nothing_probed(pytester: pytest.Pytester) -> None:
+    """issue 11 target 4: a run whose tests guard nothing neither probes the
+    kernel nor says an engine line (-v says why there is none); one guarded
+    test among them brings both back; -q hides the line as it hides the
+    header."""
+    pytester.makeconftest(PROBED)
+    pytester.makepyfile(test_plain="def test_nothing():\n    pass\n")
+    result = pytester.runpytest_subprocess("-s")
+    assert result.ret == 0
+    assert not [line for line in result.stdout.lines if line.startswith("uffd-guard:")]
+    result.stdout.fnmatch_lines(["*PROBED False*"])
+    result = pytester.runpytest_subprocess("-s", "-v")
+    result.stdout.fnmatch_lines([NOTHING_GUARDED, "*PROBED False*"])
+    pytester.makepyfile(test_guarded=GUARDED)
+    result = pytester.runpytest_subprocess("-s")
+    result.stdout.fnmatch_lines(["collected 2 items", "uffd-guard: engine *", "*PROBED True*"])
+    result = pytester.runpytest_subprocess("-s", "-q")
+    assert not [line for line in result.stdout.lines if line.startswith("uffd-guard: engine")]
