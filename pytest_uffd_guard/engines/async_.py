@@ -9,6 +9,14 @@ asked for, ``PAGEMAP_SCAN`` with ``PAGE_IS_WRITTEN`` lists the written pages
 and the byte diff against the snapshot places each record on the page's
 first changed byte.
 
+A page can read as written before its bytes change: the kernel clears the
+page's uffd-wp bit in the fault, and the faulting store lands only when the
+writer runs again (later, if it is preempted).  Records read from another
+thread in that gap sit on the page start, as a store of the value already
+there does; the page is right and reported once, and ``changes()`` always
+shows the byte.  Holding such pages back instead would lose, until the
+buffer is closed, a write undone before the next read.
+
 What it cannot tell: the writer (thread, time, stack) and the order of the
 writes; records are ``exact=False`` with no thread.  Linux 6.7+.
 

@@ -177,7 +177,9 @@ def test_hybrid_records_read_from_threads_after_switch(wp_async: None) -> None:
 @pytest.mark.timeout(120)
 def test_async_one_buffer_read_from_many_threads(wp_async: None) -> None:
     """Issue 9 item 1: threads writing pages of ONE async buffer and reading
-    its records at once: no crash, each page reported exactly once."""
+    its records at once: no crash, each page reported exactly once, on its
+    written byte or, read while that store was in flight, on the page start
+    (docs/limits.md, seen on 3.13t); ``changes()`` has every byte."""
     result = run_python(
         """
         import json, mmap, threading
@@ -195,15 +197,18 @@ def test_async_one_buffer_read_from_many_threads(wp_async: None) -> None:
         for t in pool: t.start()
         for t in pool: t.join()
         offsets = [w.offset for w in b.writes]
+        runs = [(c.offset, c.length) for c in b.changes()]
         view.release()
         b.close()
         offsets += [w.offset for w in b.writes[len(offsets):]]
-        print(json.dumps({"n": len(offsets), "unique": len(set(offsets)),
-                          "right": sorted(offsets) == [p * P + 1 for p in range(pages)]}))
+        print(json.dumps({"n": len(offsets),
+                          "pages": sorted(o // P for o in offsets) == list(range(pages)),
+                          "bytes": sorted({o % P for o in offsets} - {0, 1}),
+                          "runs": runs == [(p * P + 1, 1) for p in range(pages)]}))
         """,
         timeout=100,
     )
-    assert _last_json(result) == {"n": 512, "unique": 512, "right": True}
+    assert _last_json(result) == {"n": 512, "pages": True, "bytes": [], "runs": True}
 
 
 def test_pagemap_scan_stays_inside_the_range(wp_async: None) -> None:
