@@ -18,24 +18,22 @@ machine on a better one; both are read at probe time:
 
 from __future__ import annotations
 
-import mmap
+import errno
 import os
 import platform
 import sys
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import process
-from .memory import address_of
+from .memory import resource_error
 from .uffd import (
     OPEN_METHODS,
-    HandshakeError,
     OpenAttempt,
     explain_open_failure,
-    fresh_fd,
-    grants_writeprotect,
     open_uffd,
-    register_once,
+    register_probe,
     seccomp_mode,
     unprivileged_userfaultfd,
     why_no_fd,
@@ -174,6 +172,9 @@ class Capabilities:
     seccomp: int | None = None
     unprivileged_userfaultfd: int | None = None
     missing: tuple[Missing, ...] = field(default=())
+    #: A limit of this process (open files, memory), not the machine's
+    #: support, failed the probe: ``capabilities()`` does not keep it.
+    limited: bool = False
 
     def has(self, feature: str) -> bool:
         """True if the kernel supports ``feature`` (and it is not hidden)."""
@@ -272,6 +273,22 @@ def _unavailable(base: dict[str, Any], reason: str, remedy: str | None) -> Capab
     return Capabilities(available=False, reason=reason, remedy=remedy, **base)
 
 
+#: Errors that name a limit of the process, not the kernel's support.
+LIMIT_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
+
+
+def _limited(base: dict[str, Any], codes: Iterable[int | str], doing: str) -> Capabilities | None:
+    """The answer when an errno (or an error's text, as dlopen gives it) in
+    ``codes`` is a limit (``kernel.memory.resource_error``), else None."""
+    for code in LIMIT_ERRNOS:
+        if any(c == code or (isinstance(c, str) and os.strerror(code) in c) for c in codes):
+            err = resource_error(OSError(code, os.strerror(code)), doing)
+            return Capabilities(
+                available=False, reason=err.cause, remedy=err.remedy, limited=True, **base
+            )
+    return None
+
+
 def probe() -> Capabilities:
     """Probe this process's userfaultfd support (uncached)."""
     release = os.uname().release if hasattr(os, "uname") else ""
@@ -287,7 +304,11 @@ def probe() -> Capabilities:
         from .records import load_core
 
         _uffd = load_core()
-    except ImportError as exc:
+    except (ImportError, OSError) as exc:
+        doing = "loading the C extension pytest_uffd_guard._uffd"
+        limited = _limited(base, [getattr(exc, "errno", None) or 0, str(exc)], doing)
+        if limited is not None:
+            return limited
         return _unavailable(
             base,
             f"the C extension pytest_uffd_guard._uffd is missing or unusable ({exc})",
@@ -330,7 +351,9 @@ def probe() -> Capabilities:
         break
     base["open_attempts"] = tuple(attempts)
     if method is None:
-        return _unavailable(base, *why_no_fd(attempts, seccomp, base["kernel_version"]))
+        doing = "opening a userfaultfd"
+        limited = _limited(base, [a.errno for a in attempts if a.errno is not None], doing)
+        return limited or _unavailable(base, *why_no_fd(attempts, seccomp, base["kernel_version"]))
     base["open_method"] = method
     base["user_mode_only"] = method == "syscall-user-mode-only"
 
@@ -365,31 +388,6 @@ def probe() -> Capabilities:
     return Capabilities(available=True, **base)
 
 
-def register_probe(method: str, features: int) -> tuple[int | None, str | None]:
-    """Register one anonymous page in WP mode on a fresh fd.
-
-    Returns the range ioctls and an error message (None when write-protect
-    is granted).
-    """
-    page = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        with fresh_fd(method, features) as fd:
-            try:
-                ioctls = register_once(fd, address_of(page), mmap.PAGESIZE)
-            except OSError as exc:
-                return None, f"UFFDIO_REGISTER in write-protect mode failed: {exc.strerror}"
-    except HandshakeError as exc:
-        return None, f"UFFDIO_API with features {features:#x} failed: {exc.strerror}"
-    finally:
-        page.close()
-    if not grants_writeprotect(ioctls):
-        return ioctls, (
-            f"UFFDIO_REGISTER did not grant UFFDIO_WRITEPROTECT (range ioctls {ioctls:#x}): "
-            "this kernel cannot write-protect anonymous memory"
-        )
-    return ioctls, None
-
-
 _cached: Capabilities | None = None
 
 
@@ -397,7 +395,10 @@ def capabilities(refresh: bool = False) -> Capabilities:
     """What guarded buffers can do here (probed once per process)."""
     global _cached
     if refresh or _cached is None:
-        _cached = probe()
+        caps = probe()
+        if caps.limited:  # the next call, once files or memory are freed, probes again
+            return caps
+        _cached = caps
     return _cached
 
 

@@ -9,6 +9,9 @@ import resource
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
+# At module level: at the open-files limit a lazy import fails too.
+from ..errors import BufferAllocationError, ResourceLimitError
+
 if TYPE_CHECKING:
     from ..errors import UffdGuardError
 
@@ -109,8 +112,6 @@ def resource_error(exc: OSError, doing: str) -> UffdGuardError:
     memory itself, each with its own remedy.  ``doing`` reads like
     "mapping 4096 bytes for a guarded buffer".
     """
-    from ..errors import BufferAllocationError, ResourceLimitError
-
     code = exc.errno
     reason = exc.strerror or str(exc)
     if code == errno.EMFILE:

@@ -9,10 +9,13 @@ probe, the engines and the doctor all open userfaultfds through here.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+from .memory import address_of
 
 OPEN_METHODS = ("dev", "syscall", "syscall-user-mode-only")
 
@@ -203,3 +206,28 @@ def why_no_fd(
         "set `sysctl vm.unprivileged_userfaultfd=1`, run with CAP_SYS_PTRACE, or grant "
         "access to /dev/userfaultfd; in a container, also check its seccomp profile"
     )
+
+
+def register_probe(method: str, features: int) -> tuple[int | None, str | None]:
+    """Register one anonymous page in WP mode on a fresh fd.
+
+    Returns the range ioctls and an error message (None when write-protect
+    is granted).
+    """
+    page = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        with fresh_fd(method, features) as fd:
+            try:
+                ioctls = register_once(fd, address_of(page), mmap.PAGESIZE)
+            except OSError as exc:
+                return None, f"UFFDIO_REGISTER in write-protect mode failed: {exc.strerror}"
+    except HandshakeError as exc:
+        return None, f"UFFDIO_API with features {features:#x} failed: {exc.strerror}"
+    finally:
+        page.close()
+    if not grants_writeprotect(ioctls):
+        return ioctls, (
+            f"UFFDIO_REGISTER did not grant UFFDIO_WRITEPROTECT (range ioctls {ioctls:#x}): "
+            "this kernel cannot write-protect anonymous memory"
+        )
+    return ioctls, None

@@ -243,3 +243,45 @@ attempt(4096, 1, backing="shmem")
         assert "too many open files (ulimit -n is" in line, line
         assert "Fix: close files you no longer need, or raise the limit (`ulimit -n" in line
         assert "memory" not in line.split("Fix:")[1]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("loaded", [False, True], ids=["extension-unloaded", "extension-loaded"])
+def test_probe_at_open_files_limit_names_the_limit_and_is_not_kept(loaded: bool) -> None:
+    """The capability probe run at `ulimit -n` (dlopen of the C extension,
+    or opening the userfaultfd, fails with EMFILE) says so with the ulimit
+    remedy, not "extension missing" or a sysctl remedy; and that answer is
+    not kept: once files are closed, the next probe finds userfaultfd."""
+    if not capabilities().available:
+        pytest.skip(f"userfaultfd write-protect unavailable: {capabilities().reason}")
+    lines = _limits(
+        f"""
+import os, resource
+import pytest_uffd_guard
+from pytest_uffd_guard import capabilities
+if {loaded!r}:  # as after a first buffer: only the probe's fd is left to open
+    import pytest_uffd_guard.kernel.records
+    pytest_uffd_guard.kernel.records.load_core()
+n = len(os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (n + 8, n + 8))
+fds = []
+while True:
+    try:
+        fds.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        break
+caps = capabilities()
+print(caps.available, caps.limited, "|", caps.reason, "|", caps.remedy)
+for fd in fds:
+    os.close(fd)
+caps = capabilities()
+print(caps.available, caps.limited)
+"""
+    )
+    assert len(lines) == 2, lines
+    doing = "opening a userfaultfd" if loaded else "loading the C extension pytest_uffd_guard._uffd"
+    assert lines[0].startswith(
+        f"False True | {doing} failed: this process has too many open files (ulimit -n is"
+    ), lines[0]
+    assert "| close files you no longer need, or raise the limit (`ulimit -n" in lines[0]
+    assert lines[1] == "True False", lines[1]
