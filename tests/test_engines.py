@@ -415,33 +415,6 @@ def test_unavailable_error_type() -> None:
     assert issubclass(UffdUnavailableError, Exception)
 
 
-def test_first_changes_numpy_matches_byte_diff() -> None:
-    """The numpy page scan and the C byte diff agree on every page's first change."""
-    pytest.importorskip("numpy")
-    import random
-
-    from pytest_uffd_guard.engines import pagediff
-    from pytest_uffd_guard.kernel.memory import address_of
-
-    n = 128 * PAGE
-    a = mmap.mmap(-1, n)
-    b = mmap.mmap(-1, n)
-    rng = random.Random(5)
-    for _ in range(300):
-        a[rng.randrange(n)] = rng.randrange(1, 256)
-    a[0], a[n - 1], a[7 * PAGE + PAGE - 1] = 1, 2, 3
-    pa, pb = address_of(a), address_of(b)
-    expected: dict[int, int] = {}
-    for offset, length in pagediff.diff_runs(pa, pb, n):
-        page = offset - offset % PAGE
-        while page < offset + length:
-            expected.setdefault(page, max(offset, page))
-            page += PAGE
-    assert pagediff._first_changes_numpy(pa, pb, 0, n, PAGE) == expected
-    inner = {k: v for k, v in expected.items() if 2 * PAGE <= k < n - PAGE}
-    assert pagediff._first_changes_numpy(pa, pb, 2 * PAGE, n - PAGE, PAGE) == inner
-
-
 @pytest.mark.timeout(bound(60))
 def test_not_linux_runs_diff() -> None:
     """Off Linux (simulated), auto cannot run (the plugin skips); a buffer needs engine='diff'."""

@@ -3,7 +3,7 @@
 Shared by the diff engine (its whole method), the async and hybrid engines
 (each written page's record is placed on its first changed byte) and
 ``GuardedBuffer`` (``changes()``).  Uses the C core when it is there, and
-pure Python (ctypes, numpy when installed) otherwise.
+pure Python (ctypes) otherwise.
 """
 
 from __future__ import annotations
@@ -128,12 +128,6 @@ def _diff_runs_py(a: int, b: int, length: int) -> list[tuple[int, int]]:
     return runs
 
 
-#: Bytes compared per numpy step (bounds the temporary arrays to 1/8 of it).
-NUMPY_CHUNK = 16 << 20
-#: Below this many bytes numpy's call overhead costs more than it saves.
-NUMPY_MIN = 256 << 10
-
-
 def first_changes(
     address: int,
     snapshot: int,
@@ -209,36 +203,6 @@ def _page_firsts_py(
 
 def _unpack_offsets(packed: bytes) -> list[int]:
     return list(memoryview(packed).cast("B").cast("Q")) if packed else []
-
-
-def _first_changes_numpy(
-    address: int, snapshot: int, start: int, end: int, unit: int
-) -> dict[int, int]:
-    import ctypes
-
-    import numpy as np
-
-    words = unit // 8
-    found: dict[int, int] = {}
-    chunk = max(unit, NUMPY_CHUNK - NUMPY_CHUNK % unit)
-    for base in range(start, end, chunk):
-        n = min(chunk, end - base) // 8
-        a = np.ctypeslib.as_array((ctypes.c_uint64 * n).from_address(address + base))
-        b = np.ctypeslib.as_array((ctypes.c_uint64 * n).from_address(snapshot + base))
-        differs = (a != b).reshape(-1, words)
-        pages = np.flatnonzero(differs.any(axis=1))
-        if not pages.size:
-            continue
-        index = pages * words + differs[pages].argmax(axis=1)
-        # One read of each changed word, compared byte by byte in memory
-        # order: a writer may have set it back since the compare above (a
-        # log2 of 0 gave offsets near -2**60, issue 9 item 6).
-        bytes_ = a[index].view(np.uint8).reshape(-1, 8) != b[index].view(np.uint8).reshape(-1, 8)
-        byte = np.where(bytes_.any(axis=1), bytes_.argmax(axis=1), 0)
-        firsts = base + index * 8 + byte
-        for page, first in zip((base + pages * unit).tolist(), firsts.tolist()):
-            found[page] = first
-    return found
 
 
 def page_record(offset: int, now: float | None = None) -> WriteRecord:

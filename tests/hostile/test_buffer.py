@@ -124,8 +124,8 @@ def test_forksafe_lock_is_free_in_the_child_unless_the_forker_holds_it() -> None
 # ---------------------------------------------- item 6: protect() vs writers
 
 
-#: The diff engine shares the numpy placement the async engine had to check:
-#: pagediff._first_changes_numpy reads a changed word twice.
+#: The diff engine shares the placement of the async engine's records
+#: (pagediff.page_firsts), which a writer setting bytes back must not fool.
 @pytest.mark.timeout(bound(180))
 @pytest.mark.parametrize("engine", ["sync", "async", "hybrid", "hybrid-switched"])
 def test_protect_racing_writers_loses_no_write(engine: str) -> None:
@@ -205,7 +205,7 @@ def test_records_stay_on_their_page_while_writers_undo_writes(engine: str) -> No
         from pytest_uffd_guard.engines import hybrid as hybrid_tracker
         hybrid_tracker.BUDGET = 4
         P = mmap.PAGESIZE
-        pages = 2048  # runs of pages past pagediff.NUMPY_MIN: the numpy path
+        pages = 2048  # 8 MiB: many whole pages compared at once
         b = GuardedBuffer(pages * P, engine={engine!r}, stacks=0)
         hybrid = {engine!r} == "hybrid"
         passes = 0
