@@ -12,7 +12,6 @@ plain data.
 from __future__ import annotations
 
 import ctypes
-import errno
 import mmap
 import weakref
 from contextlib import suppress
@@ -24,7 +23,15 @@ from .engines import choose_engine, make_tracker
 from .engines.base import Drained, Region, Tracker
 from .engines.pagediff import diff_runs, page_record
 from .errors import InvalidBufferError, UffdGuardError, UffdUnavailableError
-from .kernel.memory import PAGE_SIZE, address_of, anonymous_map, copy, resource_error, round_up
+from .kernel.memory import (
+    PAGE_SIZE,
+    address_of,
+    anonymous_map,
+    copy,
+    limit_error,
+    resource_error,
+    round_up,
+)
 from .kernel.process import ForkSafeLock, generation
 from .kernel.records import Change, WriteRecord
 
@@ -201,8 +208,9 @@ class Armed:
         try:
             self.tracker = make_tracker(requested, region, max_records=None, backing=backing)
         except (OSError, UffdGuardError) as exc:
-            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
-                raise resource_error(exc, f"protecting watch {owner.name!r}") from exc
+            limit = limit_error(exc, f"protecting watch {owner.name!r}")
+            if limit is not None:
+                raise limit from exc
             reason = _reason(exc)
             if requested != "auto":
                 if isinstance(exc, UffdGuardError):

@@ -26,7 +26,7 @@ from .errors import (
     TrackingStoppedError,
     UffdGuardError,
 )
-from .guard_args import Source, check_choice, check_name, count, errno_of, parse_source
+from .guard_args import Source, check_choice, check_name, count, parse_source
 from .guard_pool import engine_choice, give_back, map_flags, take_snapshot
 from .guard_results import GuardResults
 from .kernel.backing import open_mapping, overlay
@@ -35,6 +35,7 @@ from .kernel.memory import (
     anonymous_map,
     copy,
     free_pages,
+    limit_error,
     release_mapping,
     resource_error,
     round_up,
@@ -53,17 +54,6 @@ MAX_RECORDS = 1 << 32
 MAX_STACKS = 1 << 32
 
 _names = iter(range(1, sys.maxsize))
-
-
-def _limit_error(exc: BaseException, name: str) -> UffdGuardError | None:
-    """The resource error to raise for ``exc`` when a limit (open files,
-    memory) caused it, else None (``exc`` is raised as it is)."""
-    code = errno_of(exc)
-    if code in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
-        return resource_error(
-            OSError(code, os.strerror(code)), f"setting up tracking for guarded buffer {name!r}"
-        )
-    return None
 
 
 class GuardedBuffer(GuardResults):
@@ -145,7 +135,7 @@ class GuardedBuffer(GuardResults):
                     engine, round_up(size, kind.unit), unit=kind.unit, backing=backing
                 )
             except (OSError, UffdGuardError) as exc:
-                limit = _limit_error(exc, label)
+                limit = limit_error(exc, f"setting up tracking for guarded buffer {label!r}")
                 if limit is None:
                     raise
                 raise limit from exc
@@ -254,7 +244,7 @@ class GuardedBuffer(GuardResults):
                     f"({self._max_records or 'one per page'} records)",
                 ) from exc
             except (OSError, UffdGuardError) as exc:
-                limit = _limit_error(exc, self.name)
+                limit = limit_error(exc, f"setting up tracking for guarded buffer {self.name!r}")
                 if limit is None:
                     raise
                 raise limit from exc

@@ -130,13 +130,3 @@ def check_name(name: object) -> str | None:
     raise InvalidBufferError(
         f"name must be a str, got {type(name).__name__} {_show.repr(name)}", hint
     )
-
-
-def errno_of(exc: BaseException) -> int | None:
-    """The errno of ``exc`` or of the OSError it was raised from."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno is not None:
-            return seen.errno
-        seen = seen.__cause__
-    return None

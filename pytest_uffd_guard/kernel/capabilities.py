@@ -18,7 +18,6 @@ machine on a better one; both are read at probe time:
 
 from __future__ import annotations
 
-import errno
 import os
 import platform
 import sys
@@ -27,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import process
-from .memory import resource_error
+from .memory import limit_error
 from .uffd import (
     OPEN_METHODS,
     OpenAttempt,
@@ -273,16 +272,14 @@ def _unavailable(base: dict[str, Any], reason: str, remedy: str | None) -> Capab
     return Capabilities(available=False, reason=reason, remedy=remedy, **base)
 
 
-#: Errors that name a limit of the process, not the kernel's support.
-LIMIT_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
-
-
-def _limited(base: dict[str, Any], codes: Iterable[int | str], doing: str) -> Capabilities | None:
-    """The answer when an errno (or an error's text, as dlopen gives it) in
-    ``codes`` is a limit (``kernel.memory.resource_error``), else None."""
-    for code in LIMIT_ERRNOS:
-        if any(c == code or (isinstance(c, str) and os.strerror(code) in c) for c in codes):
-            err = resource_error(OSError(code, os.strerror(code)), doing)
+def _limited(
+    base: dict[str, Any], errors: Iterable[BaseException], doing: str
+) -> Capabilities | None:
+    """The answer when a limit (open files, memory) caused one of
+    ``errors``, else None."""
+    for exc in errors:
+        err = limit_error(exc, doing)
+        if err is not None:
             return Capabilities(
                 available=False, reason=err.cause, remedy=err.remedy, limited=True, **base
             )
@@ -306,7 +303,7 @@ def probe() -> Capabilities:
         _uffd = load_core()
     except (ImportError, OSError) as exc:
         doing = "loading the C extension pytest_uffd_guard._uffd"
-        limited = _limited(base, [getattr(exc, "errno", None) or 0, str(exc)], doing)
+        limited = _limited(base, [exc], doing)
         if limited is not None:
             return limited
         return _unavailable(
@@ -352,7 +349,8 @@ def probe() -> Capabilities:
     base["open_attempts"] = tuple(attempts)
     if method is None:
         doing = "opening a userfaultfd"
-        limited = _limited(base, [a.errno for a in attempts if a.errno is not None], doing)
+        failed = [OSError(a.errno, a.error) for a in attempts if a.errno is not None]
+        limited = _limited(base, failed, doing)
         return limited or _unavailable(base, *why_no_fd(attempts, seccomp, base["kernel_version"]))
     base["open_method"] = method
     base["user_mode_only"] = method == "syscall-user-mode-only"

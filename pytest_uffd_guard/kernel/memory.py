@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import mmap
+import os
 import resource
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
@@ -102,6 +103,31 @@ def map_count() -> tuple[int, int] | None:
 def _limit(name: str) -> str:
     soft, _hard = resource.getrlimit(getattr(resource, name))
     return "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
+
+
+#: errno values that mean a limit of the process or the machine (open
+#: files, memory) stopped something, not that support is missing.
+LIMIT_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
+
+
+def limit_error(exc: BaseException, doing: str) -> UffdGuardError | None:
+    """:func:`resource_error` for ``exc`` when a limit caused it, else None.
+
+    The limit is found in the errno of ``exc`` or of an OSError it was
+    raised from, or, for dlopen's ImportError (which has no errno), in its
+    text.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        code = seen.errno if isinstance(seen, OSError) else None
+        if code in LIMIT_ERRNOS:
+            return resource_error(OSError(code, os.strerror(code)), doing)
+        seen = seen.__cause__
+    if isinstance(exc, ImportError):
+        for code in LIMIT_ERRNOS:
+            if os.strerror(code) in str(exc):
+                return resource_error(OSError(code, os.strerror(code)), doing)
+    return None
 
 
 def resource_error(exc: OSError, doing: str) -> UffdGuardError:
