@@ -260,7 +260,7 @@ def test_hybrid_names_first_writers_then_finds_every_page(
         t.join(30)
         tracker = buf._tracker
         assert isinstance(tracker, hybrid.HybridTracker)
-        # The watcher switches at its next poll (every POLL_SECONDS): a fast
+        # The watcher switches once it wakes on the spent budget: a fast
         # writer (3.13t, GIL off) can finish all its faults before that.
         deadline = time.monotonic() + bound(10)
         while tracker.switches == 0 and time.monotonic() < deadline:

@@ -36,6 +36,7 @@
 #endif
 #include <Python.h>
 
+#include "budget_py.h"
 #include "collect_py.h"
 #include "doc.h"
 #include "uffd.h"
@@ -389,6 +390,9 @@ static PyMethodDef methods[] = {
     {"guard_drain", guard_drain_py, METH_VARARGS, guard_drain_doc},
     {"guard_remove", guard_remove_py, METH_VARARGS, guard_remove_doc},
     {"guard_set_stacks", guard_set_stacks_py, METH_VARARGS, guard_set_stacks_doc},
+    {"guard_set_budget", guard_set_budget_py, METH_VARARGS, guard_set_budget_doc},
+    {"budget_hits", budget_hits_py, METH_NOARGS, budget_hits_doc},
+    {"budget_fd", budget_fd_py, METH_NOARGS, budget_fd_doc},
     {"_debug", debug_py, METH_VARARGS, debug_doc},
     {NULL, NULL, 0, NULL},
 };

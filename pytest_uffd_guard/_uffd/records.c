@@ -129,6 +129,7 @@ record_again_if_rearmed(const struct fault_record *r, uint64_t id, uint64_t armi
             if (g->recorded)
                 bit_set(g->recorded, k);
             size_t before = g->count;
+            budget_spend_locked(g);
             store_record_locked(r);
             if (g->count > before && r->attr == ATTR_SIGNALLED)
                 A.copies++;
@@ -223,4 +224,6 @@ classify_fault_locked(struct fault *f)
     }
     if (f->record && g->recorded)
         bit_set(g->recorded, unit_index);
+    if (f->record)
+        budget_spend_locked(g);
 }

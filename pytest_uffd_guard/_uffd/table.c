@@ -102,6 +102,7 @@ atfork_child(void)
     B.head = B.tail = 0;
     B.reprotect = 0;
     attribution_atfork_child();
+    budget_atfork_child();
 }
 
 /* Install the fork handlers (once, from PyInit).  Registered after the

@@ -135,6 +135,10 @@ struct guard {
     int armed;          /* protected by the last guard_protect call */
     uint64_t armings;   /* guard_protect(protect=1) calls so far */
     uint64_t reprotect_deadline;   /* CLOCK_MONOTONIC ns: stop waiting */
+    /* Records still allowed before the hybrid watcher is told (budget.c);
+     * 0: no budget.  budget_hit: spent, not yet read by budget_hits. */
+    uint64_t budget_left;
+    int budget_hit;
 };
 
 /* Naming the writer ("attribution").  While a write fault is pending, the
@@ -411,6 +415,13 @@ void handler_snapshot(struct handler_snapshot *s);
 int handler_failure_copy(char *error, size_t size);
 void handler_debug(int fail_after, int hold);
 int install_atfork(void);
+
+/* --------------------------------------------------------------- budget.c */
+void budget_spend_locked(struct guard *g);
+int guard_set_budget(uint64_t id, uint64_t n);
+size_t budget_hits(uint64_t *ids, size_t cap);
+int budget_fd(void);
+void budget_atfork_child(void);
 
 /* -------------------------------------------------------------- capture.c */
 int attribution_prepare(struct fault_record *r);

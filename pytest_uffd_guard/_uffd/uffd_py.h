@@ -1,6 +1,6 @@
 /*
- * uffd_py.h -- what module.c and capture_py.c, the two files that include
- * Python.h, share.  Include after Python.h and uffd.h.
+ * uffd_py.h -- what the files that include Python.h share.  Include
+ * after Python.h and uffd.h.
  */
 #ifndef PYTEST_UFFD_GUARD_UFFD_PY_H
 #define PYTEST_UFFD_GUARD_UFFD_PY_H

@@ -6,11 +6,13 @@ and async at once.  It is sync first, then async:
 
 1. The buffer starts on the sync engine: each first write into a page
    faults, and the handler names the writer (thread, exact byte).
-2. A watcher thread drains the sync records of hybrid buffers every
-   ``POLL_SECONDS``.  When a buffer has used its fault budget (``BUDGET``
-   pages), it is moved to the async engine: unregister from the sync fd
-   (any writer blocked in a fault goes on), register on the WP_ASYNC fd,
-   write-protect every page.
+2. The handler counts the buffer's records against its budget (``BUDGET``
+   pages) and, when it is spent, bumps an eventfd (``_uffd/budget.c``).
+   A watcher thread, asleep on that eventfd, drains the buffer's records
+   and, if the budget is really used (the count is an upper bound on new
+   pages), moves it to the async engine: unregister from the sync fd (any
+   writer blocked in a fault goes on), register on the WP_ASYNC fd,
+   write-protect every page.  Otherwise it gives the buffer what is left.
 3. Between the unregister and the new protection there is a window in
    which a write is seen by no fd.  Right after protecting, a byte diff
    against the snapshot reports every page that changed and was not yet
@@ -21,25 +23,22 @@ and async at once.  It is sync first, then async:
    (``exact=False``, no thread).  ``protect()`` goes back to step 1 with a
    fresh budget.
 
-The budget is enforced by polling, so a buffer may record a few hundred
-sync faults past it (one poll interval of faults).  Linux 6.7+ (WP_ASYNC).
-
-The watcher (one thread per process, started on demand, in a forked child
-too) polls only while some hybrid buffer is armed on the sync engine; with
-none it sleeps without a timeout, and it ends when no hybrid buffer is
-left.  Between polls it holds no reference to any buffer, so a buffer that
-is dropped unclosed is freed like any other and its sync guard leaves the
-handler's table.  During a poll it holds the buffer itself (``Region.owner``),
-so the memory cannot be unmapped while it is switched.  A failure while
-polling one buffer is that buffer's alone: it is kept in ``switch_error``
-(and warned about), the buffer stays on the sync engine - every write still
-recorded and named, at sync cost - and the other buffers go on.
+Pages written while the watcher wakes still fault (a few records past the
+budget). Linux 6.7+. The watcher (one thread per process, started on demand,
+in a forked child too) sleeps in ``read()`` until a budget is spent or a
+buffer goes - idle hybrid buffers cost no CPU - and ends with the last one.
+Asleep it holds no buffer (one dropped unclosed is freed and its sync
+guard leaves the handler's table); switching one it holds the buffer
+(``Region.owner``), so the memory stays mapped. A failure while switching
+is that buffer's alone: kept in ``switch_error`` (and warned about), it
+stays sync - every write still recorded and named - and the other buffers
+go on.
 """
 
 from __future__ import annotations
 
 import itertools
-import queue
+import os
 import threading
 import warnings
 import weakref
@@ -48,6 +47,7 @@ from contextlib import suppress
 from typing import TYPE_CHECKING
 
 from ..kernel import process
+from ..kernel.handler import HANDLER
 from ..kernel.process import ForkSafeLock
 from ..kernel.recordseq import RecordLog
 from .async_ import AsyncTracker
@@ -60,8 +60,6 @@ if TYPE_CHECKING:
 
 #: Sync faults (pages) per buffer before it moves to the async engine.
 BUDGET = 1024
-#: How often the watcher checks hybrid buffers that are armed on sync.
-POLL_SECONDS = 0.005
 #: Name of the watcher thread.
 THREAD_NAME = "uffd-guard-hybrid"
 
@@ -73,32 +71,39 @@ class _Watcher:
     def __init__(self) -> None:
         self._reset()
         # A lock held by the parent's watcher at fork stays held in the
-        # child, and the thread itself does not exist there.
+        # child, the thread itself does not exist there, and the child's
+        # budget eventfd is a new one (budget.c).
         process.on_fork_child(self._reset)
 
     def _reset(self) -> None:
         self._lock = threading.Lock()
         self._refs: dict[int, weakref.ref[HybridTracker]] = {}
         self._keys = itertools.count()
-        #: Wake-ups.  SimpleQueue.put is safe from a weakref callback (no
-        #: lock that the thread running the callback could already hold).
-        self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
+        #: The C core's budget eventfd, once a hybrid buffer exists.
+        self._fd: int | None = None
+        #: Changes at fork: a thread of an earlier generation ends.
+        self._generation = object()
         self._thread: threading.Thread | None = None
 
     def add(self, tracker: HybridTracker) -> int | None:
         """Watch ``tracker`` (weakly); its key, or None if no thread could start."""
         with self._lock:
+            if self._fd is None:
+                try:
+                    self._fd = HANDLER.core.budget_fd()
+                except OSError:  # no more file descriptors
+                    return None
             key = next(self._keys)
-            refs, wake = self._refs, self._wake
+            refs, fd = self._refs, self._fd
 
             def gone(_: object) -> None:  # the tracker was garbage-collected
                 refs.pop(key, None)
-                wake.put(None)
+                _bump(fd)  # a plain write(): safe inside a weakref callback
 
             refs[key] = weakref.ref(tracker, gone)
             if self._thread is None:
                 thread = threading.Thread(
-                    target=self._run, args=(wake,), name=THREAD_NAME, daemon=True
+                    target=self._run, args=(self._generation, fd), name=THREAD_NAME, daemon=True
                 )
                 try:
                     thread.start()
@@ -106,54 +111,57 @@ class _Watcher:
                     del refs[key]
                     return None
                 self._thread = thread
-        wake.put(None)
         return key
 
     def remove(self, key: int | None) -> None:
         with self._lock:
-            if key is not None and self._refs.pop(key, None) is not None:
-                self._wake.put(None)
+            if key is not None and self._refs.pop(key, None) is not None and self._fd is not None:
+                _bump(self._fd)  # the thread may have nothing left to watch
 
-    def wake(self) -> None:
-        """A buffer may need polling again (armed, resumed)."""
-        self._wake.put(None)
-
-    def _run(self, wake: queue.SimpleQueue[None]) -> None:
+    def _run(self, generation: object, fd: int) -> None:
         while True:
             with self._lock:
-                if wake is not self._wake:
+                if generation is not self._generation:
                     return
-                refs = list(self._refs.values())
-                if not refs:
+                if not self._refs:
                     self._thread = None
                     return
-            busy = False
+            os.eventfd_read(fd)  # without the GIL, until a budget or a buffer goes
+            hits = set(HANDLER.core.budget_hits())
+            if not hits:
+                continue
+            with self._lock:
+                refs = list(self._refs.values())
             for ref in refs:
-                busy = _poll(ref) or busy
+                tracker = ref()
+                hit = tracker is not None and tracker.sync_guard in hits
+                del tracker  # _poll holds the buffer before its tracker
+                if hit:
+                    _poll(ref)
             del refs
-            with suppress(queue.Empty):
-                wake.get(timeout=POLL_SECONDS if busy else None)
-            with suppress(queue.Empty):
-                while True:
-                    wake.get_nowait()
 
 
-def _poll(ref: weakref.ref[HybridTracker]) -> bool:
-    """Poll one tracker; whether it still needs polling.  Never raises."""
+def _bump(fd: int) -> None:
+    """Wake the watcher."""
+    with suppress(OSError):
+        os.eventfd_write(fd, 1)
+
+
+def _poll(ref: weakref.ref[HybridTracker]) -> None:
+    """Let one tracker that spent its budget switch.  Never raises."""
     tracker = ref()
     if tracker is None:
-        return False
+        return
     owner = None
     try:
         if tracker._owner is not None:
             owner = tracker._owner()
             if owner is None:  # the buffer is being freed
-                return False
-        return tracker.poll()
+                return
+        tracker.poll()
     except Exception as exc:
         with suppress(Exception):
             tracker.poll_failed(exc)
-        return False
     finally:
         # The tracker first: if the buffer dies with our reference, it
         # must free its tracker (and the sync guard) before its memory.
@@ -208,6 +216,12 @@ class HybridTracker:
             return "sync" if self._sync is not None else "async"
 
     @property
+    def sync_guard(self) -> int | None:
+        """The handler's id of the sync guard, while on the sync engine."""
+        sync = self._sync
+        return sync.guard_id if sync is not None else None
+
+    @property
     def _current(self) -> SyncTracker | AsyncTracker:
         current = self._sync or self._async
         assert current is not None
@@ -234,9 +248,9 @@ class HybridTracker:
                 self._sync = self._new_sync()
             self._seen.clear()
             self._kept = 0
+            self._give_budget()
             self._current.arm()
             self._paused = False
-        WATCHER.wake()
 
     def pause(self) -> None:
         with self._lock:
@@ -247,8 +261,10 @@ class HybridTracker:
     def resume(self) -> None:
         with self._lock:
             self._paused = False
+            if self._sync is not None:
+                self._take()  # the pages so far count against the budget
+                self._give_budget()
             self._current.resume()
-        WATCHER.wake()
 
     def drain(self) -> Drained:
         with self._lock:
@@ -270,19 +286,18 @@ class HybridTracker:
             self._paused = True
             return self._outbox.hand_over()
 
-    def poll(self) -> bool:
-        """Watcher: drain sync records; move to async when over budget.
-
-        Returns whether the buffer still needs polling.  The caller keeps
-        the buffer (the memory) alive meanwhile.
-        """
+    def poll(self) -> None:
+        """Watcher, after the handler said the budget was spent: drain the
+        sync records; move to async when over budget, else give it what is
+        left.  The caller keeps the buffer (the memory) alive meanwhile."""
         with self._lock:
             if not self._watched():
-                return False
+                return
             self._take()
             if len(self._seen) >= BUDGET:
                 self._switch()
-            return self._watched()
+            else:  # some records were of pages already seen
+                self._give_budget()
 
     def poll_failed(self, exc: BaseException) -> None:
         """Watcher: polling this buffer raised; keep it sync from now on."""
@@ -317,6 +332,14 @@ class HybridTracker:
 
     def _take(self) -> None:
         self._keep(self._current.drain())
+
+    def _give_budget(self) -> None:
+        """Have the handler tell the watcher when the sync phase may have
+        used its budget: after as many records as pages are left (at least
+        one, so a buffer already over it switches on its next write)."""
+        sync = self._sync
+        if sync is not None and self.switch_error is None:
+            sync.set_budget(max(1, BUDGET - len(self._seen)))
 
     def _keep(self, drained: Drained) -> None:
         """Queue a phase's records, counting those past max_records (and the

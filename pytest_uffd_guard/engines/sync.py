@@ -129,6 +129,17 @@ class SyncTracker(KernelTracked):
             self._check()  # raises TrackingStoppedError if the handler gave up
             raise
 
+    @property
+    def guard_id(self) -> int:
+        """The handler's id of this range (budget_hits answers with it)."""
+        return int(self._gid)
+
+    def set_budget(self, records: int) -> None:
+        """Flag this guard to the budget eventfd after ``records`` more
+        records (the hybrid engine's switch, ``_uffd/budget.c``)."""
+        if self.stopped is None:
+            self._call("guard_set_budget", records)
+
     def arm(self) -> None:
         self._check()
         core = HANDLER.core

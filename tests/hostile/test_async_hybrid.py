@@ -368,6 +368,58 @@ def test_watcher_sleeps_when_no_buffer_needs_it(wp_async: None) -> None:
 
 
 @pytest.mark.timeout(120)
+def test_many_idle_hybrid_buffers_cost_no_cpu(wp_async: None) -> None:
+    """Hardening (issue 11): 300 hybrid buffers armed on the sync engine and
+    never written.  The watcher used to poll each of them every 5 ms: half
+    a CPU spent while nothing happened, and every call that released the
+    GIL waited for it (a create+close of another buffer took milliseconds).
+    Now it sleeps until a budget is spent: its context switches stay flat,
+    and the process uses almost no CPU while idle.  One buffer that then
+    spends its budget still switches."""
+    result = run_python(
+        WATCHER_GONE
+        + """
+    import json, mmap, resource
+    from pytest_uffd_guard import GuardedBuffer
+    from pytest_uffd_guard.engines import hybrid
+    hybrid.BUDGET = 4
+    P = mmap.PAGESIZE
+
+    def switches(thread):
+        with open(f"/proc/self/task/{thread.native_id}/status") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return sum(int(fields[k]) for k in ("voluntary_ctxt_switches",
+                                             "nonvoluntary_ctxt_switches"))
+
+    def cpu():
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    buffers = [GuardedBuffer(16 * P, engine="hybrid") for _ in range(300)]
+    (thread,) = watcher()
+    before, spent = switches(thread), cpu()
+    time.sleep(0.5)
+    out = {"wakeups": switches(thread) - before, "cpu_ms": (cpu() - spent) * 1000}
+    last = buffers[-1]
+    for p in range(8):
+        memoryview(last)[p * P] = 1
+    deadline = time.monotonic() + 10
+    while last._tracker.phase == "sync" and time.monotonic() < deadline:
+        time.sleep(0.005)
+    out["last"] = last._tracker.phase
+    out["others"] = sorted({b._tracker.phase for b in buffers[:-1]})
+    print(json.dumps(out))
+    """,
+        timeout=100,
+    )
+    out = _last_json(result)
+    assert out["last"] == "async" and out["others"] == ["sync"], out
+    assert out["wakeups"] <= 5, out
+    # Polling 300 buffers every 5 ms cost ~250 ms of CPU in this half second.
+    assert out["cpu_ms"] < 50, out
+
+
+@pytest.mark.timeout(120)
 def test_watcher_runs_in_a_forked_child(wp_async: None) -> None:
     """Issue 9 item 2: after fork, a child's own hybrid buffer is watched by a
     watcher of the child's, which ends when the buffer closes."""
@@ -589,6 +641,8 @@ def test_watcher_survives_a_poll_that_raises(wp_async: None) -> None:
         hybrid.HybridTracker.poll = poll
         bad = GuardedBuffer(16 * P, engine="hybrid")
         bad._tracker.doomed = True
+        for p in range(8):  # the budget spent: the watcher polls it
+            memoryview(bad)[p * P] = 1
         deadline = time.monotonic() + 10
         while bad._tracker.switch_error is None and time.monotonic() < deadline:
             time.sleep(0.005)
