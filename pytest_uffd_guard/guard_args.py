@@ -78,6 +78,8 @@ def parse_source(source: Source) -> tuple[int, memoryview | None]:
     numpy scalars expose a buffer too, and must not be guarded as 8 bytes of
     data.  A numpy *array* is data, even a 0-d one.
     """
+    if type(source) is int:  # the common case, before the slower checks
+        return check_size(source), None
     if _is_numpy(source, "ndarray"):
         view = _source_view(source)
         return check_size(view.nbytes), view

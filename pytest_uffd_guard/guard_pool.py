@@ -40,6 +40,8 @@ from .kernel import process
 from .kernel.memory import address_of, anonymous_map
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .engines import EngineChoice
     from .kernel.capabilities import Capabilities
 
@@ -57,6 +59,8 @@ _lock = process.ForkSafeLock()
 #: The probe answer the cached choices were made with.
 _caps: Capabilities | None = None
 _choices: dict[tuple[str, bool, int, str], EngineChoice] = {}
+#: ``(AUTO_HYBRID_BYTES, choose_engine, capabilities)``, imported on first use.
+_probe: tuple[int, Callable[..., EngineChoice], Callable[..., Capabilities]] | None = None
 #: Free snapshot mappings by length, with their addresses.
 _free: dict[int, list[tuple[mmap.mmap, int]]] = {}
 
@@ -66,16 +70,20 @@ def engine_choice(requested: str, size: int, *, unit: int, backing: str) -> Engi
 
     Raises what ``choose_engine`` raises (a failed probe is never cached).
     """
-    # Imported here, not at the top: importing guard must not load the probe
-    # (tests/hostile/test_limits.py::test_open_files_limit).
-    from .engines import AUTO_HYBRID_BYTES, choose_engine
-    from .kernel.capabilities import capabilities
+    # Imported on first use, not at the top: importing guard must not load
+    # the probe (tests/hostile/test_limits.py::test_open_files_limit).
+    global _probe
+    if _probe is None:
+        from .engines import AUTO_HYBRID_BYTES, choose_engine
+        from .kernel.capabilities import capabilities
 
+        _probe = (AUTO_HYBRID_BYTES, choose_engine, capabilities)
+    hybrid_bytes, choose_engine, capabilities = _probe
     if requested == "diff" or not sys.platform.startswith("linux"):
         # No probe involved (diff must not open a userfaultfd): cheap already.
         return choose_engine(requested, size, unit=unit, backing=backing)
     caps = capabilities()
-    key = (requested, size >= AUTO_HYBRID_BYTES, unit, backing)
+    key = (requested, size >= hybrid_bytes, unit, backing)
     global _caps
     with _lock:
         if _caps is caps:

@@ -17,6 +17,11 @@ from ..kernel.records import Change, WriteRecord
 from ..kernel.recordseq import Changes, PageChunk
 from .base import Drained, Outbox
 
+try:
+    from .. import _uffd as _core
+except ImportError:  # no C core built: the ctypes fallbacks below
+    _core = None  # type: ignore[assignment]
+
 _seq_lock = ForkSafeLock()
 _seq_next = 1
 
@@ -39,11 +44,9 @@ def diff_runs(a: int, b: int, length: int) -> list[tuple[int, int]]:
     """
     if length <= 0:
         return []
-    try:
-        from .. import _uffd
-    except ImportError:
+    if _core is None:
         return _diff_runs_py(a, b, length)
-    runs, _ = _uffd.diff_runs(a, b, length, 1 << 62)
+    runs, _ = _core.diff_runs(a, b, length, 1 << 62)
     return list(runs)
 
 
@@ -75,11 +78,9 @@ def changes(
     whole = (0 if preview is not None else ALL) if whole_up_to is None else min(whole_up_to, ALL)
     if length <= 0:
         return Changes()
-    try:
-        from .. import _uffd
-    except ImportError:
+    if _core is None:
         return _changes_py(address, snapshot, length, cap, whole)
-    return Changes(*_uffd.changed_runs(address, snapshot, length, cap, whole, int(live_anonymous)))
+    return Changes(*_core.changed_runs(address, snapshot, length, cap, whole, int(live_anonymous)))
 
 
 def snapshot_runs(
@@ -171,13 +172,11 @@ def page_firsts(
     :func:`changes` apply to ``snapshot`` and ``live_anonymous``.
     """
     flat = [x for pair in ranges for x in pair]
-    try:
-        from .. import _uffd
-    except ImportError:
+    if _core is None:
         return _page_firsts_py(address, snapshot, flat, unit, reported, only_changed)
     packed = struct.pack(f"={len(flat)}Q", *flat)
     return bytes(
-        _uffd.page_firsts(
+        _core.page_firsts(
             address, snapshot, packed, unit, reported, int(only_changed), int(live_anonymous)
         )
     )

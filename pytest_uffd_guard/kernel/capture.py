@@ -138,6 +138,10 @@ def ensure_started() -> str | None:
 
     # Names are kept whether or not stacks can be captured.
     watch_threads()
+    if _state.ready:
+        # Set up already (the common case): no lock.  _fail() stores the
+        # error before ``ready``, so a reader never sees ready without it.
+        return _state.error
     with _lock:
         if _state.ready:
             return _state.error
@@ -166,7 +170,6 @@ def ensure_started() -> str | None:
         except (OSError, RuntimeError, ValueError) as exc:
             dump.close()
             return _fail(f"not captured: setting up the capture signal failed ({exc})")
-        _state.ready = True
         _state.signum = signum
         _state.file = dump
         _state.error = None
@@ -174,12 +177,13 @@ def ensure_started() -> str | None:
         # Without a namer, in-syscall writes say so (ATTR_NO_NAMER); the
         # rest of capture works.
         start_namer(_uffd)
+        _state.ready = True  # last: the unlocked fast path reads it first
         return None
 
 
 def _fail(reason: str) -> str:
-    _state.ready = True
     _state.error = reason
+    _state.ready = True
     return reason
 
 

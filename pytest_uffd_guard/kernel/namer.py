@@ -192,6 +192,10 @@ def watch_threads() -> None:
     they ended.
     """
     global _watching, _original_start
+    if _watching:
+        # Threads started since are remembered by the wrapper, and live
+        # ones are named afresh by thread_names(): nothing to do per call.
+        return
     with _known_lock:
         if not _watching:
             original = threading.Thread.start
