@@ -40,7 +40,7 @@ class Rules:
     element: tuple[str, int] | None = None
 
 
-class _Changes:
+class ChangedRuns:
     """A buffer's changed runs, and their bytes read on demand.
 
     An open GuardedBuffer answers through ``_changed_runs()`` and
@@ -99,10 +99,13 @@ def judge(
     phase: str,
     origin: str,
     test_file: str | None = None,
+    changes: ChangedRuns | None = None,
 ) -> Finding:
     """Give each write and changed run its status, call the hooks, and keep
-    a bounded finding (``ask``: None when no hook needs asking)."""
-    changes = _Changes(buffer)
+    a bounded finding (``ask``: None when no hook needs asking; ``changes``:
+    the buffer's, when the caller has read them already)."""
+    if changes is None:
+        changes = ChangedRuns(buffer)
     unit = unit_of(buffer)
     allow = Ranges(rules.allow)
     if rules.readonly and ask is not None:

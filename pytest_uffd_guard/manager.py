@@ -51,6 +51,9 @@ class Manager:
     def __init__(self, config: pytest.Config, settings: Settings) -> None:
         self.config = config
         self.settings = settings
+        #: The engine asked for was usable once: it stays so for the run
+        #: (choose_engine is not re-run for every guarded test).
+        self._usable = False
         self.findings: list[Finding] = []
         #: Where the JSON report was written, or why it could not be.
         self.json_written: Path | None = None
@@ -69,10 +72,13 @@ class Manager:
             item_state(item).marked = marked
 
     def _check_available(self) -> None:
+        if self._usable:
+            return
         from .engines import choose_engine
 
         choice = choose_engine(engine_request(self.config))
         if choice.usable:
+            self._usable = True
             return
         message = unavailable_message(choice)
         if self.settings.require:
@@ -256,6 +262,9 @@ class Manager:
         linear in both) and call our hooks; None when nothing happened."""
         from . import harvest
 
+        changes = harvest.ChangedRuns(entry.buffer)
+        if not records and not changes.runs and not overflowed and stopped is None:
+            return None  # the common case: nothing happened, nothing to ask
         hook = self.config.hook
         about = {"config": self.config, "item": item, "buffer": entry.buffer, "phase": phase}
         rules = harvest.Rules(
@@ -290,9 +299,8 @@ class Manager:
             phase=phase,
             origin=entry.origin,
             test_file=str(item.path),
+            changes=changes,
         )
-        if not records and not finding.n_changes and not overflowed and stopped is None:
-            return None
         return finding
 
     @pytest.hookimpl(trylast=True)
