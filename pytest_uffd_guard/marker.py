@@ -15,8 +15,7 @@ import inspect
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import suppress
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pytest
 
@@ -73,8 +72,7 @@ def marker_help() -> str:
     )
 
 
-@dataclass(frozen=True)
-class MarkedArgument:
+class MarkedArgument(NamedTuple):
     argname: str
     allow: tuple[Any, ...]
     #: Watched in its own memory (``watchplugin.py``), not swapped for a copy.

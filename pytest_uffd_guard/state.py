@@ -27,7 +27,7 @@ UNAVAILABLE_PREFIX = "uffd-guard unavailable"
 REQUIRED_SUFFIX = f"(error because of {REQUIRE_OPTION} / {REQUIRE_INI})"
 
 
-@dataclass
+@dataclass(eq=False)
 class Entry:
     """A buffer guarded for one test, and the rules that apply to it."""
 
@@ -42,7 +42,7 @@ class Entry:
     element: tuple[str, int] | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class ItemState:
     """Per-test state, in ``item.stash[item_state_key]``."""
 

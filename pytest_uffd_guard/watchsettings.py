@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .settings import SettingsError
 
@@ -49,8 +48,7 @@ NO_ATTRIBUTE = (
 _OFF = {"no", "none", "off"}
 
 
-@dataclass(frozen=True)
-class WatchSettings:
+class WatchSettings(NamedTuple):
     """Which fixtures and module attributes are watched in place."""
 
     fixtures: tuple[str, ...] = ()

@@ -76,7 +76,12 @@ def test_section_rows_are_bounded() -> None:
 def test_settings_precedence(tmp_path: Path) -> None:
     """The command line wins over the ini file; relative paths follow their source."""
     settings = resolve("term", "json:a.json", None, "true", tmp_path / "cli", tmp_path / "ini")
-    assert settings == Settings(report_terminal=True, report_json=None, require=True)
+    assert settings == Settings(
+        report_terminal=True,
+        report_json=None,
+        require=True,
+        report_json_source="from the command line (--uffd-report)",
+    )
     settings = resolve(None, "json:a.json", False, "true", tmp_path / "cli", tmp_path / "ini")
     assert settings.report_json == tmp_path / "ini" / "a.json" and not settings.require
     assert settings.report_only
