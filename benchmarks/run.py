@@ -21,7 +21,8 @@ Measures, each figure beside a baseline measured in the same run:
    ``bytearray(4096)`` (target <= 25 µs); 500 generated tests using
    ``guarded_buffer(4096)`` against the same tests with ``bytearray(4096)``,
    each file run by ``python -m pytest -q -p no:cacheprovider`` (target <=
-   1.3x); pytest start-up for one trivial test with the plugin against
+   1.3x), and as a reference the same tests through a plain fixture of their
+   own (pytest's fixture cost alone); pytest start-up for one trivial test with the plugin against
    ``-p no:uffd_guard`` (target <= +10 ms).
 
 Every figure is the median of N repetitions (N = 5, 3 with ``--quick``).  The
@@ -366,13 +367,22 @@ GUARDED_TEST = (
     "def test_{i}(guarded_buffer):\n    buf = guarded_buffer(4096)\n    assert buf[0] == 0\n\n"
 )
 PLAIN_TEST = "def test_{i}():\n    buf = bytearray(4096)\n    assert buf[0] == 0\n\n"
+#: The same tests through a fixture of their own that hands out bytearrays:
+#: what pytest's fixture machinery alone costs (a reference row).
+FIXTURE_HEAD = "import pytest\n\n\n@pytest.fixture\ndef plain_buffer():\n    yield bytearray\n\n\n"
+FIXTURE_TEST = (
+    "def test_{i}(plain_buffer):\n    buf = plain_buffer(4096)\n    assert buf[0] == 0\n\n"
+)
 
 
-def suite_figures(runs: int, tests: int = 500) -> tuple[Result, Result]:
+def suite_figures(runs: int, tests: int = 500) -> tuple[Result, Result, Result]:
     with tempfile.TemporaryDirectory(prefix="uffd-bench-") as tmp:
         d = Path(tmp)
         (d / "test_guarded.py").write_text("".join(GUARDED_TEST.format(i=i) for i in range(tests)))
         (d / "test_plain.py").write_text("".join(PLAIN_TEST.format(i=i) for i in range(tests)))
+        (d / "test_fixture.py").write_text(
+            FIXTURE_HEAD + "".join(FIXTURE_TEST.format(i=i) for i in range(tests))
+        )
         (d / "test_one.py").write_text("def test_one():\n    pass\n")
         try:
             g, p = paired_medians(
@@ -384,6 +394,15 @@ def suite_figures(runs: int, tests: int = 500) -> tuple[Result, Result]:
         except Exception as exc:
             suite = {"skip": short(str(exc), 80)}
         try:
+            f, p = paired_medians(
+                runs,
+                lambda: pytest_seconds(d, "test_fixture.py", []),
+                lambda: pytest_seconds(d, "test_plain.py", []),
+            )
+            fixture: Result = {"ns": f * 1e9, "base_ns": p * 1e9}
+        except Exception as exc:
+            fixture = {"skip": short(str(exc), 80)}
+        try:
             w, wo = paired_medians(
                 runs + 2,
                 lambda: pytest_seconds(d, "test_one.py", []),
@@ -392,7 +411,7 @@ def suite_figures(runs: int, tests: int = 500) -> tuple[Result, Result]:
             startup: Result = {"ns": w * 1e9, "base_ns": wo * 1e9}
         except Exception as exc:
             startup = {"skip": short(str(exc), 80)}
-    return suite, startup
+    return suite, fixture, startup
 
 
 # --------------------------------------------------------------------------
@@ -582,7 +601,7 @@ def measure(quick: bool, repeat: int) -> list[Result]:
         )
     )
     log("small buffers")
-    suite, startup = suite_figures(repeat)
+    suite, fixture, startup = suite_figures(repeat)
     rows.append(
         figure(
             "4 small",
@@ -593,6 +612,18 @@ def measure(quick: bool, repeat: int) -> list[Result]:
             "s",
             "<= 1.3x",
             lambda v, b: b is not None and v <= 1.3 * b,
+        )
+    )
+    rows.append(
+        figure(
+            "4 small",
+            "500 tests with a plain fixture (pytest alone)",
+            fixture,
+            {"ns": fixture["base_ns"]} if "base_ns" in fixture else None,
+            "500 tests with bytearray(4096)",
+            "s",
+            "(reference)",
+            lambda v, b: True,
         )
     )
     rows.append(
