@@ -13,6 +13,13 @@
  * be recorded again after a re-protect); the watcher checks and re-arms
  * the budget with what is left.
  *
+ * No hit may be lost, or a buffer stays sync for good (seen on 3.13t with
+ * four writer threads): a record is spent only once it is in the log (the
+ * watcher then finds it when it drains), every record made after the
+ * budget is spent flags the guard again (one made while the watcher is
+ * between budget_hits and guard_set_budget), and guard_set_budget leaves
+ * a pending flag alone (the watcher looks once more: harmless).
+ *
  * The eventfd is per process: a forked child gets its own on first use
  * (budget_atfork_child), so a parent's hit never wakes the child's watcher
  * nor is eaten by it.
@@ -38,9 +45,11 @@ budget_notify_locked(void)
 void
 budget_spend_locked(struct guard *g)
 {
-    if (g->budget_left == 0)
+    if (!g->budget_on)
         return;
-    if (--g->budget_left == 0) {
+    if (g->budget_left > 0 && --g->budget_left > 0)
+        return;
+    if (!g->budget_hit) {  /* one bump per flag: the watcher reads them all */
         g->budget_hit = 1;
         budget_notify_locked();
     }
@@ -55,7 +64,7 @@ guard_set_budget(uint64_t id, uint64_t n)
     long i = guard_index(id);
     if (i >= 0) {
         H.guards[i].budget_left = n;
-        H.guards[i].budget_hit = 0;
+        H.guards[i].budget_on = n > 0;
     }
     pthread_mutex_unlock(&H.lock);
     return i >= 0 ? 0 : TABLE_UNKNOWN;

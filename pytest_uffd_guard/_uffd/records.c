@@ -62,6 +62,9 @@ store_record_locked(const struct fault_record *r)
         g->log[g->count++] = *r;
     else
         g->overflow++;
+    /* After storing: a watcher told the budget is spent finds the record
+     * when it drains (budget.c). */
+    budget_spend_locked(g);
 }
 
 /* protect() may re-arm a guard while the handler is resolving one of its
@@ -129,7 +132,6 @@ record_again_if_rearmed(const struct fault_record *r, uint64_t id, uint64_t armi
             if (g->recorded)
                 bit_set(g->recorded, k);
             size_t before = g->count;
-            budget_spend_locked(g);
             store_record_locked(r);
             if (g->count > before && r->attr == ATTR_SIGNALLED)
                 A.copies++;
@@ -224,6 +226,6 @@ classify_fault_locked(struct fault *f)
     }
     if (f->record && g->recorded)
         bit_set(g->recorded, unit_index);
-    if (f->record)
-        budget_spend_locked(g);
+    /* The budget is spent by store_record_locked, once the record is in
+     * the log. */
 }

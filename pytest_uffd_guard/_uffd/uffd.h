@@ -135,9 +135,11 @@ struct guard {
     int armed;          /* protected by the last guard_protect call */
     uint64_t armings;   /* guard_protect(protect=1) calls so far */
     uint64_t reprotect_deadline;   /* CLOCK_MONOTONIC ns: stop waiting */
-    /* Records still allowed before the hybrid watcher is told (budget.c);
-     * 0: no budget.  budget_hit: spent, not yet read by budget_hits. */
+    /* Records still allowed before the hybrid watcher is told (budget.c).
+     * budget_on: guard_set_budget gave one (every record past it is told
+     * too).  budget_hit: spent, not yet read by budget_hits. */
     uint64_t budget_left;
+    int budget_on;
     int budget_hit;
 };
 

@@ -420,6 +420,48 @@ def test_many_idle_hybrid_buffers_cost_no_cpu(wp_async: None) -> None:
 
 
 @pytest.mark.timeout(120)
+def test_budget_flags_are_never_lost(uffd: None) -> None:
+    """Hardening (issue 11, seen once on 3.13t: three of 160 hybrid buffers
+    never switched).  The handler told the watcher a budget was spent
+    before the last record was in the log, and a record made while the
+    watcher was between budget_hits() and its new budget flagged nothing:
+    the watcher saw one page too few, and no later write woke it.  Now a
+    hit is raised only after the record is stored, every record past a
+    spent budget flags the guard again, and a new budget keeps a pending
+    flag.  The core calls, in a process of their own (no watcher)."""
+    result = run_python(
+        """
+        import json, mmap
+        from pytest_uffd_guard import GuardedBuffer
+        from pytest_uffd_guard.kernel.handler import HANDLER
+        P = mmap.PAGESIZE
+        core = HANDLER.core
+        out = {}
+        with GuardedBuffer(8 * P, engine="sync", stacks=0) as buf:
+            tracker = buf._tracker
+            gid = tracker.guard_id
+            core.budget_fd()
+            tracker.set_budget(2)
+            buf[0] = 1
+            out["one"] = core.budget_hits()
+            buf[P] = 1
+            out["spent"] = core.budget_hits() == [gid]
+            out["in_log"] = len(buf.writes)
+            buf[2 * P] = 1  # past the budget, before a new one
+            out["past"] = core.budget_hits() == [gid]
+            buf[3 * P] = 1
+            tracker.set_budget(5)  # the flag of the write before stays
+            out["kept"] = core.budget_hits() == [gid]
+            buf[4 * P] = 1
+            out["fresh"] = core.budget_hits()
+        print(json.dumps(out))
+        """
+    )
+    out = _last_json(result)
+    assert out == {"one": [], "spent": True, "in_log": 2, "past": True, "kept": True, "fresh": []}
+
+
+@pytest.mark.timeout(120)
 def test_watcher_runs_in_a_forked_child(wp_async: None) -> None:
     """Issue 9 item 2: after fork, a child's own hybrid buffer is watched by a
     watcher of the child's, which ends when the buffer closes."""
