@@ -1,4 +1,4 @@
-"""The ``guarded_buffer`` fixture: a factory of guarded buffers for one test.
+"""The ``guarded_buffer`` fixture's body: a factory of guarded buffers for one test.
 
 Its buffers are entries of the test's state (``state.py``); the plugin's
 manager harvests them after each phase and closes them at teardown.
@@ -101,23 +101,14 @@ class GuardedBufferFactory:
         return buffer
 
 
-@pytest.fixture
-def guarded_buffer(request: pytest.FixtureRequest) -> Iterator[GuardedBufferFactory]:
-    """Factory of guarded buffers: ``guarded_buffer(4096)``,
-    ``guarded_buffer(b"data", name="frame", readonly=False)``.
-
-    A read-only buffer (the default) fails the test when the test's call
-    writes into it; a ``readonly=False`` buffer only reports writes.
-    ``engine=``, ``backing=``, ``stacks=`` and ``max_records=`` are passed
-    to ``GuardedBuffer`` and win over ``--uffd-engine``/``--uffd-stacks``.
-    The buffers are closed at teardown.
-    """
-    item = request.node
-    assert isinstance(item, pytest.Item)
+def buffers(item: pytest.Item) -> Iterator[GuardedBufferFactory]:
+    """The body of the ``guarded_buffer`` fixture (declared in ``plugin.py``,
+    which imports this module only when a test asks for the fixture): the
+    factory for the test, then every buffer it made closed."""
     yield GuardedBufferFactory(item)
     for entry in item_state(item).entries:
         if entry.origin == FIXTURE:
             entry.buffer.close()
 
 
-__all__ = ["BAD_NAME", "GuardedBufferFactory", "guarded_buffer", "new_buffer"]
+__all__ = ["BAD_NAME", "GuardedBufferFactory", "buffers", "new_buffer"]

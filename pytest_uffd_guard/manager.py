@@ -31,8 +31,6 @@ if TYPE_CHECKING:
 #: Name of the manager object in pytest's plugin manager.
 MANAGER_NAME = "uffd_guard_manager"
 
-manager_key = pytest.StashKey["Manager"]()
-
 #: Added to a test that failed with EFAULT while the uffd is user-mode only.
 EFAULT_HINT = (
     "a system call failed with EFAULT (errno 14) on a guarded buffer: this userfaultfd "

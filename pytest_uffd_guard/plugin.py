@@ -2,18 +2,21 @@
 
 Registered through the ``pytest11`` entry point.  It offers the
 ``guarded_buffer`` fixture, the ``readonly_buffer`` marker, the
-``--uffd-report`` and ``--uffd-require`` options, the engine line and the
-``pytest_uffd_*`` hooks (see ``hookspecs.py``).
+``--uffd-*`` options, the engine line and the ``pytest_uffd_*`` hooks (see
+``hookspecs.py``).
 
-This module is glue: options, configuration and the engine line (said
-after the collection, only when a test guards something).  The run's
-hooks are the methods of ``manager.Manager``; buffers come from
-``guard.py`` (imported lazily, so that loading the plugin opens no file
-descriptor, starts no thread and imports neither ctypes nor numpy), tables
-and JSON from ``report.py``, settings from ``settings.py``, the engine from
-``engines.choose_engine``.
+This module is what every pytest run loads, so it is small: options,
+settings (checked when pytest starts, so a bad value is a usage error), the
+engine line, and :func:`activate`.  The run's real hooks are the methods of
+``manager.Manager`` (guarded buffers: harvest, judge, report) and
+``watchplugin.WatchManager`` (in-place watches).  They are imported and
+registered only once something needs them: a collected test that uses the
+fixture or the marker, a fixture asked for at run time, a report or an
+in-place watch asked for, or pytest-xdist's controller.  A run that guards
+nothing never imports them, opens no file descriptor, starts no thread and
+probes no kernel (issue 11: start-up).
 
-After each test phase (setup, call, teardown) the plugin harvests every
+After each test phase (setup, call, teardown) the manager harvests every
 buffer the test guards: records and changed bytes become plain-data
 findings attached to that phase's report, and the buffer is re-armed so the
 next phase starts clean.  Only findings of the call phase can fail a test.
@@ -22,15 +25,11 @@ next phase starts clean.  Only findings of the call phase can fail a test.
 from __future__ import annotations
 
 import sys
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .fixture import GuardedBufferFactory, guarded_buffer
-from .jsonfile import JSON_WRITTEN, check_path
-from .manager import EFAULT_HINT, MANAGER_NAME, STATUS_WORD, Manager, manager_key
-from .marker import BAD_MARKER, MARKER, UNGUARDABLE, UNKNOWN_ARGUMENT, marker_help
-from .session import engine_request
 from .settings import (
     DOCTOR_HELP,
     DOCTOR_OPTION,
@@ -54,29 +53,52 @@ from .settings import (
 )
 from .state import (
     FIXTURE,
-    REQUIRED_SUFFIX,
-    UNAVAILABLE_PREFIX,
     is_worker,
     item_state_key,
+    manager_key,
     settings_key,
     watch_manager_key,
+    watch_settings_key,
+)
+from .watchsettings import (
+    READONLY_FIXTURE_OPTION,
+    READONLY_FIXTURES_HELP,
+    READONLY_FIXTURES_INI,
+    WATCH_HELP,
+    WATCH_INI,
+    WATCH_OPTION,
+    resolve_watch_settings,
 )
 
-#: In-place watches (the marker's inplace=, uffd_readonly_fixtures, uffd_watch).
-pytest_plugins = ["pytest_uffd_guard.watchplugin"]
+if TYPE_CHECKING:
+    from .fixture import GuardedBufferFactory
+    from .manager import Manager
 
-__all__ = [
-    "BAD_MARKER",
-    "EFAULT_HINT",
-    "JSON_WRITTEN",
-    "REQUIRED_SUFFIX",
-    "STATUS_WORD",
-    "UNAVAILABLE_PREFIX",
-    "UNGUARDABLE",
-    "UNKNOWN_ARGUMENT",
-    "GuardedBufferFactory",
-    "guarded_buffer",
-]
+#: Names this module used to import eagerly, still importable from here
+#: (tests and users' annotations) without paying for them at start-up.
+_LAZY = {
+    "GuardedBufferFactory": "fixture",
+    "BAD_MARKER": "marker",
+    "UNGUARDABLE": "marker",
+    "UNKNOWN_ARGUMENT": "marker",
+    "EFAULT_HINT": "manager",
+    "STATUS_WORD": "manager",
+    "JSON_WRITTEN": "jsonfile",
+    "REQUIRED_SUFFIX": "state",
+    "UNAVAILABLE_PREFIX": "state",
+}
+
+
+def __getattr__(name: str) -> Any:
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    return getattr(import_module(f"{__package__}.{where}"), name)
+
+
+__all__ = [*_LAZY, "activate", "guarded_buffer"]
 
 
 # ------------------------------------------------------------ options
@@ -117,6 +139,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini(REQUIRE_INI, REQUIRE_HELP, type="bool", default=False)
     parser.addini(ENGINE_INI, ENGINE_HELP, type="string", default="")
     parser.addini(STACKS_INI, STACKS_HELP, type="string", default="")
+    for option, dest, metavar, text in (
+        (READONLY_FIXTURE_OPTION, "uffd_readonly_fixtures", "NAME", READONLY_FIXTURES_HELP),
+        (WATCH_OPTION, "uffd_watch", "SPEC", WATCH_HELP),
+    ):
+        # Each may be given more than once; None when not given (ini then).
+        group.addoption(
+            option, dest=dest, action="append", default=None, metavar=metavar, help=text
+        )
+    parser.addini(READONLY_FIXTURES_INI, READONLY_FIXTURES_HELP, type="args", default=[])
+    parser.addini(WATCH_INI, WATCH_HELP, type="args", default=[])
 
 
 def pytest_cmdline_main(config: pytest.Config) -> int | None:
@@ -156,25 +188,101 @@ def get_settings(config: pytest.Config) -> Settings:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    from .marker import marker_help
+
     config.addinivalue_line("markers", marker_help())
     settings = get_settings(config)
     if settings.report_json is not None and not is_worker(config):
+        from .jsonfile import check_path
+
         try:
             check_path(settings.report_json, settings.report_json_source)
         except SettingsError as exc:
             raise pytest.UsageError(str(exc)) from None
+    try:
+        watch = resolve_watch_settings(
+            config.getoption("uffd_readonly_fixtures"),
+            config.getini(READONLY_FIXTURES_INI),
+            config.getoption("uffd_watch"),
+            config.getini(WATCH_INI),
+        )
+    except SettingsError as exc:
+        raise pytest.UsageError(str(exc)) from None
     config.stash[settings_key] = settings
-    manager = Manager(config, settings)
-    config.stash[manager_key] = manager
+    config.stash[watch_settings_key] = watch
+    # Asked for outright: a report (said even when nothing was guarded) or
+    # in-place watches (the session's start from pytest_sessionstart on).
+    if settings.report_only or watch.specs or watch.fixtures:
+        activate(config)
+
+
+def activate(config: pytest.Config) -> Manager:
+    """Import and register the run's manager and in-place watches, once."""
+    manager = config.stash.get(manager_key, None)
+    if manager is not None:
+        return manager
+    from .manager import MANAGER_NAME, Manager
+    from .watchplugin import WATCH_MANAGER_NAME, WatchManager
+
+    manager = config.stash[manager_key] = Manager(config, config.stash[settings_key])
     config.pluginmanager.register(manager, MANAGER_NAME)
+    # Registered second, so its tryfirst hooks run before the manager's.
+    watches = config.stash[watch_manager_key] = WatchManager(
+        config, config.stash[watch_settings_key]
+    )
+    config.pluginmanager.register(watches, WATCH_MANAGER_NAME)
+    return manager
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if manager_key in config.stash:
-        config.pluginmanager.unregister(config.stash[manager_key], MANAGER_NAME)
+    watches = config.stash.get(watch_manager_key, None)
+    if watches is not None:
+        watches.stop_all()
+        config.pluginmanager.unregister(watches)
+        del config.stash[watch_manager_key]
+    manager = config.stash.get(manager_key, None)
+    if manager is not None:
+        config.pluginmanager.unregister(manager)
         del config.stash[manager_key]
     if settings_key in config.stash:
         del config.stash[settings_key]
+    if watch_settings_key in config.stash:
+        del config.stash[watch_settings_key]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # pytest-xdist's controller collects nothing: its workers' findings
+    # arrive on their reports, for the manager to gather.
+    if session.config.pluginmanager.has_plugin("dsession"):
+        activate(session.config)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # Before the first test runs, and before the watches' own
+    # collection_finish (trylast).
+    if any(guards_something(item) for item in session.items):
+        activate(session.config)
+
+
+@pytest.fixture
+def guarded_buffer(request: pytest.FixtureRequest) -> Iterator[GuardedBufferFactory]:
+    """Factory of guarded buffers: ``guarded_buffer(4096)``,
+    ``guarded_buffer(b"data", name="frame", readonly=False)``.
+
+    A read-only buffer (the default) fails the test when the test's call
+    writes into it; a ``readonly=False`` buffer only reports writes.
+    ``engine=``, ``backing=``, ``stacks=`` and ``max_records=`` are passed
+    to ``GuardedBuffer`` and win over ``--uffd-engine``/``--uffd-stacks``.
+    The buffers are closed at teardown.
+    """
+    item = request.node
+    assert isinstance(item, pytest.Item)
+    activate(item.config)  # asked for at run time (request.getfixturevalue)
+    from .fixture import buffers
+
+    yield from buffers(item)
 
 
 #: With -v, when no collected test guards anything (the kernel is not probed).
@@ -189,9 +297,23 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     # (tens of ms): it waits for the collection, and is only said when a
     # test guards something (issue 11: start-up).  pytest-xdist's controller
     # collects nothing itself, so there it stays in the header.
-    if not config.pluginmanager.has_plugin("dsession"):
-        return []
-    return engine_lines(config)
+    lines = watch_lines(config)
+    if config.pluginmanager.has_plugin("dsession"):
+        from .session import engine_lines
+
+        lines[:0] = engine_lines(config)
+    return lines
+
+
+def watch_lines(config: pytest.Config) -> list[str]:
+    """What is watched in place for the run, if anything."""
+    watch = config.stash.get(watch_settings_key, None)
+    parts = []
+    if watch is not None and watch.specs:
+        parts.append("for the session: " + ", ".join(watch.specs))
+    if watch is not None and watch.fixtures:
+        parts.append("fixtures: " + ", ".join(watch.fixtures))
+    return [f"uffd-guard: watched in place: {'; '.join(parts)}"] if parts else []
 
 
 def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Item]) -> list[str]:
@@ -199,67 +321,25 @@ def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Ite
         return []  # -q and --no-header hide the header, and so this line
     if config.pluginmanager.has_plugin("dsession"):
         return []
-    if any(guards_something(item) for item in items) or watches_in_place(config):
+    if watches_in_place(config) or any(guards_something(item) for item in items):
+        from .session import engine_lines
+
         return engine_lines(config)
     return [NOTHING_GUARDED] if config.get_verbosity() > 0 else []
 
 
 def guards_something(item: pytest.Item) -> bool:
     """Whether the test uses the fixture or the marker."""
-    return FIXTURE in getattr(item, "fixturenames", ()) or bool(item.get_closest_marker(MARKER))
+    return FIXTURE in getattr(item, "fixturenames", ()) or bool(
+        item.get_closest_marker("readonly_buffer")
+    )
 
 
 def watches_in_place(config: pytest.Config) -> bool:
     """Whether ``--uffd-watch`` / ``--uffd-readonly-fixture`` (or their ini
     keys) name something to watch."""
-    manager = config.stash.get(watch_manager_key, None)
-    return manager is not None and bool(manager.settings.specs or manager.settings.fixtures)
-
-
-def engine_lines(config: pytest.Config) -> list[str]:
-    """The engine line (and with -v the details): what runs, on which kernel,
-    what is missing, all from ``engines.choose_engine``."""
-    from .engines import choose_engine
-    from .kernel.capabilities import capabilities
-
-    caps = capabilities()
-    settings = config.stash[settings_key]
-    requested = engine_request(config)
-    choice = choose_engine(requested, caps=caps)
-    kernel = caps.kernel or caps.platform
-    verbose = config.get_verbosity() > 0
-    if not choice.usable:
-        fate = "errors" if settings.require else "skipped"
-        lines = [
-            f"uffd-guard: engine {requested}, kernel {kernel}, UNAVAILABLE "
-            f"(guarded tests are {fate}): {choice.reason}"
-        ]
-        if verbose and choice.remedy:
-            lines.append(f"uffd-guard: fix: {choice.remedy}")
-        return lines
-    missing = ", ".join(f"{m.feature} (Linux {m.since})" for m in caps.missing) or "nothing"
-    engine = choice.engine if requested == choice.engine else f"{choice.engine} ({requested})"
-    line = f"uffd-guard: engine {engine}, kernel {kernel}, missing: {missing}; {choice.summary}"
-    if settings.stacks is not None:
-        line += f"; writer named for the first {settings.stacks} writes per buffer"
-    lines = [line]
-    if verbose:
-        lines.append(f"uffd-guard: engine choice: {choice.reason}")
-        lines.append(f"uffd-guard: kernel writes (readinto, recv_into): {choice.kernel_writes}")
-        if choice.remedy:
-            lines.append(f"uffd-guard: fix: {choice.remedy}")
-        if caps.available:
-            reach = "reach" if caps.kernel_writes_seen else "never reach (user-mode only)"
-            lines.append(
-                f"uffd-guard: opened by {caps.open_method}, kernel writes {reach} a "
-                "write-protect handler, features: "
-                + ", ".join(name for name, on in caps.features.items() if on)
-            )
-        for m in caps.missing:
-            lines.append(f"uffd-guard: without {m.feature}: {m.consequence}")
-        mode = "report only" if settings.report_only else "fail on writes"
-        lines.append(f"uffd-guard: mode: {mode}, require: {settings.require}")
-    return lines
+    watch = config.stash.get(watch_settings_key, None)
+    return watch is not None and bool(watch.specs or watch.fixtures)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -270,3 +350,16 @@ def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
     if state is not None and state.marked:
         item.config.stash[manager_key].swap(item)
     return result
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    # The manager says the handler's warnings when it is registered; without
+    # it a test may still have used GuardedBuffer itself.
+    if (
+        manager_key not in terminalreporter.config.stash
+        and "pytest_uffd_guard.kernel.handler" in sys.modules
+    ):
+        from .session import handler_summary
+
+        for line in handler_summary():
+            terminalreporter.write_line(line, yellow=True)

@@ -1,6 +1,7 @@
-"""The session's engine as the plugin words it: the skip reason, the JSON's
-engine fields.  Every answer is ``engines.choose_engine``'s.  And what the
-fault handler of this process survived, for the summary.
+"""The session's engine as the plugin words it: the engine line of the
+header, the skip reason, the JSON's engine fields.  Every answer is
+``engines.choose_engine``'s.  And what the fault handler of this process
+survived, for the summary.
 """
 
 from __future__ import annotations
@@ -68,3 +69,49 @@ def handler_summary() -> list[str]:
 
     state = handler_state()
     return [] if state is None else report.handler_lines(state)
+
+
+def engine_lines(config: pytest.Config) -> list[str]:
+    """The engine line (and with -v the details): what runs, on which kernel,
+    what is missing, all from ``engines.choose_engine``."""
+    from .engines import choose_engine
+    from .kernel.capabilities import capabilities
+
+    caps = capabilities()
+    settings = config.stash[settings_key]
+    requested = engine_request(config)
+    choice = choose_engine(requested, caps=caps)
+    kernel = caps.kernel or caps.platform
+    verbose = config.get_verbosity() > 0
+    if not choice.usable:
+        fate = "errors" if settings.require else "skipped"
+        lines = [
+            f"uffd-guard: engine {requested}, kernel {kernel}, UNAVAILABLE "
+            f"(guarded tests are {fate}): {choice.reason}"
+        ]
+        if verbose and choice.remedy:
+            lines.append(f"uffd-guard: fix: {choice.remedy}")
+        return lines
+    missing = ", ".join(f"{m.feature} (Linux {m.since})" for m in caps.missing) or "nothing"
+    engine = choice.engine if requested == choice.engine else f"{choice.engine} ({requested})"
+    line = f"uffd-guard: engine {engine}, kernel {kernel}, missing: {missing}; {choice.summary}"
+    if settings.stacks is not None:
+        line += f"; writer named for the first {settings.stacks} writes per buffer"
+    lines = [line]
+    if verbose:
+        lines.append(f"uffd-guard: engine choice: {choice.reason}")
+        lines.append(f"uffd-guard: kernel writes (readinto, recv_into): {choice.kernel_writes}")
+        if choice.remedy:
+            lines.append(f"uffd-guard: fix: {choice.remedy}")
+        if caps.available:
+            reach = "reach" if caps.kernel_writes_seen else "never reach (user-mode only)"
+            lines.append(
+                f"uffd-guard: opened by {caps.open_method}, kernel writes {reach} a "
+                "write-protect handler, features: "
+                + ", ".join(name for name, on in caps.features.items() if on)
+            )
+        for m in caps.missing:
+            lines.append(f"uffd-guard: without {m.feature}: {m.consequence}")
+        mode = "report only" if settings.report_only else "fail on writes"
+        lines.append(f"uffd-guard: mode: {mode}, require: {settings.require}")
+    return lines

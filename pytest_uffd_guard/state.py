@@ -6,7 +6,6 @@ guarded buffers and findings live in ``item.stash[item_state_key]``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -16,9 +15,11 @@ from .settings import REQUIRE_INI, REQUIRE_OPTION, Settings
 if TYPE_CHECKING:
     from .findings import Finding
     from .guard import GuardedBuffer
+    from .manager import Manager
     from .marker import MarkedArgument
     from .verdict import Range
     from .watchbook import WatchBook
+    from .watchsettings import WatchSettings
 
 FIXTURE = "guarded_buffer"
 #: Start of the skip reason (and error) when userfaultfd cannot be used.
@@ -27,41 +28,71 @@ UNAVAILABLE_PREFIX = "uffd-guard unavailable"
 REQUIRED_SUFFIX = f"(error because of {REQUIRE_OPTION} / {REQUIRE_INI})"
 
 
-@dataclass(eq=False)
 class Entry:
-    """A buffer guarded for one test, and the rules that apply to it."""
+    """A buffer guarded for one test, and the rules that apply to it.
 
-    buffer: GuardedBuffer
-    readonly: bool
-    origin: str
-    from_marker: bool = False
-    allow: tuple[Range, ...] = ()
-    done: bool = False
-    stopped_seen: str | None = None
-    #: numpy layout of the guarded data, for element-aware reports.
-    element: tuple[str, int] | None = None
+    A plain class, not a dataclass: this module is imported when pytest
+    starts, and a dataclass costs a millisecond to create (issue 11).
+    """
+
+    __slots__ = (
+        "allow",
+        "buffer",
+        "done",
+        "element",
+        "from_marker",
+        "origin",
+        "readonly",
+        "stopped_seen",
+    )
+
+    def __init__(
+        self,
+        buffer: GuardedBuffer,
+        readonly: bool,
+        origin: str,
+        from_marker: bool = False,
+        allow: tuple[Range, ...] = (),
+        element: tuple[str, int] | None = None,
+    ) -> None:
+        self.buffer = buffer
+        self.readonly = readonly
+        self.origin = origin
+        self.from_marker = from_marker
+        self.allow = allow
+        self.done = False
+        #: The reason tracking stopped, once said.
+        self.stopped_seen: str | None = None
+        #: numpy layout of the guarded data, for element-aware reports.
+        self.element = element
 
 
-@dataclass(eq=False)
 class ItemState:
     """Per-test state, in ``item.stash[item_state_key]``."""
 
-    entries: list[Entry] = field(default_factory=list)
-    #: Marker arguments swapped for guarded copies: argname -> original.
-    swapped: dict[str, Any] = field(default_factory=dict)
-    #: The guarded views handed to the test, dropped before closing.
-    views: dict[str, Any] = field(default_factory=dict)
-    #: Arguments named by readonly_buffer markers, validated at setup.
-    marked: list[MarkedArgument] = field(default_factory=list)
-    #: Findings of the phases reported so far.
-    findings: list[Finding] = field(default_factory=list)
-    counter: int = 0
+    __slots__ = ("counter", "entries", "findings", "marked", "swapped", "views")
+
+    def __init__(self) -> None:
+        self.entries: list[Entry] = []
+        #: Marker arguments swapped for guarded copies: argname -> original.
+        self.swapped: dict[str, Any] = {}
+        #: The guarded views handed to the test, dropped before closing.
+        self.views: dict[str, Any] = {}
+        #: Arguments named by readonly_buffer markers, validated at setup.
+        self.marked: list[MarkedArgument] = []
+        #: Findings of the phases reported so far.
+        self.findings: list[Finding] = []
+        self.counter = 0
 
 
 settings_key = pytest.StashKey[Settings]()
 item_state_key = pytest.StashKey[ItemState]()
-#: The run's in-place watches (watchplugin.WatchManager); here so that
-#: plugin.py need not import watchplugin, which pytest_plugins loads.
+#: The run's in-place watch settings, resolved when pytest starts.
+watch_settings_key: pytest.StashKey[WatchSettings] = pytest.StashKey()
+#: The run's manager and in-place watches (``manager.Manager``,
+#: ``watchplugin.WatchManager``): registered by ``plugin.activate`` only once
+#: a test guards or watches something, so a run without one never imports them.
+manager_key: pytest.StashKey[Manager] = pytest.StashKey()
 watch_manager_key: pytest.StashKey[WatchBook] = pytest.StashKey()
 
 

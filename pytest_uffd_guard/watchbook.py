@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from .marker import BAD_MARKER, MARKER
-from .state import REQUIRED_SUFFIX, UNAVAILABLE_PREFIX, item_state, settings_key
+from .state import REQUIRED_SUFFIX, UNAVAILABLE_PREFIX, item_state, manager_key, settings_key
 from .watched import Seen, Watched, failure_sentence, problem_of, section_text, size_of
 from .watchsettings import READONLY_FIXTURE_OPTION, READONLY_FIXTURES_INI, WatchSettings
 
@@ -89,8 +89,6 @@ class WatchBook:
         return section_text(findings, self.config.get_verbosity() > 0, self.coverage)
 
     def _plugin_findings(self) -> list[Finding]:
-        from .manager import manager_key
-
         return self.config.stash[manager_key].findings
 
     def item_watches(self, item: pytest.Item) -> list[Watched]:

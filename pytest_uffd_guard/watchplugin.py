@@ -20,10 +20,12 @@ the ``--uffd-report`` summary and the JSON show them; their ``origin`` says
 how they were watched (``readonly_buffer:NAME (in place)``,
 ``uffd_readonly_fixtures:NAME``, ``uffd_watch:SPEC``).
 
-This module holds the hooks; ``watchbook.py`` the bookkeeping of each
-phase (making the watches, judging what they saw), ``watchsettings.py``
-the options and the specs, ``watched.py`` one watched object and the text
-of its findings (neither imports pytest).
+This module holds the hooks, as methods of :class:`WatchManager`, which
+``plugin.activate`` registers (its options and settings are ``plugin.py``'s,
+read when pytest starts); ``watchbook.py`` the bookkeeping of each phase
+(making the watches, judging what they saw), ``watchsettings.py`` the
+options and the specs, ``watched.py`` one watched object and the text of
+its findings (neither imports pytest).
 """
 
 from __future__ import annotations
@@ -34,14 +36,11 @@ from typing import Any
 import pytest
 
 from .settings import SettingsError
-from .state import settings_key, watch_manager_key
 from .watchbook import WatchBook, start, start_for_test
 from .watched import FAILURE_PREFIX, SECTION_TITLE, Watched, failure_sentence
 from .watchsettings import (
     READONLY_FIXTURE_OPTION,
-    READONLY_FIXTURES_HELP,
     READONLY_FIXTURES_INI,
-    WATCH_HELP,
     WATCH_INI,
     WATCH_OPTION,
     WatchSettings,
@@ -63,62 +62,6 @@ NOT_WATCHABLE = "uffd watch spec {spec!r} from {where} cannot be watched: {cause
 
 #: The item's own watches (marker inplace=, uffd_readonly_fixtures), made at setup.
 item_watches_key = pytest.StashKey[list[Watched]]()
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_addoption(parser: pytest.Parser) -> None:
-    # trylast: the group is the one plugin.py made, with its title.
-    group = parser.getgroup("uffd-guard")
-    for option, dest, metavar, text in (
-        (READONLY_FIXTURE_OPTION, "uffd_readonly_fixtures", "NAME", READONLY_FIXTURES_HELP),
-        (WATCH_OPTION, "uffd_watch", "SPEC", WATCH_HELP),
-    ):
-        # Each may be given more than once; None when not given (ini then).
-        group.addoption(
-            option, dest=dest, action="append", default=None, metavar=metavar, help=text
-        )
-    parser.addini(READONLY_FIXTURES_INI, READONLY_FIXTURES_HELP, type="args", default=[])
-    parser.addini(WATCH_INI, WATCH_HELP, type="args", default=[])
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_configure(config: pytest.Config) -> None:
-    # trylast: after plugin.py's configure, which stashes the settings.
-    if settings_key not in config.stash:
-        return
-    try:
-        settings = resolve_watch_settings(
-            config.getoption("uffd_readonly_fixtures"),
-            config.getini(READONLY_FIXTURES_INI),
-            config.getoption("uffd_watch"),
-            config.getini(WATCH_INI),
-        )
-    except SettingsError as exc:
-        raise pytest.UsageError(str(exc)) from None
-    manager = WatchManager(config, settings)
-    config.stash[watch_manager_key] = manager
-    config.pluginmanager.register(manager, WATCH_MANAGER_NAME)
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    manager = config.stash.get(watch_manager_key, None)
-    if manager is None:
-        return
-    manager.stop_all()
-    config.pluginmanager.unregister(manager, WATCH_MANAGER_NAME)
-    del config.stash[watch_manager_key]
-
-
-def pytest_report_header(config: pytest.Config) -> list[str]:
-    manager = config.stash.get(watch_manager_key, None)
-    if manager is None:
-        return []
-    parts = []
-    if manager.settings.specs:
-        parts.append("for the session: " + ", ".join(manager.settings.specs))
-    if manager.settings.fixtures:
-        parts.append("fixtures: " + ", ".join(manager.settings.fixtures))
-    return [f"uffd-guard: watched in place: {'; '.join(parts)}"] if parts else []
 
 
 class WatchManager(WatchBook):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -53,6 +54,82 @@ def test_no_engine_until_a_buffer_is_made(pytester: pytest.Pytester) -> None:
     )
     result = pytester.runpytest_subprocess("-p", "no:faulthandler")
     result.assert_outcomes(passed=1)
+
+
+#: The modules a run that guards nothing may import: the plugin's front.
+FRONT = [
+    "pytest_uffd_guard",
+    "pytest_uffd_guard.hookspecs",
+    "pytest_uffd_guard.marker",
+    "pytest_uffd_guard.names",
+    "pytest_uffd_guard.plugin",
+    "pytest_uffd_guard.settings",
+    "pytest_uffd_guard.state",
+    "pytest_uffd_guard.watchsettings",
+]
+
+PRINT_MODULES = """
+    import sys
+
+    def test_{name}({args}):
+        {body}
+        loaded = sorted(m for m in sys.modules if m.startswith("pytest_uffd_guard"))
+        print("LOADED", loaded)
+"""
+
+
+def loaded_modules(result: pytest.RunResult) -> list[str]:
+    line = next(line for line in result.outlines if "LOADED [" in line)
+    start = line.index("LOADED [") + len("LOADED ")
+    return list(ast.literal_eval(line[start : line.index("]", start) + 1]))
+
+
+def test_a_run_that_guards_nothing_loads_only_the_front(pytester: pytest.Pytester) -> None:
+    """issue 11 (start-up): the manager, the watches, the engines and the
+    kernel probe stay unimported until a test guards something."""
+    pytester.makepyfile(PRINT_MODULES.format(name="idle", args="", body="pass"))
+    result = pytester.runpytest_subprocess("-s", "-v")
+    result.assert_outcomes(passed=1)
+    assert loaded_modules(result) == FRONT
+    result.stdout.fnmatch_lines(["uffd-guard: no guarded test collected*"])
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        "--uffd-report",
+        pytest.param("--uffd-watch=watched_data:BUF", marks=pytest.mark.needs_uffd),
+    ],
+)
+def test_asking_for_a_report_or_a_watch_loads_the_manager(
+    pytester: pytest.Pytester, option: str
+) -> None:
+    """A report is said, and a session watch starts, even when no test guards anything."""
+    pytester.makepyfile(
+        watched_data="BUF = bytearray(4096)\n",
+        test_idle=PRINT_MODULES.format(name="idle", args="", body="pass"),
+    )
+    result = pytester.runpytest_subprocess("-s", option)
+    result.assert_outcomes(passed=1)
+    loaded = loaded_modules(result)
+    assert "pytest_uffd_guard.manager" in loaded
+    assert "pytest_uffd_guard.watchplugin" in loaded
+
+
+@pytest.mark.needs_uffd
+def test_fixture_asked_for_at_run_time_is_guarded(pytester: pytest.Pytester) -> None:
+    """request.getfixturevalue("guarded_buffer"), invisible at collection,
+    registers the manager itself: the write still fails the test."""
+    pytester.makepyfile(
+        PRINT_MODULES.format(
+            name="late",
+            args="request",
+            body='request.getfixturevalue("guarded_buffer")(b"abcd", name="late")[1] = 0',
+        )
+    )
+    result = pytester.runpytest_subprocess("-s", *sync_engine_args())
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*write into a read-only guarded buffer: 'late'*"])
 
 
 @pytest.mark.needs_uffd
