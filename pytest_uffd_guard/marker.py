@@ -19,13 +19,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pytest
 
-from .state import FIXTURE
+from .state import FIXTURE, MARKER
 
 if TYPE_CHECKING:
     from .guard import GuardedBuffer
     from .verdict import Range
-
-MARKER = "readonly_buffer"
 
 #: ``make(source, name)``: a new guarded buffer (or the test skipped).
 Make = Callable[[Any, str], "GuardedBuffer"]
@@ -61,7 +59,8 @@ def readonly_buffer(*argnames: str, allow: Sequence[Any] = (), inplace: bool = F
 
 
 def marker_help() -> str:
-    """The marker's --markers line, built from readonly_buffer's signature."""
+    """The marker's --markers line, built from readonly_buffer's signature
+    (``state.MARKER_HELP`` is this, written out)."""
     parameters = inspect.signature(readonly_buffer).parameters.values()
     signature = ", ".join(str(p.replace(annotation=inspect.Parameter.empty)) for p in parameters)
     doc = " ".join((readonly_buffer.__doc__ or "").split())

@@ -30,44 +30,18 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .settings import (
-    DOCTOR_HELP,
-    DOCTOR_OPTION,
-    ENGINE_HELP,
-    ENGINE_INI,
-    ENGINE_OPTION,
-    NO_REQUIRE_HELP,
-    NO_REQUIRE_OPTION,
-    REPORT_HELP,
-    REPORT_INI,
-    REPORT_OPTION,
-    REQUIRE_HELP,
-    REQUIRE_INI,
-    REQUIRE_OPTION,
-    STACKS_HELP,
-    STACKS_INI,
-    STACKS_OPTION,
-    Settings,
-    SettingsError,
-    resolve,
-)
+from . import settings as cfg
+from . import watchsettings as watch_cfg
 from .state import (
     FIXTURE,
+    MARKER,
+    MARKER_HELP,
     is_worker,
     item_state_key,
     manager_key,
     settings_key,
     watch_manager_key,
     watch_settings_key,
-)
-from .watchsettings import (
-    READONLY_FIXTURE_OPTION,
-    READONLY_FIXTURES_HELP,
-    READONLY_FIXTURES_INI,
-    WATCH_HELP,
-    WATCH_INI,
-    WATCH_OPTION,
-    resolve_watch_settings,
 )
 
 if TYPE_CHECKING:
@@ -107,48 +81,59 @@ __all__ = [*_LAZY, "activate", "guarded_buffer"]
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("uffd-guard", "Guarded buffers (userfaultfd write-protection)")
     group.addoption(
-        REPORT_OPTION,
+        cfg.REPORT_OPTION,
         dest="uffd_report",
         nargs="?",
         const="term",
         default=None,
         metavar="TARGETS",
-        help=REPORT_HELP,
+        help=cfg.REPORT_HELP,
     )
     group.addoption(
-        REQUIRE_OPTION,
+        cfg.REQUIRE_OPTION,
         dest="uffd_require",
         action="store_const",
         const=True,
         default=None,
-        help=REQUIRE_HELP,
+        help=cfg.REQUIRE_HELP,
     )
     group.addoption(
-        NO_REQUIRE_OPTION,
+        cfg.NO_REQUIRE_OPTION,
         dest="uffd_require",
         action="store_const",
         const=False,
-        help=NO_REQUIRE_HELP,
+        help=cfg.NO_REQUIRE_HELP,
     )
     group.addoption(
-        ENGINE_OPTION, dest="uffd_engine", default=None, metavar="ENGINE", help=ENGINE_HELP
+        cfg.ENGINE_OPTION, dest="uffd_engine", default=None, metavar="ENGINE", help=cfg.ENGINE_HELP
     )
-    group.addoption(STACKS_OPTION, dest="uffd_stacks", default=None, metavar="N", help=STACKS_HELP)
-    group.addoption(DOCTOR_OPTION, dest="uffd_doctor", action="store_true", help=DOCTOR_HELP)
-    parser.addini(REPORT_INI, REPORT_HELP, type="string", default="")
-    parser.addini(REQUIRE_INI, REQUIRE_HELP, type="bool", default=False)
-    parser.addini(ENGINE_INI, ENGINE_HELP, type="string", default="")
-    parser.addini(STACKS_INI, STACKS_HELP, type="string", default="")
+    group.addoption(
+        cfg.STACKS_OPTION, dest="uffd_stacks", default=None, metavar="N", help=cfg.STACKS_HELP
+    )
+    group.addoption(
+        cfg.DOCTOR_OPTION, dest="uffd_doctor", action="store_true", help=cfg.DOCTOR_HELP
+    )
+    parser.addini(cfg.REPORT_INI, cfg.REPORT_HELP, type="string", default="")
+    parser.addini(cfg.REQUIRE_INI, cfg.REQUIRE_HELP, type="bool", default=False)
+    parser.addini(cfg.ENGINE_INI, cfg.ENGINE_HELP, type="string", default="")
+    parser.addini(cfg.STACKS_INI, cfg.STACKS_HELP, type="string", default="")
     for option, dest, metavar, text in (
-        (READONLY_FIXTURE_OPTION, "uffd_readonly_fixtures", "NAME", READONLY_FIXTURES_HELP),
-        (WATCH_OPTION, "uffd_watch", "SPEC", WATCH_HELP),
+        (
+            watch_cfg.READONLY_FIXTURE_OPTION,
+            "uffd_readonly_fixtures",
+            "NAME",
+            watch_cfg.READONLY_FIXTURES_HELP,
+        ),
+        (watch_cfg.WATCH_OPTION, "uffd_watch", "SPEC", watch_cfg.WATCH_HELP),
     ):
         # Each may be given more than once; None when not given (ini then).
         group.addoption(
             option, dest=dest, action="append", default=None, metavar=metavar, help=text
         )
-    parser.addini(READONLY_FIXTURES_INI, READONLY_FIXTURES_HELP, type="args", default=[])
-    parser.addini(WATCH_INI, WATCH_HELP, type="args", default=[])
+    parser.addini(
+        watch_cfg.READONLY_FIXTURES_INI, watch_cfg.READONLY_FIXTURES_HELP, type="args", default=[]
+    )
+    parser.addini(watch_cfg.WATCH_INI, watch_cfg.WATCH_HELP, type="args", default=[])
 
 
 def pytest_cmdline_main(config: pytest.Config) -> int | None:
@@ -169,44 +154,42 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
     pluginmanager.add_hookspecs(hookspecs)
 
 
-def get_settings(config: pytest.Config) -> Settings:
+def get_settings(config: pytest.Config) -> cfg.Settings:
     try:
-        return resolve(
+        return cfg.resolve(
             cli_report=config.getoption("uffd_report"),
-            ini_report=config.getini(REPORT_INI),
+            ini_report=config.getini(cfg.REPORT_INI),
             cli_require=config.getoption("uffd_require"),
-            ini_require=config.getini(REQUIRE_INI),
+            ini_require=config.getini(cfg.REQUIRE_INI),
             invocation_dir=config.invocation_params.dir,
             ini_dir=config.inipath.parent if config.inipath else config.rootpath,
             cli_engine=config.getoption("uffd_engine"),
-            ini_engine=config.getini(ENGINE_INI),
+            ini_engine=config.getini(cfg.ENGINE_INI),
             cli_stacks=config.getoption("uffd_stacks"),
-            ini_stacks=config.getini(STACKS_INI),
+            ini_stacks=config.getini(cfg.STACKS_INI),
         )
-    except SettingsError as exc:
+    except cfg.SettingsError as exc:
         raise pytest.UsageError(str(exc)) from None
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    from .marker import marker_help
-
-    config.addinivalue_line("markers", marker_help())
+    config.addinivalue_line("markers", MARKER_HELP)
     settings = get_settings(config)
     if settings.report_json is not None and not is_worker(config):
         from .jsonfile import check_path
 
         try:
             check_path(settings.report_json, settings.report_json_source)
-        except SettingsError as exc:
+        except cfg.SettingsError as exc:
             raise pytest.UsageError(str(exc)) from None
     try:
-        watch = resolve_watch_settings(
+        watch = watch_cfg.resolve_watch_settings(
             config.getoption("uffd_readonly_fixtures"),
-            config.getini(READONLY_FIXTURES_INI),
+            config.getini(watch_cfg.READONLY_FIXTURES_INI),
             config.getoption("uffd_watch"),
-            config.getini(WATCH_INI),
+            config.getini(watch_cfg.WATCH_INI),
         )
-    except SettingsError as exc:
+    except cfg.SettingsError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[settings_key] = settings
     config.stash[watch_settings_key] = watch
@@ -330,9 +313,7 @@ def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Ite
 
 def guards_something(item: pytest.Item) -> bool:
     """Whether the test uses the fixture or the marker."""
-    return FIXTURE in getattr(item, "fixturenames", ()) or bool(
-        item.get_closest_marker("readonly_buffer")
-    )
+    return FIXTURE in getattr(item, "fixturenames", ()) or bool(item.get_closest_marker(MARKER))
 
 
 def watches_in_place(config: pytest.Config) -> bool:

@@ -22,6 +22,20 @@ if TYPE_CHECKING:
     from .watchsettings import WatchSettings
 
 FIXTURE = "guarded_buffer"
+MARKER = "readonly_buffer"
+#: The marker's ``--markers`` line.  Written out, not built from
+#: ``marker.readonly_buffer``'s signature, so that start-up need not import
+#: ``marker.py`` and ``inspect`` it; ``tests/plugin/test_marker.py`` checks
+#: that the two agree.
+MARKER_HELP = (
+    "readonly_buffer(*argnames, allow=(), inplace=False): Swap the named test arguments "
+    "(numpy arrays, memoryviews) for guarded copies before the call and fail the test if it "
+    "writes into them, even under --uffd-report; writes into the byte ranges of allow "
+    "(slices or (start, stop) pairs) are reported but allowed. inplace=True watches the "
+    "arguments' own memory during the call instead of copying them. Without argnames, every "
+    "guarded_buffer of the test is held to the same rules. Example: "
+    "@pytest.mark.readonly_buffer('frame', allow=[slice(0, 4)]). See docs/user-guide.md"
+)
 #: Start of the skip reason (and error) when userfaultfd cannot be used.
 UNAVAILABLE_PREFIX = "uffd-guard unavailable"
 #: Added to the message when --uffd-require turned the skip into an error.

@@ -60,7 +60,6 @@ def test_no_engine_until_a_buffer_is_made(pytester: pytest.Pytester) -> None:
 FRONT = [
     "pytest_uffd_guard",
     "pytest_uffd_guard.hookspecs",
-    "pytest_uffd_guard.marker",
     "pytest_uffd_guard.names",
     "pytest_uffd_guard.plugin",
     "pytest_uffd_guard.settings",

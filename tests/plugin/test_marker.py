@@ -257,6 +257,14 @@ def test_marker_fails_even_in_report_mode(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(["*test_marked*FAILED*", "*test_fixture_only*reported*"])
 
 
+def test_marker_help_is_the_signature_written_out() -> None:
+    """The --markers line start-up says is the one readonly_buffer's signature gives."""
+    from pytest_uffd_guard.marker import marker_help
+    from pytest_uffd_guard.state import MARKER_HELP
+
+    assert marker_help() == MARKER_HELP
+
+
 def test_marker_help_and_strict_markers(pytester: pytest.Pytester) -> None:
     """The marker is registered (--strict-markers passes) and documents itself in --markers."""
     result = pytester.runpytest("--markers")
