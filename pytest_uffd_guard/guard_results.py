@@ -117,6 +117,19 @@ class GuardResults(ClosableMapping):
             before = self._live_snapshot()[offset : offset + n]
             return before, mmap.mmap.__getitem__(self, slice(offset, offset + n))
 
+    def _quiet(self) -> bool:
+        """True when nothing happened since the last arming: open, tracking,
+        no record, no overflow and no changed byte.  One lock and one drain:
+        the plugin asks this of every buffer after every test phase, and
+        almost always the answer is yes."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._drain()
+            if len(self._records) or self._overflow or self._tracker.stopped is not None:
+                return False
+            return not self._runs()
+
     @property
     def tracking(self) -> bool:
         """True while writes are being recorded."""
@@ -131,5 +144,6 @@ class GuardResults(ClosableMapping):
     def _drain(self) -> None:
         if not self._closed:
             drained = self._tracker.drain()
-            self._records.extend(drained.log)
+            if drained.log:
+                self._records.extend(drained.log)
             self._overflow += drained.overflow

@@ -231,6 +231,8 @@ class Manager:
             if entry.done:
                 continue
             buffer = entry.buffer
+            if entry.stopped_seen is None and getattr(buffer, "_quiet", bool)():
+                continue  # nothing happened: what judge() would say, at a fifth of the cost
             closed = buffer.closed
             records = buffer.writes
             overflowed = buffer.overflowed

@@ -218,14 +218,18 @@ def activate(config: pytest.Config) -> Manager:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    # A conftest may have unregistered either itself (-p no: cannot name them).
+    pm = config.pluginmanager
     watches = config.stash.get(watch_manager_key, None)
     if watches is not None:
         watches.stop_all()
-        config.pluginmanager.unregister(watches)
+        if pm.is_registered(watches):
+            pm.unregister(watches)
         del config.stash[watch_manager_key]
     manager = config.stash.get(manager_key, None)
     if manager is not None:
-        config.pluginmanager.unregister(manager)
+        if pm.is_registered(manager):
+            pm.unregister(manager)
         del config.stash[manager_key]
     if settings_key in config.stash:
         del config.stash[settings_key]
@@ -249,8 +253,32 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         activate(session.config)
 
 
+#: The items whose run protocol is under way, innermost last: the fixture's
+#: test.  The fixture does not take ``request`` for it: pytest builds a new
+#: RequestFixtureDef, with an ``inspect.signature``, each time a fixture asks
+#: for ``request`` (0.1 ms a test here, issue 11).  A stack, because pytester
+#: runs whole sessions inside a test.
+_RUNNING: list[pytest.Item] = []
+
+#: The fixture was set up with no test running (a plugin of its own doing).
+NO_RUNNING_TEST = (
+    "guarded_buffer was set up outside pytest's run protocol "
+    "(pytest_runtest_protocol), so it cannot tell which test it belongs to; "
+    "fix: request it from a test or a function-scoped fixture"
+)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
+    _RUNNING.append(item)
+    try:
+        return (yield)
+    finally:
+        _RUNNING.pop()
+
+
 @pytest.fixture
-def guarded_buffer(request: pytest.FixtureRequest) -> Iterator[GuardedBufferFactory]:
+def guarded_buffer() -> Iterator[GuardedBufferFactory]:
     """Factory of guarded buffers: ``guarded_buffer(4096)``,
     ``guarded_buffer(b"data", name="frame", readonly=False)``.
 
@@ -260,8 +288,9 @@ def guarded_buffer(request: pytest.FixtureRequest) -> Iterator[GuardedBufferFact
     to ``GuardedBuffer`` and win over ``--uffd-engine``/``--uffd-stacks``.
     The buffers are closed at teardown.
     """
-    item = request.node
-    assert isinstance(item, pytest.Item)
+    if not _RUNNING:
+        raise pytest.UsageError(NO_RUNNING_TEST)
+    item = _RUNNING[-1]
     activate(item.config)  # asked for at run time (request.getfixturevalue)
     from .fixture import buffers
 
