@@ -307,6 +307,20 @@ attribution_enable(int on)
     return rc;
 }
 
+/* The real-time signal our sigaction is installed on, or 0.  It outlives
+ * the Python module that asked for it: an in-process pytest run (pytester)
+ * puts sys.modules back when it ends, and a fresh import of the package
+ * must set up on this signal again, not pick another (attribution_setup
+ * refuses a second one). */
+int
+attribution_installed_signal(void)
+{
+    pthread_mutex_lock(&life_lock);
+    int sig = A.installed ? A.sig : 0;
+    pthread_mutex_unlock(&life_lock);
+    return sig;
+}
+
 /* Python has read n dumps since attribution_setup (see rewinding). */
 void
 attribution_consumed(uint64_t n)

@@ -32,6 +32,11 @@ static const char attribution_enable_doc[] =
 "Start (after attribution_setup and faulthandler.register) or stop\n"
 "signalling writers in this process.";
 
+static const char attribution_installed_signal_doc[] =
+"attribution_installed_signal() -> int\n\n"
+"The signal an earlier attribution_setup of this process installed its\n"
+"handler on (kept across a re-import of the package), or 0.";
+
 static const char attribution_consumed_doc[] =
 "attribution_consumed(n)\n\n"
 "Python has read n dumps (one per signalled capture) since attribution_setup\n"
@@ -125,6 +130,12 @@ attribution_enable_py(PyObject *Py_UNUSED(self), PyObject *args)
 }
 
 static PyObject *
+attribution_installed_signal_py(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(noargs))
+{
+    return PyLong_FromLong(attribution_installed_signal());
+}
+
+static PyObject *
 attribution_consumed_py(PyObject *Py_UNUSED(self), PyObject *args)
 {
     unsigned long long n;
@@ -213,6 +224,7 @@ PyMethodDef capture_methods[] = {
     METHOD(signal_is_default, METH_VARARGS),
     METHOD(attribution_setup, METH_VARARGS),
     METHOD(attribution_enable, METH_VARARGS),
+    METHOD(attribution_installed_signal, METH_NOARGS),
     METHOD(attribution_consumed, METH_VARARGS),
     METHOD(namer_setup, METH_VARARGS),
     METHOD(namer_wait, METH_NOARGS),

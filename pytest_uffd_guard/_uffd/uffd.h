@@ -433,6 +433,7 @@ void attribution_atfork_child(void);
 int signal_is_default(int sig);
 int attribution_setup(int sig, int fd, const char **refused);
 int attribution_enable(int on);
+int attribution_installed_signal(void);
 void attribution_consumed(uint64_t n);
 int namer_setup(uint64_t pending_ns, uint64_t claimed_ns);
 int namer_stopped(void);

@@ -145,7 +145,9 @@ def ensure_started() -> str | None:
     with _lock:
         if _state.ready:
             return _state.error
-        signum = _state.signum
+        # An earlier import of the package in this process (see
+        # attribution_installed_signal) may have installed ours already.
+        signum = _state.signum or _uffd.attribution_installed_signal()
         if not signum:
             picked = pick_signal(_uffd)
             if picked is None:

@@ -106,6 +106,12 @@ class Handler:
                 self._detach_all(f"the fault handler stopped: {state['error']}")
                 self.core.handler_stop()
                 self._running = False
+            elif self.core.handler_state()["running"]:
+                # Started by an earlier import of this package in this
+                # process: pytester's in-process runs put sys.modules back
+                # when they end, so the next import makes a new Handler over
+                # the same C core.  Share its handler, do not start another.
+                return self._started(capabilities())
             caps = capabilities()
             if not caps.available:
                 raise UffdUnavailableError(caps.reason or "userfaultfd is unavailable", caps.remedy)
@@ -126,12 +132,15 @@ class Handler:
             except (OSError, RuntimeError) as exc:
                 os.close(fd)
                 raise UffdUnavailableError(f"starting the fault handler failed: {exc}") from exc
-            self._running = True
-            self._capabilities = caps
-            if not self._atexit_registered:
-                atexit.register(self.stop)
-                self._atexit_registered = True
-            return caps
+            return self._started(caps)
+
+    def _started(self, caps: Capabilities) -> Capabilities:
+        self._running = True
+        self._capabilities = caps
+        if not self._atexit_registered:
+            atexit.register(self.stop)
+            self._atexit_registered = True
+        return caps
 
     @staticmethod
     def features(caps: Capabilities) -> int:

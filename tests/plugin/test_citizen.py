@@ -131,6 +131,37 @@ def test_fixture_asked_for_at_run_time_is_guarded(pytester: pytest.Pytester) -> 
     result.stdout.fnmatch_lines(["*write into a read-only guarded buffer: 'late'*"])
 
 
+NESTED = """
+    pytest_plugins = ["pytester"]
+
+    def test_outer(pytester, request):
+        inner = "def test_inner(guarded_buffer):\\n    guarded_buffer(b'ab', name='inner')\\n"
+        pytester.makepyfile(test_inner=inner)
+        pytester.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+        request.getfixturevalue("guarded_buffer")(b"abcd", name="outer")[0] = 1
+"""
+
+
+@pytest.mark.needs_uffd
+def test_fixture_finds_its_test_around_a_nested_session(pytester: pytest.Pytester) -> None:
+    """The fixture belongs to the innermost running test: a whole session run
+    inside a test (pytester, in process) leaves the outer test its own.
+
+    The inner run imports the package first and pytester takes its modules
+    out of sys.modules afterwards: the re-imported package shares the C
+    core's running handler and capture signal (it used to skip with
+    "handler already started", then name no writer)."""
+    pytester.makepyfile(test_outer=NESTED)
+    result = pytester.runpytest_subprocess(*sync_engine_args())
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*write into a read-only guarded buffer: 'outer'*",
+            "*outer*call*thread 'MainThread'*at *test_outer.py:7 in test_outer*forbidden*",
+        ]
+    )
+
+
 @pytest.mark.needs_uffd
 def test_junitxml_properties(pytester: pytest.Pytester) -> None:
     """junitxml records the writes as properties of the test case."""
