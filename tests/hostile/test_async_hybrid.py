@@ -273,6 +273,11 @@ WATCHER_GONE = """
         while watcher() and time.monotonic() < deadline:
             time.sleep(0.01)
         return not watcher()
+    def switches(thread):
+        with open(f"/proc/self/task/{thread.native_id}/status") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return sum(int(fields[k]) for k in ("voluntary_ctxt_switches",
+                                             "nonvoluntary_ctxt_switches"))
 """
 
 
@@ -337,12 +342,6 @@ def test_watcher_sleeps_when_no_buffer_needs_it(wp_async: None) -> None:
     hybrid.BUDGET = 4
     P = mmap.PAGESIZE
 
-    def switches(thread):
-        with open(f"/proc/self/task/{thread.native_id}/status") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return sum(int(fields[k]) for k in ("voluntary_ctxt_switches",
-                                             "nonvoluntary_ctxt_switches"))
-
     out = {}
     switched = GuardedBuffer(16 * P, engine="hybrid")
     for p in range(8):
@@ -384,12 +383,6 @@ def test_many_idle_hybrid_buffers_cost_no_cpu(wp_async: None) -> None:
     from pytest_uffd_guard.engines import hybrid
     hybrid.BUDGET = 4
     P = mmap.PAGESIZE
-
-    def switches(thread):
-        with open(f"/proc/self/task/{thread.native_id}/status") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return sum(int(fields[k]) for k in ("voluntary_ctxt_switches",
-                                             "nonvoluntary_ctxt_switches"))
 
     def cpu():
         r = resource.getrusage(resource.RUSAGE_SELF)
