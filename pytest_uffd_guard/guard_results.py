@@ -118,13 +118,14 @@ class GuardResults(ClosableMapping):
             return before, mmap.mmap.__getitem__(self, slice(offset, offset + n))
 
     def _quiet(self) -> bool:
-        """True when nothing happened since the last arming: open, tracking,
-        no record, no overflow and no changed byte.  One lock and one drain:
-        the plugin asks this of every buffer after every test phase, and
-        almost always the answer is yes."""
+        """True when nothing happened since the last arming: no record, no
+        overflow, no changed byte, and tracking on (or closed cleanly).  One
+        lock and one drain: the plugin asks this of every buffer after every
+        test phase, and almost always the answer is yes."""
         with self._lock:
             if self._closed:
-                return False
+                final = self._final_changes
+                return not (len(self._records) or self._overflow or final is None or len(final))
             self._drain()
             if len(self._records) or self._overflow or self._tracker.stopped is not None:
                 return False

@@ -232,7 +232,9 @@ class Manager:
                 continue
             buffer = entry.buffer
             if entry.stopped_seen is None and getattr(buffer, "_quiet", bool)():
-                continue  # nothing happened: what judge() would say, at a fifth of the cost
+                # Nothing happened: what judge() would say, at a fifth of the cost.
+                entry.done = buffer.closed
+                continue
             closed = buffer.closed
             records = buffer.writes
             overflowed = buffer.overflowed
