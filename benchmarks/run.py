@@ -25,7 +25,9 @@ Measures, each figure beside a baseline measured in the same run:
    own (pytest's fixture cost alone); pytest start-up for one trivial test with the plugin against
    ``-p no:uffd_guard`` (target <= +10 ms).
 
-Every figure is the median of N repetitions (N = 5, 3 with ``--quick``).  The
+Every figure is the median of N repetitions (N = 5, 3 with ``--quick``; the
+500-test rows 2N-1 pairs, the start-up the median of 4N+1 paired
+differences: both are the noisiest figures on a shared machine).  The
 C baselines (``baselines/jobs.c``) are compiled with ``$CC`` (default gcc)
 into a cache directory (``$XDG_CACHE_HOME/pytest-uffd-guard-bench``, keyed by
 the source's hash).  Every engine measurement runs in a child process, so a
@@ -410,8 +412,10 @@ def suite_figures(runs: int, tests: int = 500) -> tuple[Result, Result, Result]:
             partial(pytest_seconds, d, name, [])
             for name in ("test_guarded.py", "test_fixture.py", "test_plain.py", "test_one.py")
         )
-        suite = paired_result(runs, guarded, plain)
-        fixture = paired_result(runs, with_fixture, plain)
+        # The pytest runs are the noisiest rows (a plain fixture alone has
+        # measured 0.85x to 1.15x here): 2N-1 pairs of them.
+        suite = paired_result(2 * runs - 1, guarded, plain)
+        fixture = paired_result(2 * runs - 1, with_fixture, plain)
         startup = paired_difference(
             4 * runs + 1, one, partial(pytest_seconds, d, "test_one.py", ["-p", "no:uffd_guard"])
         )
