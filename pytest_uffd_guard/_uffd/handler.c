@@ -279,12 +279,12 @@ handle_fault(const struct uffd_msg *msg)
  * say why (H.error, and H.last_event for handler_state).  A FORK message
  * carries a new userfaultfd for the child's memory, which read() put in
  * our fd table: close it, or the child's ranges stay registered with
- * nobody to resolve their faults and its writers hang. */
+ * nobody to resolve their faults and its writers hang.  Closed last: the
+ * child may run, exit and be reaped as soon as it is, and whoever reaps it
+ * must find the failure already said. */
 static int
 handle_unexpected(const struct uffd_msg *msg)
 {
-    if (msg->event == UFFD_EVENT_FORK)
-        close((int)msg->arg.fork.ufd);
     pthread_mutex_lock(&H.lock);
     H.other_events++;
     H.last_event = msg->event;
@@ -293,6 +293,8 @@ handle_unexpected(const struct uffd_msg *msg)
     snprintf(what, sizeof what, "unexpected userfaultfd event %s (%#x)",
              event_name(msg->event), (unsigned)msg->event);
     fail(what, 0);
+    if (msg->event == UFFD_EVENT_FORK)
+        close((int)msg->arg.fork.ufd);
     return -1;
 }
 
