@@ -83,6 +83,17 @@ class Manager:
             pytest.fail(f"{message} {REQUIRED_SUFFIX}", pytrace=False)
         pytest.skip(message)
 
+    @pytest.hookimpl(wrapper=True, specname="pytest_runtest_setup")
+    def pytest_runtest_setup_swap(self, item: pytest.Item) -> Generator[None, None, None]:
+        # A second pytest_runtest_setup (pytest reads only names that start
+        # with pytest_): a wrapper, so that it runs after the fixtures, whose
+        # values are what the marker swaps.
+        result = yield
+        state = item.stash.get(item_state_key, None)
+        if state is not None and state.marked:
+            self.swap(item)
+        return result
+
     def swap(self, item: pytest.Item) -> None:
         """Give the test guarded copies of the arguments its markers name."""
         from . import harvest
@@ -231,7 +242,7 @@ class Manager:
             if entry.done:
                 continue
             buffer = entry.buffer
-            if entry.stopped_seen is None and getattr(buffer, "_quiet", bool)():
+            if entry.stopped_seen is None and buffer._quiet():
                 # Nothing happened: what judge() would say, at a fifth of the cost.
                 entry.done = buffer.closed
                 continue

@@ -36,8 +36,9 @@ from .state import (
     FIXTURE,
     MARKER,
     MARKER_HELP,
+    REQUIRED_SUFFIX,
+    UNAVAILABLE_PREFIX,
     is_worker,
-    item_state_key,
     manager_key,
     settings_key,
     watch_manager_key,
@@ -46,7 +47,6 @@ from .state import (
 
 if TYPE_CHECKING:
     from .fixture import GuardedBufferFactory
-    from .manager import Manager
 
 #: Names this module used to import eagerly, still importable from here
 #: (tests and users' annotations) without paying for them at start-up.
@@ -58,8 +58,6 @@ _LAZY = {
     "EFAULT_HINT": "manager",
     "STATUS_WORD": "manager",
     "JSON_WRITTEN": "jsonfile",
-    "REQUIRED_SUFFIX": "state",
-    "UNAVAILABLE_PREFIX": "state",
 }
 
 
@@ -72,7 +70,7 @@ def __getattr__(name: str) -> Any:
     return getattr(import_module(f"{__package__}.{where}"), name)
 
 
-__all__ = [*_LAZY, "activate", "guarded_buffer"]
+__all__ = [*_LAZY, "REQUIRED_SUFFIX", "UNAVAILABLE_PREFIX", "activate", "guarded_buffer"]
 
 
 # ------------------------------------------------------------ options
@@ -195,15 +193,14 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[watch_settings_key] = watch
     # Asked for outright: a report (said even when nothing was guarded) or
     # in-place watches (the session's start from pytest_sessionstart on).
-    if settings.report_only or watch.specs or watch.fixtures:
+    if settings.report_only or watch.watching:
         activate(config)
 
 
-def activate(config: pytest.Config) -> Manager:
+def activate(config: pytest.Config) -> None:
     """Import and register the run's manager and in-place watches, once."""
-    manager = config.stash.get(manager_key, None)
-    if manager is not None:
-        return manager
+    if manager_key in config.stash:
+        return
     from .manager import MANAGER_NAME, Manager
     from .watchplugin import WATCH_MANAGER_NAME, WatchManager
 
@@ -214,7 +211,6 @@ def activate(config: pytest.Config) -> Manager:
         config, config.stash[watch_settings_key]
     )
     config.pluginmanager.register(watches, WATCH_MANAGER_NAME)
-    return manager
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -348,18 +344,7 @@ def guards_something(item: pytest.Item) -> bool:
 def watches_in_place(config: pytest.Config) -> bool:
     """Whether ``--uffd-watch`` / ``--uffd-readonly-fixture`` (or their ini
     keys) name something to watch."""
-    watch = config.stash.get(watch_settings_key, None)
-    return watch is not None and bool(watch.specs or watch.fixtures)
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
-    result = yield
-    # After the fixtures: their values are what the marker swaps.
-    state = item.stash.get(item_state_key, None)
-    if state is not None and state.marked:
-        item.config.stash[manager_key].swap(item)
-    return result
+    return config.stash[watch_settings_key].watching
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -43,9 +43,7 @@ from .watchsettings import (
     READONLY_FIXTURES_INI,
     WATCH_INI,
     WATCH_OPTION,
-    WatchSettings,
     resolve_spec,
-    resolve_watch_settings,
 )
 
 #: Name of the watch manager in pytest's plugin manager.
@@ -197,6 +195,4 @@ __all__ = [
     "WATCH_INI",
     "WATCH_OPTION",
     "WatchManager",
-    "WatchSettings",
-    "resolve_watch_settings",
 ]

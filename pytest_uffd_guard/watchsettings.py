@@ -56,6 +56,11 @@ class WatchSettings(NamedTuple):
     specs: tuple[str, ...] = ()
     specs_source: str = ""
 
+    @property
+    def watching(self) -> bool:
+        """Whether anything is to be watched in place."""
+        return bool(self.specs or self.fixtures)
+
 
 def _names(
     cli: Sequence[str] | None, ini: Sequence[str], option: str, key: str
